@@ -1,0 +1,1 @@
+"""`make demo`: the provider's main job, end to end, on this machine."""

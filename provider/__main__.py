@@ -1,0 +1,3 @@
+from provider import cli
+
+raise SystemExit(cli.main())

@@ -1,0 +1,157 @@
+"""The one place real clients are built and wired; start, signals, graceful stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import ThreadingHTTPServer
+from types import FrameType
+
+import grpc
+from lightkube.config.kubeconfig import KubeConfig
+
+from provider import kube as kube_module
+from provider._proto import service_pb2, service_pb2_grpc
+from provider.cache import HmacKeySource, TokenCache
+from provider.config import Settings
+from provider.health import ReadinessCheck, create_health_server
+from provider.metrics import Metrics
+from provider.mount import Mounter
+from provider.server import ProviderServicer, create_server
+from provider.vault import VaultClient
+
+logger = logging.getLogger(__name__)
+
+# In-flight Mounts get this long to finish after SIGTERM (kubelet's grace is 30 s).
+STOP_GRACE_SECONDS = 10.0
+# Vault requests in flight at once over all Mounts of this node.
+FETCH_WORKERS = 16
+# gRPC worker threads: concurrent Mounts; more wait in grpc's queue.
+MOUNT_WORKERS = 16
+# The socket: owner and group may connect (the driver runs as root), nobody else.
+SOCKET_UMASK = 0o117
+
+_UNSET = object()
+
+
+class App:
+    """The running provider: gRPC server on the socket plus the health server."""
+
+    def __init__(
+        self, settings: Settings, *, kube_config: KubeConfig | object | None = _UNSET, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        config = kube_module.load_config() if kube_config is _UNSET else kube_config
+        assert config is None or isinstance(config, KubeConfig)
+        self.kube = kube_module.KubeClient(config)
+        namespace = kube_module.own_namespace(config)
+        self.vault = VaultClient(metrics=self.metrics)
+        self.tokens = TokenCache(
+            settings.cache_size, on_evict=lambda: self.metrics.token_cache.labels("eviction").inc()
+        )
+        self.hmac_keys = HmacKeySource(
+            lambda: self.kube.get_or_create_hmac_key(namespace=namespace, name=settings.hmac_secret_name),
+            ttl=settings.hmac_key_ttl,
+        )
+        self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_WORKERS, thread_name_prefix="fetch")
+        self.mounter = Mounter(
+            settings=settings,
+            vault=self.vault,
+            kube=self.kube,
+            tokens=self.tokens,
+            hmac_keys=self.hmac_keys,
+            metrics=self.metrics,
+            fetch_pool=self._fetch_pool,
+        )
+        self._grpc: grpc.Server | None = None
+        self._health: ThreadingHTTPServer | None = None
+        self._stopped = threading.Event()
+        self._self_channel: grpc.Channel | None = None
+
+    def start(self) -> None:
+        endpoint = self.settings.endpoint
+        _remove_stale_socket(endpoint)
+        self._grpc = create_server(
+            ProviderServicer(self.mounter, self.metrics),
+            endpoint=endpoint,
+            max_workers=MOUNT_WORKERS,
+            max_message_bytes=self.settings.max_response_bytes,
+        )
+        old_umask = os.umask(SOCKET_UMASK)
+        try:
+            self._grpc.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(endpoint, 0o660)
+        self._self_channel = grpc.insecure_channel(f"unix:{endpoint}")
+        self._health = create_health_server(
+            self.settings.health_addr, ready=ReadinessCheck(self._probe), metrics=self.metrics
+        )
+        threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()
+        logger.info("serving on unix:%s; health on %s", endpoint, self.health_address)
+
+    @property
+    def health_address(self) -> str:
+        assert self._health is not None
+        host, port = self._health.server_address[:2]
+        return f"{host!s}:{port}"
+
+    def _probe(self) -> bool:
+        assert self._self_channel is not None
+        stub = service_pb2_grpc.CSIDriverProviderStub(self._self_channel)  # type: ignore[no-untyped-call]
+        stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=1.0)
+        return True
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        logger.info("stopping: letting in-flight Mounts finish (up to %.0fs)", grace)
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait(grace + 1)
+        if self._health is not None:
+            self._health.shutdown()
+            self._health.server_close()
+        if self._self_channel is not None:
+            self._self_channel.close()
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.vault.close()
+        self.kube.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.settings.endpoint)
+        logger.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SystemExit(f"-endpoint {path} exists and is not a socket; refusing to replace it")
+    logger.info("removing stale socket %s", path)
+    os.unlink(path)
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT; return the process exit code."""
+    app = App(settings)
+    app.start()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=app.stop, name="stop").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.wait()
+    return 0

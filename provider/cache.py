@@ -1,0 +1,137 @@
+"""Caches kept between Mounts: Vault tokens per pod, and the HMAC key.
+
+Both are bounded, locked and driven by an injected monotonic clock, and expire from
+what the server said (a token's lease_duration) or from a fixed time to live.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import cachetools
+
+from provider.errors import KubernetesError
+from provider.vault import Login
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# Re-login once this share of a token's TTL has passed, so a Mount never races the
+# token's expiry (the 403 retry stays as a safety net).
+TOKEN_RENEW_FRACTION = 0.8
+# After the Kubernetes API failed to give the HMAC key, wait this long before asking
+# again, so an outage does not add an API call to every Mount.
+HMAC_RETRY_SECONDS = 5.0
+
+
+@dataclass(kw_only=True)
+class _TokenSlot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    login: Login | None = None
+    refresh_at: float = 0.0
+
+
+class TokenCache:
+    """Vault tokens per identity key, LRU-bounded; logins for one key are serialised.
+
+    The key must hold everything that makes an identity: the pod's uid, its service
+    account, the role, the auth mount, the Vault address and namespace. A size of 0
+    disables caching: every Mount logs in.
+    """
+
+    def __init__(self, size: int, *, clock: Clock = time.monotonic, on_evict: Callable[[], None] | None = None) -> None:
+        self._size = size
+        self._clock = clock
+        self._on_evict = on_evict
+        self._slots: cachetools.LRUCache[Hashable, _TokenSlot] = _EvictingLRU(max(size, 1), on_evict)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._slots)
+
+    def get(self, key: Hashable, login: Callable[[], Login]) -> tuple[Login, bool]:
+        """The cached login for key, or a fresh one; also whether it came from the cache."""
+        if self._size <= 0:
+            return login(), False
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _TokenSlot()
+        with slot.lock:
+            if slot.login is not None and self._clock() < slot.refresh_at:
+                return slot.login, True
+            fresh = login()
+            slot.login = fresh
+            ttl = fresh.lease_duration
+            slot.refresh_at = self._clock() + ttl * TOKEN_RENEW_FRACTION if ttl > 0 else float("inf")
+            return fresh, False
+
+    def invalidate(self, key: Hashable, token: str) -> None:
+        """Forget key's token if it is still `token` (a 403 proved it no longer works)."""
+        with self._lock:
+            slot = self._slots.get(key)
+        if slot is None:
+            return
+        with slot.lock:
+            if slot.login is not None and slot.login.token == token:
+                slot.login = None
+
+    def pop(self, key: Hashable) -> Login | None:
+        """Remove key's entry and return its login, if any (for revocation)."""
+        with self._lock:
+            slot = self._slots.pop(key, None)
+        return slot.login if slot else None
+
+    def keys(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._slots.keys())
+
+
+class _EvictingLRU(cachetools.LRUCache[Hashable, _TokenSlot]):
+    def __init__(self, maxsize: int, on_evict: Callable[[], None] | None) -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Hashable, _TokenSlot]:
+        item = super().popitem()
+        if self._on_evict is not None:
+            self._on_evict()
+        return item
+
+
+class HmacKeySource:
+    """The cluster's HMAC key, fetched from Kubernetes and kept for `ttl` seconds.
+
+    The reference reads the Secret on every Mount; keeping it a bounded time saves
+    that API call while a deleted Secret still rotates the key on every node within
+    `ttl`. When the API fails, `get` returns None (versions become empty) and the
+    next attempt waits HMAC_RETRY_SECONDS.
+    """
+
+    def __init__(self, fetch: Callable[[], bytes], *, ttl: float, clock: Clock = time.monotonic) -> None:
+        self._fetch = fetch
+        self._ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._key: bytes | None = None
+        self._valid_until = 0.0
+
+    def get(self) -> bytes | None:
+        with self._lock:
+            now = self._clock()
+            if now < self._valid_until:
+                return self._key
+            try:
+                self._key = self._fetch()
+                self._valid_until = now + self._ttl
+            except KubernetesError as e:
+                logger.warning("object versions will be empty: no HMAC key: %s", e)
+                self._key = None
+                self._valid_until = now + HMAC_RETRY_SECONDS
+            return self._key

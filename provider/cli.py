@@ -1,0 +1,197 @@
+"""Command line: flags and environment -> Settings; logging set up once; exit code.
+
+Flags follow Go's flag package, as the reference provider's do: ``-flag=value``,
+``-flag value``, ``--flag=value``, and booleans alone (``-debug``). Precedence:
+environment < flags < SecretProviderClass parameters (the last applied per Mount).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import sys
+from collections.abc import Mapping, Sequence
+
+from provider import __version__
+from provider.config import Settings, TLSConfig, VaultSettings, parse_bool
+from provider.errors import ConfigError
+
+TRACE = 5
+LOG_LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "off": logging.CRITICAL + 10,
+}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Go duration ("60s", "1m30s") or a plain number of seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    position, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if position != len(text) or not text:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 60s, 2m)")
+    return total
+
+
+def _bool(text: str) -> bool:
+    try:
+        return parse_bool("flag", text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vault-csi-provider",
+        description="HashiCorp Vault provider for the Secrets Store CSI driver.",
+        allow_abbrev=False,
+    )
+
+    def flag(name: str, **kwargs: object) -> None:
+        parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)  # type: ignore[arg-type]
+
+    def switch(name: str, help: str) -> None:
+        flag(name, nargs="?", const=True, default=None, type=_bool, metavar="BOOL", help=help)
+
+    flag("endpoint", default="/tmp/vault.sock", help="path of the unix socket to serve gRPC on")
+    flag("log-level", default=None, choices=sorted(LOG_LEVELS), help="trace, debug, info, warn, error or off")
+    switch("debug", "deprecated: same as -log-level=debug")
+    flag("log-format", default="text", choices=["text", "json"], help="log line format")
+    switch("version", "print the version and exit")
+    flag("output", default="json", choices=["json", "yaml", "json-pretty"], help="format of -version")
+    flag("health-addr", default=":8080", help="address of /health/live, /health/ready and /metrics")
+    flag("hmac-secret-name", default="vault-csi-provider-hmac-key", help="Secret holding the HMAC key")
+    flag("hmac-key-ttl", default=60.0, type=parse_duration, help="how long the HMAC key is kept in memory")
+    flag("cache-size", default=1000, type=_non_negative_int, help="Vault tokens cached; 0 disables the cache")
+    flag("max-response-bytes", default=4 * 1024 * 1024, type=_non_negative_int, help="largest Mount reply")
+    flag("vault-addr", default=None, help="default Vault address (env VAULT_ADDR)")
+    flag("vault-mount", default="kubernetes", help="default auth mount path")
+    flag("vault-namespace", default=None, help="default Vault namespace (env VAULT_NAMESPACE)")
+    flag("vault-tls-ca-cert", default=None, help="CA certificate file (env VAULT_CACERT)")
+    flag("vault-tls-ca-directory", default=None, help="directory of CA certificates (env VAULT_CAPATH)")
+    flag("vault-tls-server-name", default=None, help="TLS server name (env VAULT_TLS_SERVER_NAME)")
+    flag("vault-tls-client-cert", default=None, help="client certificate (env VAULT_CLIENT_CERT)")
+    flag("vault-tls-client-key", default=None, help="client key (env VAULT_CLIENT_KEY)")
+    switch("vault-tls-skip-verify", "do not verify Vault's certificate (env VAULT_SKIP_VERIFY)")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Flags over environment over defaults."""
+
+    def pick(flag_value: str | None, env_name: str, default: str = "") -> str:
+        if flag_value is not None:
+            return flag_value
+        return environ.get(env_name, default)
+
+    skip = args.vault_tls_skip_verify
+    if skip is None:
+        skip = (
+            parse_bool("VAULT_SKIP_VERIFY", environ["VAULT_SKIP_VERIFY"]) if environ.get("VAULT_SKIP_VERIFY") else False
+        )
+    level = args.log_level or ("debug" if args.debug else "info")
+    return Settings(
+        endpoint=args.endpoint,
+        log_level=level,
+        log_format=args.log_format,
+        health_addr=args.health_addr,
+        hmac_secret_name=args.hmac_secret_name,
+        hmac_key_ttl=args.hmac_key_ttl,
+        cache_size=args.cache_size,
+        max_response_bytes=args.max_response_bytes,
+        vault=VaultSettings(
+            address=pick(args.vault_addr, "VAULT_ADDR", "https://127.0.0.1:8200"),
+            auth_mount=args.vault_mount.strip("/"),
+            namespace=pick(args.vault_namespace, "VAULT_NAMESPACE"),
+            tls=TLSConfig(
+                ca_cert=pick(args.vault_tls_ca_cert, "VAULT_CACERT"),
+                ca_directory=pick(args.vault_tls_ca_directory, "VAULT_CAPATH"),
+                server_name=pick(args.vault_tls_server_name, "VAULT_TLS_SERVER_NAME"),
+                client_cert=pick(args.vault_tls_client_cert, "VAULT_CLIENT_CERT"),
+                client_key=pick(args.vault_tls_client_key, "VAULT_CLIENT_KEY"),
+                skip_verify=bool(skip),
+            ),
+        ),
+    )
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LOG_LEVELS[level])
+    # Libraries log request lines (with URLs) at debug; keep them out unless tracing.
+    for noisy in ("urllib3", "httpx2", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(max(LOG_LEVELS[level], logging.INFO if level == "trace" else logging.WARNING))
+
+
+def version_text(output: str) -> str:
+    info = {
+        "version": __version__,
+        "runtime": "python",
+        "runtimeVersion": platform.python_version(),
+        "platform": f"{sys.platform}/{platform.machine()}",
+    }
+    if output == "yaml":
+        return "".join(f"{key}: {value}\n" for key, value in info.items())
+    return json.dumps(info, indent=2 if output == "json-pretty" else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(version_text(args.output))
+        return 0
+    try:
+        settings = settings_from(args, os.environ)
+    except ConfigError as e:
+        print(f"vault-csi-provider: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    from provider import app
+
+    return app.run(settings)

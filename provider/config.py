@@ -1,0 +1,384 @@
+"""Settings of the daemon and the parsed SecretProviderClass of one Mount.
+
+Everything a Mount request carries is validated here, and every error names the
+parameter (and the object) to fix. Raw JSON and YAML stop at this module: the rest of
+the provider sees frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from provider import goyaml
+from provider.errors import ConfigError, truncate
+
+# The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
+# near 1.5 MiB by etcd, so 2 MiB of attributes is more than any real class.
+MAX_ATTRIBUTES_BYTES = 2 * 1024 * 1024
+# The objects YAML is one parameter of that class.
+MAX_OBJECTS_YAML_BYTES = 1024 * 1024
+# Far more objects than any real class mounts; bounds the work one request can cause.
+MAX_OBJECTS = 1000
+# Values (scalars, list items, map entries) in one object's secretArgs after aliases are
+# expanded: a request body for Vault, not a data set.
+MAX_SECRET_ARGS_VALUES = 10_000
+# The largest file mode a File may carry (0777).
+MAX_MODE = 0o777
+ENCODINGS = ("utf-8", "base64", "hex")
+# Vault's verbs for reading; DELETE would let a class destroy what it mounts.
+METHODS = ("GET", "POST", "PUT", "LIST")
+DEFAULT_AUDIENCE = "vault"
+
+POD_NAME = "csi.storage.k8s.io/pod.name"
+POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
+POD_UID = "csi.storage.k8s.io/pod.uid"
+SERVICE_ACCOUNT_NAME = "csi.storage.k8s.io/serviceAccount.name"
+SERVICE_ACCOUNT_TOKENS = "csi.storage.k8s.io/serviceAccount.tokens"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSConfig:
+    """How to reach Vault over TLS; empty strings mean "not set"."""
+
+    ca_cert: str = ""
+    ca_directory: str = ""
+    server_name: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    skip_verify: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaultSettings:
+    """Defaults for every Mount, from the environment and flags."""
+
+    address: str = "https://127.0.0.1:8200"
+    auth_mount: str = "kubernetes"
+    namespace: str = ""
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The daemon's configuration: flags over environment over defaults."""
+
+    endpoint: str = "/tmp/vault.sock"
+    log_level: str = "info"
+    log_format: str = "text"
+    health_addr: str = ":8080"
+    hmac_secret_name: str = "vault-csi-provider-hmac-key"
+    hmac_key_ttl: float = 60.0
+    cache_size: int = 1000
+    max_response_bytes: int = 4 * 1024 * 1024
+    vault: VaultSettings = field(default_factory=VaultSettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodInfo:
+    """The pod a Mount is for, as the driver describes it."""
+
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+    service_account: str = ""
+    token: str = field(default="", repr=False)
+
+    def describe(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretObject:
+    """One entry of the class's ``objects`` list, with the fields as written."""
+
+    object_name: str
+    secret_path: str
+    secret_key: str = ""
+    method: str = ""
+    secret_args: Mapping[str, Any] | None = None
+    file_permission: int = 0
+    encoding: str = ""
+
+    @property
+    def http_method(self) -> str:
+        return (self.method or "GET").upper()
+
+    @property
+    def normalized_encoding(self) -> str:
+        return (self.encoding or "utf-8").lower()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountConfig:
+    """A validated Mount: the class parameters merged over the daemon's settings."""
+
+    role_name: str
+    vault_address: str
+    vault_namespace: str
+    auth_mount: str
+    audience: str
+    tls: TLSConfig
+    objects: tuple[SecretObject, ...]
+    pod: PodInfo
+    target_path: str
+    permission: int
+
+
+def parse_mount(*, attributes: str, target_path: str, permission: str, defaults: VaultSettings) -> MountConfig:
+    """Validate a Mount request's fields; raise ConfigError naming what to fix."""
+    params = _parse_attributes(attributes)
+    problems: list[str] = []
+    if not target_path:
+        problems.append("missing target path")
+    mode = _parse_permission(permission)
+    role = params.get("roleName", "")
+    if not role:
+        problems.append("missing 'roleName' in SecretProviderClass parameters")
+    if "vaultKubernetesMountPath" in params and "vaultAuthMountPath" in params:
+        problems.append(
+            "set only one of 'vaultKubernetesMountPath' and 'vaultAuthMountPath' in "
+            "SecretProviderClass parameters (both name the auth mount)"
+        )
+    auth_mount = params.get("vaultAuthMountPath") or params.get("vaultKubernetesMountPath") or ""
+    tls = _merge_tls(defaults.tls, params)
+    objects = parse_objects(params.get("objects", ""))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    audience = params.get("audience", "")
+    pod = PodInfo(
+        name=params.get(POD_NAME, ""),
+        namespace=params.get(POD_NAMESPACE, ""),
+        uid=params.get(POD_UID, ""),
+        service_account=params.get(SERVICE_ACCOUNT_NAME, ""),
+        token=_token_for_audience(params.get(SERVICE_ACCOUNT_TOKENS, ""), audience or DEFAULT_AUDIENCE),
+    )
+    return MountConfig(
+        role_name=role,
+        vault_address=params.get("vaultAddress") or defaults.address,
+        vault_namespace=params.get("vaultNamespace") or defaults.namespace,
+        auth_mount=(auth_mount or defaults.auth_mount).strip("/"),
+        audience=audience,
+        tls=tls,
+        objects=objects,
+        pod=pod,
+        target_path=target_path,
+        permission=mode,
+    )
+
+
+def _parse_attributes(attributes: str) -> dict[str, str]:
+    if len(attributes.encode("utf-8", "surrogatepass")) > MAX_ATTRIBUTES_BYTES:
+        raise ConfigError(f"attributes are larger than {MAX_ATTRIBUTES_BYTES} bytes")
+    try:
+        params = json.loads(attributes) if attributes else {}
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"attributes are not valid JSON: {truncate(str(e))}") from None
+    if not isinstance(params, dict):
+        raise ConfigError("attributes must be a JSON object of strings")
+    wrong = sorted(k for k, v in params.items() if not isinstance(v, str))
+    if wrong:
+        raise ConfigError(
+            "attributes must be a JSON object of strings; not a string: "
+            + ", ".join(repr(truncate(k, 80)) for k in wrong[:10])
+        )
+    return params
+
+
+def _parse_permission(permission: str) -> int:
+    try:
+        mode = json.loads(permission)
+    except ValueError:
+        mode = None
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= MAX_MODE:
+        raise ConfigError(
+            f"permission must be a decimal file mode from 0 to {MAX_MODE} (0777), got {truncate(permission, 40)!r}"
+        )
+    return mode
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """A boolean as Go's strconv.ParseBool reads it."""
+    if text in ("1", "t", "T", "true", "TRUE", "True"):
+        return True
+    if text in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise ConfigError(f"{name} must be a boolean (true or false), got {truncate(text, 40)!r}")
+
+
+def _merge_tls(base: TLSConfig, params: Mapping[str, str]) -> TLSConfig:
+    overrides: dict[str, Any] = {}
+    for key, attr in (
+        ("vaultCACertPath", "ca_cert"),
+        ("vaultCADirectory", "ca_directory"),
+        ("vaultTLSServerName", "server_name"),
+        ("vaultTLSClientCertPath", "client_cert"),
+        ("vaultTLSClientKeyPath", "client_key"),
+    ):
+        if params.get(key):
+            overrides[attr] = params[key]
+    if "vaultSkipTLSVerify" in params:
+        overrides["skip_verify"] = parse_bool(
+            "'vaultSkipTLSVerify' in SecretProviderClass parameters", params["vaultSkipTLSVerify"]
+        )
+    return replace(base, **overrides)
+
+
+def _token_for_audience(tokens_json: str, audience: str) -> str:
+    if not tokens_json:
+        return ""
+    try:
+        tokens = json.loads(tokens_json)
+    except ValueError:
+        raise ConfigError(f"{SERVICE_ACCOUNT_TOKENS} is not valid JSON") from None
+    entry = tokens.get(audience) if isinstance(tokens, dict) else None
+    token = entry.get("token") if isinstance(entry, dict) else None
+    return token if isinstance(token, str) else ""
+
+
+def parse_objects(text: str) -> tuple[SecretObject, ...]:
+    """Parse the ``objects`` parameter: a YAML list of secret objects."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_OBJECTS_YAML_BYTES:
+        raise ConfigError(f"'objects' is larger than {MAX_OBJECTS_YAML_BYTES} bytes")
+    try:
+        loader, root = goyaml.compose(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"'objects' is not valid YAML: {truncate(str(e))}") from None
+    except RecursionError:
+        raise ConfigError("'objects' is nested too deeply") from None
+    if root is None or (isinstance(root, goyaml.ScalarNode) and root.tag.endswith(":null")):
+        raise ConfigError("no objects: 'objects' in SecretProviderClass parameters lists no secrets")
+    if not isinstance(root, goyaml.SequenceNode):
+        raise ConfigError("'objects' must be a YAML list of objects (each with objectName and secretPath)")
+    if len(root.value) > MAX_OBJECTS:
+        raise ConfigError(f"'objects' lists {len(root.value)} objects; at most {MAX_OBJECTS} are allowed")
+    if not root.value:
+        raise ConfigError("no objects: 'objects' in SecretProviderClass parameters lists no secrets")
+    objects = tuple(_parse_object(loader, index, node) for index, node in enumerate(root.value))
+    seen: dict[str, int] = {}
+    for obj in objects:
+        seen[obj.object_name] = seen.get(obj.object_name, 0) + 1
+    duplicates = [name for name, count in seen.items() if count > 1]
+    if duplicates:
+        raise ConfigError(
+            "each objectName must be unique within a SecretProviderClass; used more than once: "
+            + ", ".join(repr(name) for name in duplicates)
+        )
+    return objects
+
+
+_STRING_FIELDS = {
+    "objectName": "object_name",
+    "secretPath": "secret_path",
+    "secretKey": "secret_key",
+    "method": "method",
+    "encoding": "encoding",
+}
+
+
+def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> SecretObject:
+    where = f"objects[{index}]"
+    if not isinstance(node, goyaml.MappingNode):
+        raise ConfigError(f"{where} must be a map with objectName and secretPath")
+    try:
+        loader.flatten_mapping(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {truncate(str(e))}") from None
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, goyaml.ScalarNode) else None
+        if key in values or (key in _STRING_FIELDS and _STRING_FIELDS[key] in values):
+            raise ConfigError(f"{where}: {key!r} is set more than once")
+        if key in _STRING_FIELDS:
+            values[_STRING_FIELDS[key]] = _scalar_text(where, key, value_node)
+        elif key == "filePermission":
+            values["file_permission"] = _file_permission(loader, where, value_node)
+        elif key == "secretArgs":
+            values["secret_args"] = _secret_args(loader, where, value_node)
+    name = values.get("object_name", "")
+    if name:
+        where = f"object {name!r}"
+        check_object_name(name, where)
+    if not name:
+        raise ConfigError(f"{where}: objectName is required (the file name to write)")
+    if not values.get("secret_path"):
+        raise ConfigError(f"{where}: secretPath is required")
+    encoding = values.get("encoding", "")
+    if encoding and encoding.lower() not in ENCODINGS:
+        raise ConfigError(f"{where}: encoding {truncate(encoding, 40)!r} is not supported; use utf-8, base64 or hex")
+    method = values.get("method", "")
+    if method and method.upper() not in METHODS:
+        raise ConfigError(f"{where}: method {truncate(method, 40)!r} is not supported; use GET, POST or PUT")
+    return SecretObject(**values)
+
+
+def _scalar_text(where: str, key: str, node: goyaml.Node) -> str:
+    # yaml.v3 sets a string field from any scalar's text; null leaves it empty.
+    if not isinstance(node, goyaml.ScalarNode):
+        raise ConfigError(f"{where}: {key} must be a string")
+    if node.tag.endswith(":null"):
+        return ""
+    return str(node.value)
+
+
+def _file_permission(loader: goyaml.GoLoader, where: str, node: goyaml.Node) -> int:
+    value = None
+    if isinstance(node, goyaml.ScalarNode) and node.tag.endswith((":int", ":null")):
+        value = loader.construct_object(node) or 0
+    if not isinstance(value, int) or not 0 <= value <= MAX_MODE:
+        text = node.value if isinstance(node, goyaml.ScalarNode) else "a collection"
+        raise ConfigError(
+            f"{where}: filePermission must be a file mode from 0 to 0777 (e.g. 0640), got {truncate(str(text), 40)!r}"
+        )
+    return value
+
+
+def _secret_args(loader: goyaml.GoLoader, where: str, node: goyaml.Node) -> Mapping[str, Any] | None:
+    if isinstance(node, goyaml.ScalarNode) and node.tag.endswith(":null"):
+        return None
+    if not isinstance(node, goyaml.MappingNode):
+        raise ConfigError(f"{where}: secretArgs must be a map of request arguments")
+    try:
+        value = loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{where}: secretArgs cannot be read: {truncate(str(e))}") from None
+    _check_args(where, value, [MAX_SECRET_ARGS_VALUES])
+    return value  # type: ignore[no-any-return]
+
+
+def _check_args(where: str, value: Any, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"{where}: secretArgs holds more than {MAX_SECRET_ARGS_VALUES} values")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: secretArgs keys must be strings, got {truncate(repr(key), 40)}")
+            _check_args(where, item, budget)
+    elif isinstance(value, list):
+        for item in value:
+            _check_args(where, item, budget)
+    elif (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where}: secretArgs cannot hold .inf or .nan (not valid JSON)")
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        raise ConfigError(f"{where}: secretArgs cannot hold a {type(value).__name__}")
+
+
+def check_object_name(name: str, where: str) -> None:
+    """Refuse names that would escape the volume or hide what they are."""
+    if name.startswith("/"):
+        raise ConfigError(f"{where}: objectName must be a relative path, not absolute")
+    parts = name.split("/")
+    if ".." in parts:
+        raise ConfigError(f"{where}: objectName must not contain '..'")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in name):
+        raise ConfigError(f"{where}: objectName must not contain control or invisible characters")
+    if "" in parts or "." in parts:
+        raise ConfigError(f"{where}: objectName must not contain empty or '.' path segments")
+    if len(name.encode("utf-8", "surrogatepass")) > 255 * 4 or any(len(p.encode()) > 255 for p in parts):
+        raise ConfigError(f"{where}: objectName is too long for a file name")

@@ -1,0 +1,93 @@
+"""The provider's one exception tree.
+
+Every failure a Mount can meet is one of these; server.py maps each class to a gRPC
+status code in a single table, and the message is what the pod's events show, so it
+leads with what to fix::
+
+    ProviderError
+    ├── ConfigError            the SecretProviderClass or the Mount request is invalid
+    ├── VaultError             Vault answered, or could not be reached
+    │   ├── VaultUnreachable       connection refused, TLS failure, timeout
+    │   ├── VaultLoginDenied       the login was refused (400/401/403 on auth/*/login)
+    │   ├── VaultPermissionDenied  a read was refused (403) even after a fresh login
+    │   ├── VaultNotFound          the path or the key does not exist
+    │   └── VaultBadResponse       a reply we cannot use (no auth block, bad JSON, 5xx)
+    ├── KubernetesError        the Kubernetes API refused or could not be reached
+    ├── ObjectError            one or more objects of a Mount failed (holds each cause)
+    └── ResponseTooLarge       the files would not fit in the gRPC message limit
+"""
+
+from __future__ import annotations
+
+# Upstream bodies are truncated to this many characters in messages: enough for Vault's
+# error text, short enough to keep a pod event readable (kubelet trims events at 1 KiB).
+UPSTREAM_TEXT_MAX = 300
+
+
+def truncate(text: str, limit: int = UPSTREAM_TEXT_MAX) -> str:
+    """Shorten upstream text for a message, saying that it was cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…(truncated)"
+
+
+class ProviderError(Exception):
+    """Base of every error the provider reports to the driver."""
+
+
+class ConfigError(ProviderError):
+    """The SecretProviderClass parameters or the Mount request are invalid."""
+
+
+class VaultError(ProviderError):
+    """Vault refused a request, answered something unusable, or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class VaultUnreachable(VaultError):
+    """No answer from Vault: connection refused or reset, TLS failure, timeout."""
+
+
+class VaultLoginDenied(VaultError):
+    """Vault refused the login for this role and service account."""
+
+
+class VaultPermissionDenied(VaultError):
+    """Vault refused to read a path with a freshly obtained token."""
+
+
+class VaultNotFound(VaultError):
+    """The secret path, or the key inside it, does not exist."""
+
+
+class VaultBadResponse(VaultError):
+    """Vault answered with something the provider cannot use."""
+
+
+class KubernetesError(ProviderError):
+    """The Kubernetes API refused a request or could not be reached."""
+
+
+class ResponseTooLarge(ProviderError):
+    """The files of a Mount exceed the gRPC message size limit."""
+
+
+class ObjectError(ProviderError):
+    """One or more objects of a Mount failed; each failure is kept with its object."""
+
+    def __init__(self, failures: list[tuple[str, ProviderError]]) -> None:
+        self.failures = failures
+        if len(failures) == 1:
+            message = f"object {failures[0][0]!r}: {failures[0][1]}"
+        else:
+            message = f"{len(failures)} objects failed: " + "; ".join(
+                f"object {name!r}: {error}" for name, error in failures
+            )
+        super().__init__(message)
+
+    @property
+    def primary(self) -> ProviderError:
+        """The failure that decides the status code: the first one."""
+        return self.failures[0][1]

@@ -1,0 +1,132 @@
+"""JSON as Go's encoding/json writes it, so files match the reference provider's bytes.
+
+Go differs from Python's json module in ways a mounted file shows: output is compact,
+map keys are sorted, ``<``, ``>``, ``&``, U+2028 and U+2029 are escaped as ``\\u003c``
+etc., and the reference decodes Vault's replies with ``UseNumber`` so every number is
+written back exactly as Vault sent it. ``loads`` keeps numbers as :class:`Number` for
+that; ``dumps`` writes Go's bytes for decoded JSON and for values read from YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+# Characters Go's encoder escapes although JSON does not require it (HTML safety, and
+# the two line terminators JavaScript treats as newlines).
+_GO_EXTRA_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_ESCAPE_TABLE = str.maketrans(_GO_EXTRA_ESCAPES)
+
+
+class Number:
+    """A JSON number kept as the exact text Vault sent (Go's json.Number)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Number({self.text})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Number) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def as_int(self) -> int:
+        """The number as an int; a fractional or exponent form is truncated."""
+        try:
+            return int(self.text)
+        except ValueError:
+            return int(Decimal(self.text))
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode JSON, keeping numbers as :class:`Number` (their exact text)."""
+    return json.loads(text, parse_int=Number, parse_float=Number, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def dumps(value: Any) -> bytes:
+    """Encode as Go's json.Marshal would (compact, sorted keys, HTML-safe escapes)."""
+    parts: list[str] = []
+    _encode(value, parts)
+    return "".join(parts).encode("utf-8")
+
+
+def _encode(value: Any, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, str):
+        out.append(encode_string(value))
+    elif isinstance(value, Number):
+        out.append(value.text)
+    elif isinstance(value, int):
+        out.append(str(value))
+    elif isinstance(value, float):
+        out.append(format_float(value))
+    elif isinstance(value, Mapping):
+        out.append("{")
+        for index, key in enumerate(sorted(value, key=str)):
+            if index:
+                out.append(",")
+            out.append(encode_string(str(key)))
+            out.append(":")
+            _encode(value[key], out)
+        out.append("}")
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        out.append("[")
+        for index, item in enumerate(value):
+            if index:
+                out.append(",")
+            _encode(item, out)
+        out.append("]")
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode_string(text: str) -> str:
+    """A JSON string literal the way Go writes it."""
+    return json.dumps(text, ensure_ascii=False).translate(_ESCAPE_TABLE)
+
+
+def format_float(value: float) -> str:
+    """A float64 the way Go's encoding/json formats it.
+
+    Go writes the shortest digits that round-trip, in plain notation for magnitudes in
+    [1e-6, 1e21) and in exponent notation otherwise, with a one-digit negative exponent
+    ("1e-7", not "1e-07").
+    """
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"unsupported value: {value!r} cannot be encoded as JSON")
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude < 1e-6 or magnitude >= 1e21):
+        text = repr(value)
+        mantissa, _, exponent = text.partition("e")
+        sign = exponent[0]
+        digits = exponent[1:].lstrip("0") or "0"
+        if len(digits) == 1 and sign == "-":
+            return f"{mantissa}e-{digits}"
+        return f"{mantissa}e{sign}{digits.zfill(2)}"
+    text = format(Decimal(repr(value)), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "-0" if text == "-0" else text

@@ -1,0 +1,66 @@
+"""Prometheus metrics, in the provider's own registry.
+
+Labels are low-cardinality by construction: outcomes, gRPC codes, operations and HTTP
+status classes. Never a pod, a path or a value.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from provider import __version__
+
+# Mount latency buckets: a warm Mount is milliseconds, a cold one with a login tens of
+# milliseconds, and a Vault in trouble is seconds up to the driver's deadline.
+_MOUNT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_VAULT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every metric the provider exports; one instance per process (or per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.mounts = Counter(
+            "vault_csi_provider_mounts",
+            "Mount requests answered, by outcome and gRPC code.",
+            ["outcome", "code"],
+            registry=r,
+        )
+        self.mount_duration = Histogram(
+            "vault_csi_provider_mount_duration_seconds",
+            "Time to answer a Mount.",
+            buckets=_MOUNT_BUCKETS,
+            registry=r,
+        )
+        self.mounts_in_flight = Gauge(
+            "vault_csi_provider_mounts_in_flight", "Mount requests being answered now.", registry=r
+        )
+        self.vault_requests = Counter(
+            "vault_csi_provider_vault_requests",
+            "Requests sent to Vault, by operation and HTTP status.",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.vault_duration = Histogram(
+            "vault_csi_provider_vault_request_duration_seconds",
+            "Time Vault took to answer, by operation.",
+            ["operation"],
+            buckets=_VAULT_BUCKETS,
+            registry=r,
+        )
+        self.logins = Counter("vault_csi_provider_logins", "Vault logins, by outcome.", ["outcome"], registry=r)
+        self.token_cache = Counter(
+            "vault_csi_provider_token_cache", "Token cache lookups and evictions.", ["result"], registry=r
+        )
+        self.leases = Counter(
+            "vault_csi_provider_leases",
+            "Dynamic-secret lease events: reused, renewed, reissued, revoked.",
+            ["event"],
+            registry=r,
+        )
+        self.build = Info("vault_csi_provider_build", "Build information.", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version()})

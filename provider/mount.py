@@ -1,0 +1,345 @@
+"""The domain: a Mount request in, files and versions out.
+
+Parse and validate the class, log in to Vault as the pod (token cache first), send each
+distinct request once (concurrently when there are several), render each object's
+file, and version it with the cluster's HMAC key.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from provider import gojson, render
+from provider.cache import HmacKeySource, TokenCache
+from provider.config import DEFAULT_AUDIENCE, MountConfig, SecretObject, Settings, parse_mount
+from provider.errors import (
+    ConfigError,
+    KubernetesError,
+    ObjectError,
+    ProviderError,
+    ResponseTooLarge,
+    VaultLoginDenied,
+    VaultPermissionDenied,
+)
+from provider.kube import KubeClient
+from provider.metrics import Metrics
+from provider.vault import Endpoint, Login, Secret, VaultClient
+from provider.versions import object_version
+
+logger = logging.getLogger(__name__)
+
+# Kubernetes Secrets hold at most 1 MiB: larger files mount but cannot be synced.
+SECRET_SYNC_LIMIT = 1024 * 1024
+# Room for the protobuf framing around the file bytes in a MountResponse.
+RESPONSE_OVERHEAD_PER_FILE = 512
+# Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
+# few enough that one pod with many objects cannot starve the others.
+MAX_FETCH_PER_MOUNT = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountRequest:
+    """The fields of the driver's MountRequest that the domain uses."""
+
+    attributes: str = field(repr=False)
+    target_path: str
+    permission: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountedFile:
+    path: str
+    mode: int
+    contents: bytes = field(repr=False)
+    version: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountResult:
+    config: MountConfig
+    files: tuple[MountedFile, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretRequest:
+    """One distinct Vault request; objects that share it share one reply."""
+
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...]
+    body: bytes | None
+
+    @classmethod
+    def of(cls, obj: SecretObject) -> SecretRequest:
+        path, _, query = obj.secret_path.partition("?")
+        path = path.lstrip("/")
+        if path.startswith("v1/"):
+            path = path[3:]
+        return cls(
+            method=obj.http_method,
+            path=path,
+            # Go's url.ParseQuery: blank values are kept, order of a key's values too.
+            query=tuple(parse_qsl(query, keep_blank_values=True)),
+            body=gojson.dumps(obj.secret_args) if obj.secret_args is not None else None,
+        )
+
+    def params(self) -> dict[str, list[str]]:
+        values: dict[str, list[str]] = {}
+        for key, value in self.query:
+            values.setdefault(key, []).append(value)
+        return values
+
+
+class Mounter:
+    """Answers Mounts; one per process, shared by every gRPC worker thread."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        vault: VaultClient,
+        kube: KubeClient,
+        tokens: TokenCache,
+        hmac_keys: HmacKeySource,
+        metrics: Metrics,
+        fetch_pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self._settings = settings
+        self._vault = vault
+        self._kube = kube
+        self._tokens = tokens
+        self._hmac_keys = hmac_keys
+        self._metrics = metrics
+        self._fetch_pool = fetch_pool
+
+    def parse(self, request: MountRequest) -> MountConfig:
+        return parse_mount(
+            attributes=request.attributes,
+            target_path=request.target_path,
+            permission=request.permission,
+            defaults=self._settings.vault,
+        )
+
+    def mount(self, request: MountRequest, *, deadline: float) -> MountResult:
+        config = self.parse(request)
+        return self.mount_config(config, deadline=deadline)
+
+    def mount_config(self, config: MountConfig, *, deadline: float) -> MountResult:
+        endpoint = Endpoint(address=config.vault_address, tls=config.tls, namespace=config.vault_namespace)
+        identity = _Identity(self, config, endpoint, deadline)
+        requests: dict[SecretRequest, list[SecretObject]] = {}
+        for obj in config.objects:
+            requests.setdefault(SecretRequest.of(obj), []).append(obj)
+        identity.token()  # a refused login fails the whole Mount, not each object
+        replies = self._fetch_all(identity, list(requests), deadline)
+        key = self._hmac_keys.get()
+        files: list[MountedFile] = []
+        failures: list[tuple[str, ProviderError]] = []
+        for obj in config.objects:
+            request = SecretRequest.of(obj)
+            reply = replies[request]
+            if isinstance(reply, ProviderError):
+                failures.append((obj.object_name, reply))
+                continue
+            try:
+                contents, version_input = render.file_contents(reply.body, obj, request.path)
+            except ProviderError as e:
+                failures.append((obj.object_name, e))
+                continue
+            files.append(
+                MountedFile(
+                    path=obj.object_name,
+                    mode=obj.file_permission or config.permission,
+                    contents=contents,
+                    version=object_version(key, obj, version_input) if key is not None else "",
+                )
+            )
+        if failures:
+            raise ObjectError(failures)
+        self._check_size(files)
+        return MountResult(config=config, files=tuple(files))
+
+    def _fetch_all(
+        self, identity: _Identity, requests: list[SecretRequest], deadline: float
+    ) -> dict[SecretRequest, Secret | ProviderError]:
+        if len(requests) == 1 or self._fetch_pool is None:
+            return {request: self._fetch_outcome(identity, request, deadline) for request in requests}
+        slots = threading.BoundedSemaphore(MAX_FETCH_PER_MOUNT)
+
+        def bounded(request: SecretRequest) -> Secret | ProviderError:
+            try:
+                return self._fetch_outcome(identity, request, deadline)
+            finally:
+                slots.release()
+
+        futures: dict[SecretRequest, Future[Secret | ProviderError]] = {}
+        for request in requests:
+            slots.acquire()
+            futures[request] = self._fetch_pool.submit(bounded, request)
+        return {request: future.result() for request, future in futures.items()}
+
+    def _fetch_outcome(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret | ProviderError:
+        try:
+            return self._fetch(identity, request, deadline)
+        except ProviderError as e:
+            return e
+
+    def _fetch(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret:
+        token = identity.token()
+        try:
+            return self._read(identity.endpoint, token, request, deadline)
+        except VaultPermissionDenied:
+            fresh = identity.refresh(token)
+            if fresh is None:
+                raise
+            logger.info("vault refused a cached token for %s; logged in again", identity.describe())
+            return self._read(identity.endpoint, fresh, request, deadline)
+
+    def _read(self, endpoint: Endpoint, token: str, request: SecretRequest, deadline: float) -> Secret:
+        return self._vault.read(
+            endpoint,
+            token=token,
+            method=request.method,
+            path=request.path,
+            params=request.params() or None,
+            json_body=request.body,
+            deadline=deadline,
+        )
+
+    def _check_size(self, files: list[MountedFile]) -> None:
+        total = sum(len(f.contents) + len(f.path) + RESPONSE_OVERHEAD_PER_FILE for f in files)
+        if total > self._settings.max_response_bytes:
+            sizes = ", ".join(
+                f"{f.path!r} ({len(f.contents)} bytes)" for f in sorted(files, key=lambda f: -len(f.contents))
+            )
+            raise ResponseTooLarge(
+                f"the files total {total} bytes, over the {self._settings.max_response_bytes}-byte response "
+                f"limit (-max-response-bytes); objects: {sizes}"
+            )
+        big = [f.path for f in files if len(f.contents) > SECRET_SYNC_LIMIT]
+        if big:
+            logger.warning("objects over 1 MiB cannot be synced to a Kubernetes Secret: %s", ", ".join(map(repr, big)))
+
+    # Used by _Identity.
+    def _login(self, config: MountConfig, endpoint: Endpoint, deadline: float) -> Login:
+        jwt = self._jwt(config)
+        try:
+            login = self._vault.login(
+                endpoint, mount=config.auth_mount, role=config.role_name, jwt=jwt, deadline=deadline
+            )
+        except VaultLoginDenied as e:
+            self._metrics.logins.labels("denied").inc()
+            raise VaultLoginDenied(
+                f"vault login failed for role {config.role_name!r} at auth/{config.auth_mount} as service "
+                f"account {config.pod.namespace}/{config.pod.service_account}: {e}",
+                status=e.status,
+            ) from None
+        except ProviderError:
+            self._metrics.logins.labels("error").inc()
+            raise
+        self._metrics.logins.labels("ok").inc()
+        return login
+
+    def _jwt(self, config: MountConfig) -> str:
+        if config.pod.token:
+            return config.pod.token
+        pod = config.pod
+        audience = config.audience or DEFAULT_AUDIENCE
+        missing = [
+            name
+            for name, value in (
+                ("pod.namespace", pod.namespace),
+                ("serviceAccount.name", pod.service_account),
+                ("pod.name", pod.name),
+                ("pod.uid", pod.uid),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"no service account token for audience {audience!r} in the Mount request, and cannot request "
+                f"one: missing csi.storage.k8s.io/{', csi.storage.k8s.io/'.join(missing)} "
+                "(enable podInfoOnMount and tokenRequests on the CSIDriver)"
+            )
+        try:
+            return self._kube.create_token(
+                namespace=pod.namespace,
+                service_account=pod.service_account,
+                audience=config.audience,
+                pod_name=pod.name,
+                pod_uid=pod.uid,
+            )
+        except KubernetesError as e:
+            raise KubernetesError(
+                f"no service account token for audience {audience!r} in the Mount request "
+                f"(add it to the CSIDriver's tokenRequests) and {e}"
+            ) from None
+
+
+class _Identity:
+    """The pod's Vault token for one Mount: from the cache, refreshed at most once."""
+
+    def __init__(self, mounter: Mounter, config: MountConfig, endpoint: Endpoint, deadline: float) -> None:
+        self._mounter = mounter
+        self._config = config
+        self.endpoint = endpoint
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        self._login: Login | None = None
+        self._cached = False
+        self._refreshed = False
+        pod = config.pod
+        self._key: Hashable | None = (
+            (
+                pod.uid,
+                pod.namespace,
+                pod.name,
+                pod.service_account,
+                config.role_name,
+                config.auth_mount,
+                config.audience,
+                endpoint.address,
+                endpoint.namespace,
+                endpoint.tls,
+            )
+            if pod.uid
+            else None
+        )
+
+    def describe(self) -> str:
+        return f"pod {self._config.pod.describe()} (role {self._config.role_name!r})"
+
+    def _fresh_login(self) -> Login:
+        return self._mounter._login(self._config, self.endpoint, self._deadline)
+
+    def token(self) -> str:
+        with self._lock:
+            if self._login is None:
+                if self._key is None:
+                    self._login, self._cached = self._fresh_login(), False
+                else:
+                    self._login, self._cached = self._mounter._tokens.get(self._key, self._fresh_login)
+                self._mounter._metrics.token_cache.labels("hit" if self._cached else "miss").inc()
+            return self._login.token
+
+    def refresh(self, stale: str) -> str | None:
+        """A new token after Vault refused `stale`; None when a retry is not allowed."""
+        with self._lock:
+            assert self._login is not None
+            if self._login.token != stale:
+                return self._login.token
+            if not self._cached or self._refreshed:
+                return None
+            self._refreshed = True
+            assert self._key is not None
+            self._mounter._tokens.invalidate(self._key, stale)
+            self._login, self._cached = self._mounter._tokens.get(self._key, self._fresh_login)
+            return self._login.token
+
+
+__all__ = ["MountRequest", "MountResult", "MountedFile", "Mounter", "SecretRequest"]

@@ -1,0 +1,143 @@
+"""The gRPC servicer: proto in, one call into the domain, proto out.
+
+It also holds the one table from the provider's errors to gRPC status codes. The status
+message is shown verbatim in the pod's FailedMount event, so it is the error's own
+text; an unexpected exception is logged with its traceback and answered as INTERNAL
+with a generic message (grpcio would otherwise put str(exc) on the wire).
+
+Every code here is final for kubelet: CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE,
+RESOURCE_EXHAUSTED and ABORTED would mark the mount uncertain, and with rotation on a
+retry could then skip the provider and leave the pod an empty directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+
+import grpc
+
+from provider import __version__
+from provider._proto import service_pb2, service_pb2_grpc
+from provider.errors import (
+    ConfigError,
+    KubernetesError,
+    ObjectError,
+    ProviderError,
+    ResponseTooLarge,
+    VaultBadResponse,
+    VaultLoginDenied,
+    VaultNotFound,
+    VaultPermissionDenied,
+    VaultUnreachable,
+)
+from provider.metrics import Metrics
+from provider.mount import Mounter, MountRequest
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_NAME = "vault-csi-provider"
+API_VERSION = "v1alpha1"
+# Answer this long before the caller's deadline, so the reply (a final code) arrives.
+DEADLINE_MARGIN_SECONDS = 0.5
+# A Mount with no caller deadline still ends: the driver's own default is about 2 min.
+MAX_MOUNT_SECONDS = 60.0
+
+STATUS_CODES: tuple[tuple[type[ProviderError], grpc.StatusCode], ...] = (
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (VaultLoginDenied, grpc.StatusCode.UNAUTHENTICATED),
+    (VaultPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (VaultNotFound, grpc.StatusCode.NOT_FOUND),
+    (ResponseTooLarge, grpc.StatusCode.FAILED_PRECONDITION),
+    (KubernetesError, grpc.StatusCode.FAILED_PRECONDITION),
+    (VaultUnreachable, grpc.StatusCode.UNKNOWN),
+    (VaultBadResponse, grpc.StatusCode.UNKNOWN),
+    (ProviderError, grpc.StatusCode.UNKNOWN),
+)
+
+
+def status_code(error: ProviderError) -> grpc.StatusCode:
+    """The gRPC code for an error (the first failing object's, for an ObjectError)."""
+    if isinstance(error, ObjectError):
+        error = error.primary
+    for error_class, code in STATUS_CODES:
+        if isinstance(error, error_class):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
+    def __init__(self, mounter: Mounter, metrics: Metrics) -> None:
+        self._mounter = mounter
+        self._metrics = metrics
+
+    def Version(
+        self, request: service_pb2.VersionRequest, context: grpc.ServicerContext
+    ) -> service_pb2.VersionResponse:
+        return service_pb2.VersionResponse(version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=__version__)
+
+    def Mount(self, request: service_pb2.MountRequest, context: grpc.ServicerContext) -> service_pb2.MountResponse:
+        started = time.monotonic()
+        remaining = context.time_remaining()
+        budget = MAX_MOUNT_SECONDS if remaining is None else min(MAX_MOUNT_SECONDS, remaining)
+        deadline = started + max(budget - DEADLINE_MARGIN_SECONDS, 0.05)
+        mount_request = MountRequest(
+            attributes=request.attributes, target_path=request.target_path, permission=request.permission
+        )
+        self._metrics.mounts_in_flight.inc()
+        pod = "-"
+        try:
+            config = self._mounter.parse(mount_request)
+            pod = config.pod.describe()
+            result = self._mounter.mount_config(config, deadline=deadline)
+        except ProviderError as e:
+            code = status_code(e)
+            self._finish(started, "error", code, pod, None, str(e))
+            context.abort(code, str(e))
+        except Exception:
+            logger.exception("Mount failed with an unexpected error")
+            self._finish(started, "error", grpc.StatusCode.INTERNAL, pod, None, "internal error")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in the Vault provider; see its logs")
+        finally:
+            self._metrics.mounts_in_flight.dec()
+        self._finish(started, "ok", grpc.StatusCode.OK, pod, len(result.files), "")
+        return service_pb2.MountResponse(
+            files=[service_pb2.File(path=f.path, mode=f.mode, contents=f.contents) for f in result.files],
+            object_version=[service_pb2.ObjectVersion(id=f.path, version=f.version) for f in result.files],
+        )
+
+    def _finish(
+        self, started: float, outcome: str, code: grpc.StatusCode, pod: str, files: int | None, error: str
+    ) -> None:
+        elapsed = time.monotonic() - started
+        self._metrics.mounts.labels(outcome, code.name).inc()
+        self._metrics.mount_duration.observe(elapsed)
+        if outcome == "ok":
+            logger.info("mount pod=%s files=%d outcome=ok duration_ms=%.1f", pod, files, elapsed * 1000)
+        else:
+            logger.info(
+                "mount pod=%s outcome=%s code=%s duration_ms=%.1f error=%s",
+                pod,
+                outcome,
+                code.name,
+                elapsed * 1000,
+                error,
+            )
+
+
+def create_server(
+    servicer: ProviderServicer, *, endpoint: str, max_workers: int = 16, max_message_bytes: int = 4 * 1024 * 1024
+) -> grpc.Server:
+    """Build (not start) a gRPC server bound to the unix socket `endpoint`."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mount"),
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service_pb2_grpc.add_CSIDriverProviderServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{endpoint}")
+    return server

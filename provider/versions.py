@@ -1,0 +1,36 @@
+"""Object versions: HMAC-SHA256 over the object's configuration and its contents.
+
+The input is what the reference provider hashes (Go's json.Marshal of its object
+struct, whose fields carry no JSON tags, then the file bytes), so a cluster that swaps
+providers keeps its versions. The key is secret and per cluster: a version says
+whether a file changed and nothing about its value.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from provider import gojson
+from provider.config import SecretObject
+
+
+def object_json(obj: SecretObject) -> bytes:
+    """Go's json.Marshal of the reference's config.Secret for this object."""
+    fields = (
+        ("ObjectName", gojson.encode_string(obj.object_name)),
+        ("SecretPath", gojson.encode_string(obj.secret_path)),
+        ("SecretKey", gojson.encode_string(obj.secret_key)),
+        ("Method", gojson.encode_string(obj.method)),
+        ("SecretArgs", gojson.dumps(obj.secret_args).decode() if obj.secret_args is not None else "null"),
+        ("FilePermission", str(obj.file_permission)),
+        ("Encoding", gojson.encode_string(obj.encoding)),
+    )
+    return ("{" + ",".join(f'"{name}":{value}' for name, value in fields) + "}").encode()
+
+
+def object_version(key: bytes, obj: SecretObject, contents: bytes) -> str:
+    """URL-safe base64 (padded) of HMAC-SHA256(key, object JSON + contents)."""
+    digest = hmac.new(key, object_json(obj) + contents, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode()

@@ -1,0 +1,208 @@
+"""Shared fixtures: one real OpenBao and one fake Kubernetes API per test session, and a
+provider per test serving on a unix socket in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from lightkube.config.kubeconfig import KubeConfig
+
+from provider._proto import service_pb2, service_pb2_grpc
+from provider.app import App
+from provider.config import Settings, VaultSettings
+from tests.kube_fake import FakeKubernetes, FakePod
+from tests.openbao import OpenBao
+
+PROVIDER_NAMESPACE = "vault-csi"
+
+
+@dataclass
+class VaultWorld:
+    """OpenBao configured against the fake Kubernetes API."""
+
+    bao: OpenBao
+    kube: FakeKubernetes
+
+    def policy(self, name: str, rules: str, namespace: str = "") -> None:
+        self.bao.api("PUT", f"sys/policies/acl/{name}", {"policy": rules}, namespace=namespace)
+
+    def kube_role(
+        self,
+        name: str,
+        *,
+        service_accounts: list[str],
+        namespaces: list[str],
+        policies: list[str],
+        mount: str = "kubernetes",
+        audience: str | None = "vault",
+        ttl: str = "1h",
+        vault_namespace: str = "",
+    ) -> None:
+        body: dict[str, Any] = {
+            "bound_service_account_names": service_accounts,
+            "bound_service_account_namespaces": namespaces,
+            "token_policies": policies,
+            "token_ttl": ttl,
+        }
+        if audience:
+            body["audience"] = audience
+        self.bao.api("PUT", f"auth/{mount}/role/{name}", body, namespace=vault_namespace)
+
+    def enable_kubernetes_auth(self, mount: str = "kubernetes", namespace: str = "") -> None:
+        self.bao.api("POST", f"sys/auth/{mount}", {"type": "kubernetes"}, namespace=namespace)
+        reviewer = self.kube.issue_token("kube-system", "vault-reviewer")
+        self.bao.api(
+            "PUT",
+            f"auth/{mount}/config",
+            {
+                "kubernetes_host": self.kube.url,
+                "kubernetes_ca_cert": self.kube.ca_cert_pem(),
+                "token_reviewer_jwt": reviewer,
+                "disable_local_ca_jwt": True,
+            },
+            namespace=namespace,
+        )
+
+
+def _configure(world: VaultWorld) -> None:
+    bao = world.bao
+    world.enable_kubernetes_auth()
+    bao.api("POST", "sys/mounts/kv1", {"type": "kv", "options": {"version": "1"}})
+    mounts = bao.api("GET", "sys/mounts")
+    if "secret/" not in mounts.get("data", mounts):
+        bao.api("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}})
+    bao.api("POST", "sys/auth/jwt", {"type": "jwt"})
+    bao.api("PUT", "auth/jwt/config", {"jwt_validation_pubkeys": [world.kube.public_key_pem]})
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultWorld]:
+    kube = FakeKubernetes()
+    kube.start()
+    bao = OpenBao(tmp_path_factory.mktemp("openbao"))
+    bao.start()
+    world = VaultWorld(bao=bao, kube=kube)
+    try:
+        _configure(world)
+        yield world
+    finally:
+        bao.stop()
+        kube.stop()
+
+
+@dataclass
+class ProviderClient:
+    """Calls the provider the way the driver does, through its unix socket."""
+
+    app: App
+    channel: grpc.Channel
+    kube: FakeKubernetes
+    stub: service_pb2_grpc.CSIDriverProviderStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stub = service_pb2_grpc.CSIDriverProviderStub(self.channel)
+
+    def attributes(
+        self,
+        pod: FakePod | None,
+        objects: list[dict[str, Any]] | str,
+        *,
+        role: str = "kv-role",
+        audience: str | None = None,
+        send_token: bool = True,
+        **params: str,
+    ) -> str:
+        attrs: dict[str, str] = {"roleName": role} if role else {}
+        attrs["objects"] = objects if isinstance(objects, str) else yaml.safe_dump(objects)
+        if audience is not None:
+            attrs["audience"] = audience
+        if pod is not None:
+            attrs.update(
+                {
+                    "csi.storage.k8s.io/pod.name": pod.name,
+                    "csi.storage.k8s.io/pod.namespace": pod.namespace,
+                    "csi.storage.k8s.io/pod.uid": pod.uid,
+                    "csi.storage.k8s.io/serviceAccount.name": pod.service_account,
+                    "csi.storage.k8s.io/ephemeral": "false",
+                }
+            )
+            if send_token:
+                token_audience = audience or "vault"
+                token = self.kube.pod_token(pod, token_audience)
+                attrs["csi.storage.k8s.io/serviceAccount.tokens"] = json.dumps(
+                    {token_audience: {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+                )
+        attrs.update(params)
+        return json.dumps(attrs)
+
+    def mount(
+        self,
+        pod: FakePod | None,
+        objects: list[dict[str, Any]] | str,
+        *,
+        permission: str = "420",
+        target_path: str = "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/secrets/mount",
+        timeout: float = 30,
+        **kwargs: Any,
+    ) -> service_pb2.MountResponse:
+        request = service_pb2.MountRequest(
+            attributes=self.attributes(pod, objects, **kwargs),
+            secrets="{}",
+            target_path=target_path,
+            permission=permission,
+        )
+        return self.stub.Mount(request, timeout=timeout)
+
+    def raw_mount(self, request: service_pb2.MountRequest, timeout: float = 30) -> service_pb2.MountResponse:
+        return self.stub.Mount(request, timeout=timeout)
+
+
+def files_of(response: service_pb2.MountResponse) -> dict[str, bytes]:
+    return {f.path: f.contents for f in response.files}
+
+
+def versions_of(response: service_pb2.MountResponse) -> dict[str, str]:
+    return {v.id: v.version for v in response.object_version}
+
+
+def make_settings(tmp_path: Path, world: VaultWorld, **overrides: Any) -> Settings:
+    vault = overrides.pop("vault", VaultSettings(address=world.bao.url))
+    return Settings(endpoint=str(tmp_path / "vault.sock"), health_addr="127.0.0.1:0", vault=vault, **overrides)
+
+
+def start_provider(tmp_path: Path, world: VaultWorld, **overrides: Any) -> ProviderClient:
+    settings = make_settings(tmp_path, world, **overrides)
+    app = App(settings, kube_config=KubeConfig.from_dict(world.kube.kubeconfig(PROVIDER_NAMESPACE)))
+    app.start()
+    channel = grpc.insecure_channel(f"unix:{settings.endpoint}")
+    return ProviderClient(app=app, channel=channel, kube=world.kube)
+
+
+@pytest.fixture
+def provider(tmp_path: Path, world: VaultWorld) -> Iterator[ProviderClient]:
+    client = start_provider(tmp_path, world)
+    try:
+        yield client
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique name, so tests sharing the session's OpenBao do not collide."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libraries() -> None:
+    logging.getLogger("urllib3").setLevel(logging.WARNING)

