@@ -132,6 +132,9 @@ class App:
 
 
 def _remove_stale_socket(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise SystemExit(f"-endpoint {path}: directory {parent} does not exist")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

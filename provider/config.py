@@ -147,7 +147,11 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
         )
     auth_mount = params.get("vaultAuthMountPath") or params.get("vaultKubernetesMountPath") or ""
     tls = _merge_tls(defaults.tls, params)
-    objects = parse_objects(params.get("objects", ""))
+    objects: tuple[SecretObject, ...] = ()
+    try:
+        objects = parse_objects(params.get("objects", ""))
+    except ConfigError as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
     audience = params.get("audience", "")
@@ -285,15 +289,17 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
     where = f"objects[{index}]"
     if not isinstance(node, goyaml.MappingNode):
         raise ConfigError(f"{where} must be a map with objectName and secretPath")
+    explicit = [k.value for k, _ in node.value if isinstance(k, goyaml.ScalarNode) and k.value != "<<"]
+    repeated = sorted({key for key in explicit if explicit.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: {', '.join(map(repr, repeated))} is set more than once")
     try:
-        loader.flatten_mapping(node)
+        loader.flatten_mapping(node)  # merged keys first, explicit ones after: the last wins
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: {truncate(str(e))}") from None
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
         key = key_node.value if isinstance(key_node, goyaml.ScalarNode) else None
-        if key in values or (key in _STRING_FIELDS and _STRING_FIELDS[key] in values):
-            raise ConfigError(f"{where}: {key!r} is set more than once")
         if key in _STRING_FIELDS:
             values[_STRING_FIELDS[key]] = _scalar_text(where, key, value_node)
         elif key == "filePermission":

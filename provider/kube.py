@@ -87,11 +87,12 @@ class KubeClient:
         what = f"create a token for service account {namespace}/{service_account}"
         client = self._require(what)
         request = ServiceAccount.Token(
+            metadata=ObjectMeta(name=service_account, namespace=namespace),
             spec=TokenRequestSpec(
                 audiences=[audience] if audience else [],
                 expirationSeconds=TOKEN_EXPIRATION_SECONDS,
                 boundObjectRef=BoundObjectReference(apiVersion="v1", kind="Pod", name=pod_name, uid=pod_uid),
-            )
+            ),
         )
         try:
             result = client.create(request, service_account, namespace=namespace)

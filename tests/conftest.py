@@ -57,6 +57,21 @@ class VaultWorld:
             body["audience"] = audience
         self.bao.api("PUT", f"auth/{mount}/role/{name}", body, namespace=vault_namespace)
 
+    def grant(
+        self,
+        name: str,
+        paths: list[str],
+        *,
+        capabilities: str = '"read", "create", "update"',
+        service_account: str = "app",
+        namespace: str = "team",
+        **role: Any,
+    ) -> FakePod:
+        """A policy and a role called `name` for one service account; returns a pod using it."""
+        self.policy(name, "\n".join(f'path "{p}" {{ capabilities = [{capabilities}] }}' for p in paths))
+        self.kube_role(name, service_accounts=[service_account], namespaces=[namespace], policies=[name], **role)
+        return self.kube.add_pod(namespace, f"pod-{name}-{uuid.uuid4().hex[:6]}", service_account)
+
     def enable_kubernetes_auth(self, mount: str = "kubernetes", namespace: str = "") -> None:
         self.bao.api("POST", f"sys/auth/{mount}", {"type": "kubernetes"}, namespace=namespace)
         reviewer = self.kube.issue_token("kube-system", "vault-reviewer")
@@ -180,6 +195,7 @@ def make_settings(tmp_path: Path, world: VaultWorld, **overrides: Any) -> Settin
 
 
 def start_provider(tmp_path: Path, world: VaultWorld, **overrides: Any) -> ProviderClient:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     settings = make_settings(tmp_path, world, **overrides)
     app = App(settings, kube_config=KubeConfig.from_dict(world.kube.kubeconfig(PROVIDER_NAMESPACE)))
     app.start()

@@ -1,0 +1,54 @@
+"""JSON bytes must equal what Go's encoding/json writes for the reference provider."""
+
+from __future__ import annotations
+
+import pytest
+
+from provider import gojson
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"b":1,"a":2}', b'{"a":2,"b":1}'),
+        ('{"x": "<a href=\\"y\\">&</a>"}', b'{"x":"\\u003ca href=\\"y\\"\\u003e\\u0026\\u003c/a\\u003e"}'),
+        ('["\\u2028\\u2029"]', b'["\\u2028\\u2029"]'),
+        ("[1.50, 1e3, -0, 12345678901234567890123]", b"[1.50,1e3,-0,12345678901234567890123]"),
+        ('{"nested": {"z": [true, false, null], "a": {}}}', b'{"nested":{"a":{},"z":[true,false,null]}}'),
+        ('"caf\\u00e9 \\u0001 \\t\\n"', '"café \\u0001 \\t\\n"'.encode()),
+    ],
+    ids=["sorted-keys", "html-escapes", "line-separators", "numbers-verbatim", "nested", "unicode-and-controls"],
+)
+def test_round_trip_matches_go(text: str, expected: bytes) -> None:
+    assert gojson.dumps(gojson.loads(text)) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1.0, "1"),
+        (0.1, "0.1"),
+        (1e20, "100000000000000000000"),
+        (1e21, "1e+21"),
+        (1e-7, "1e-7"),
+        (1.5e-7, "1.5e-7"),
+        (0.000001, "0.000001"),
+        (123456789.125, "123456789.125"),
+        (-2.5, "-2.5"),
+    ],
+)
+def test_floats_are_formatted_like_go(value: float, expected: str) -> None:
+    assert gojson.format_float(value) == expected
+
+
+def test_python_values_from_yaml_encode_like_go() -> None:
+    assert gojson.dumps({"ttl": "1h", "n": 3, "f": 0.5, "ok": True, "l": [1, "a"]}) == (
+        b'{"f":0.5,"l":[1,"a"],"n":3,"ok":true,"ttl":"1h"}'
+    )
+
+
+def test_nan_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        gojson.dumps(float("nan"))
+    with pytest.raises(ValueError):
+        gojson.loads("[NaN]")

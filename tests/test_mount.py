@@ -1,0 +1,454 @@
+"""Mount through the real gRPC socket against the real OpenBao: the reference's behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from provider.config import VaultSettings
+from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
+from tests.proxy import Forwarder
+
+
+def metric(client: ProviderClient, name: str, **labels: str) -> float:
+    return client.app.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def logins(client: ProviderClient) -> float:
+    return metric(client, "vault_csi_provider_logins_total", outcome="ok")
+
+
+def reads(client: ProviderClient) -> float:
+    return sum(
+        metric(client, "vault_csi_provider_vault_requests_total", operation="read", status=s)
+        for s in ("200", "403", "404")
+    )
+
+
+def mount_error(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()  # type: ignore[operator]
+    return error.value
+
+
+def test_kv_v1_key_and_whole_response(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"user": "admin", "html": "<b>&</b>", "port": 5432})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    response = provider.mount(
+        pod,
+        [
+            {"objectName": "user", "secretPath": f"kv1/{unique}", "secretKey": "user"},
+            {"objectName": "port", "secretPath": f"kv1/{unique}", "secretKey": "port"},
+            {"objectName": "all.json", "secretPath": f"kv1/{unique}"},
+        ],
+        role=unique,
+    )
+    files = files_of(response)
+    assert files["user"] == b"admin"
+    assert files["port"] == b"5432"
+    whole = files["all.json"]
+    parsed = json.loads(whole)
+    assert list(parsed) == ["request_id", "lease_id", "lease_duration", "renewable", "data", "warnings"]
+    assert parsed["data"] == {"html": "<b>&</b>", "port": 5432, "user": "admin"}
+    assert parsed["warnings"] is None and parsed["lease_id"] == "" and parsed["renewable"] is False
+    request_id = parsed["request_id"]
+    lease = parsed["lease_duration"]
+    assert (
+        whole
+        == (
+            f'{{"request_id":"{request_id}","lease_id":"","lease_duration":{lease},"renewable":false,'
+            '"data":{"html":"\\u003cb\\u003e\\u0026\\u003c/b\\u003e","port":5432,"user":"admin"},"warnings":null}'
+        ).encode()
+    )
+
+
+def test_kv_v2_reads_data_data_and_honours_version_query(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    world.bao.api("POST", f"secret/data/{unique}", {"data": {"password": "first"}})
+    world.bao.api("POST", f"secret/data/{unique}", {"data": {"password": "second", "nested": {"b": 1, "a": [True]}}})
+    pod = world.grant(unique, [f"secret/data/{unique}"])
+    response = provider.mount(
+        pod,
+        [
+            {"objectName": "latest", "secretPath": f"secret/data/{unique}", "secretKey": "password"},
+            {"objectName": "v1", "secretPath": f"secret/data/{unique}?version=1", "secretKey": "password"},
+            {"objectName": "nested", "secretPath": f"/v1/secret/data/{unique}", "secretKey": "nested"},
+        ],
+        role=unique,
+    )
+    assert files_of(response) == {"latest": b"second", "v1": b"first", "nested": b'{"a":[true],"b":1}'}
+
+
+@pytest.mark.parametrize("form", ["/v1/{p}", "v1/{p}", "/{p}", "{p}"], ids=["slash-v1", "v1", "slash", "bare"])
+def test_secret_path_forms(provider: ProviderClient, world: VaultWorld, unique: str, form: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    path = form.format(p=f"kv1/{unique}")
+    response = provider.mount(pod, [{"objectName": "k", "secretPath": path, "secretKey": "k"}], role=unique)
+    assert files_of(response) == {"k": b"v"}
+
+
+def test_encodings_decode_like_go(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"b64": "aGVs\nbG8=", "hex": "68656C6C6F", "bad": "not base64!"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    response = provider.mount(
+        pod,
+        [
+            {"objectName": "b64", "secretPath": f"kv1/{unique}", "secretKey": "b64", "encoding": "BASE64"},
+            {"objectName": "hex", "secretPath": f"kv1/{unique}", "secretKey": "hex", "encoding": "hex"},
+            {"objectName": "plain", "secretPath": f"kv1/{unique}", "secretKey": "hex", "encoding": "utf-8"},
+        ],
+        role=unique,
+    )
+    assert files_of(response) == {"b64": b"hello", "hex": b"hello", "plain": b"68656C6C6F"}
+    error = mount_error(
+        lambda: provider.mount(
+            pod,
+            [{"objectName": "bad", "secretPath": f"kv1/{unique}", "secretKey": "bad", "encoding": "base64"}],
+            role=unique,
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "object 'bad'" in error.details() and "not valid base64" in error.details()
+    assert "not base64!" not in error.details()
+
+
+def test_missing_key_and_missing_path_are_not_found(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"secret/data/{unique}", {"data": {"user": "u"}})
+    pod = world.grant(unique, [f"secret/data/{unique}", f"secret/data/{unique}-gone"])
+    error = mount_error(
+        lambda: provider.mount(
+            pod,
+            [
+                {"objectName": "db-pass", "secretPath": f"secret/data/{unique}", "secretKey": "password"},
+                {"objectName": "gone", "secretPath": f"secret/data/{unique}-gone", "secretKey": "x"},
+            ],
+            role=unique,
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert f"object 'db-pass': key 'password' does not exist at secret/data/{unique}" in error.details()
+    assert "object 'gone'" in error.details() and "404" in error.details()
+
+
+def test_pki_issue_is_sent_once_for_cert_key_and_whole_json(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    mount = f"pki-{unique}"
+    world.bao.api("POST", f"sys/mounts/{mount}", {"type": "pki", "config": {"max_lease_ttl": "24h"}})
+    world.bao.api("POST", f"{mount}/root/generate/internal", {"common_name": "test-ca", "ttl": "24h"})
+    world.bao.api("POST", f"{mount}/roles/web", {"allowed_domains": ["example.com"], "allow_subdomains": True})
+    pod = world.grant(unique, [f"{mount}/issue/web"])
+    args = {"common_name": "app.example.com", "ttl": "1h"}
+    objects = [
+        {
+            "objectName": "tls.crt",
+            "secretPath": f"{mount}/issue/web",
+            "method": "PUT",
+            "secretArgs": args,
+            "secretKey": "certificate",
+        },
+        {
+            "objectName": "tls.key",
+            "secretPath": f"{mount}/issue/web",
+            "method": "PUT",
+            "secretArgs": args,
+            "secretKey": "private_key",
+        },
+        {"objectName": "issue.json", "secretPath": f"{mount}/issue/web", "method": "PUT", "secretArgs": args},
+    ]
+    before = reads(provider)
+    files = files_of(provider.mount(pod, objects, role=unique))
+    assert reads(provider) - before == 1
+    cert = x509.load_pem_x509_certificate(files["tls.crt"])
+    key = serialization.load_pem_private_key(files["tls.key"], password=None)
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    assert cert.subject.rfc4514_string() == "CN=app.example.com"
+    whole = json.loads(files["issue.json"])
+    assert whole["data"]["certificate"] == files["tls.crt"].decode()
+    assert whole["lease_id"].startswith("") and list(whole)[:4] == [
+        "request_id",
+        "lease_id",
+        "lease_duration",
+        "renewable",
+    ]
+
+
+def test_wrong_service_account_is_denied_with_vaults_message(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    world.grant(unique, [f"kv1/{unique}"], service_account="app")
+    intruder = world.kube.add_pod("team", f"intruder-{unique}", "other")
+    error = mount_error(
+        lambda: provider.mount(intruder, [{"objectName": "k", "secretPath": f"kv1/{unique}"}], role=unique)
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details().startswith(
+        f"vault login failed for role '{unique}' at auth/kubernetes as service account team/other: "
+    )
+    assert "service account name not authorized" in error.details()
+
+
+def test_custom_audience(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "aud"})
+    pod = world.grant(unique, [f"kv1/{unique}"], audience="custom-aud")
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    assert files_of(provider.mount(pod, objects, role=unique, audience="custom-aud")) == {"k": b"aud"}
+    # A token for the default audience is refused by the role: the audience really matters.
+    error = mount_error(lambda: provider.mount(pod, objects, role=unique))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_jwt_auth_mount(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "via-jwt"})
+    world.policy(unique, f'path "kv1/{unique}" {{ capabilities = ["read"] }}')
+    world.bao.api(
+        "PUT",
+        f"auth/jwt/role/{unique}",
+        {
+            "role_type": "jwt",
+            "user_claim": "sub",
+            "bound_audiences": ["vault"],
+            "bound_subject": "system:serviceaccount:team:jwt-app",
+            "token_policies": [unique],
+        },
+    )
+    pod = world.kube.add_pod("team", f"jwt-{unique}", "jwt-app")
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    response = provider.mount(pod, objects, role=unique, vaultAuthMountPath="jwt")
+    assert files_of(response) == {"k": b"via-jwt"}
+    response = provider.mount(pod, objects, role=unique, vaultKubernetesMountPath="/jwt/")
+    assert files_of(response) == {"k": b"via-jwt"}
+
+
+def test_vault_namespace(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    namespace = f"team-{unique}"
+    world.bao.api("POST", f"sys/namespaces/{namespace}", {})
+    world.enable_kubernetes_auth(namespace=namespace)
+    world.bao.api("POST", "sys/mounts/kv", {"type": "kv", "options": {"version": "2"}}, namespace=namespace)
+    world.bao.api("POST", "kv/data/app", {"data": {"k": "in-namespace"}}, namespace=namespace)
+    world.policy("reader", 'path "kv/data/app" { capabilities = ["read"] }', namespace=namespace)
+    world.kube_role(
+        "app", service_accounts=["ns-app"], namespaces=["team"], policies=["reader"], vault_namespace=namespace
+    )
+    pod = world.kube.add_pod("team", f"ns-{unique}", "ns-app")
+    objects = [{"objectName": "k", "secretPath": "kv/data/app", "secretKey": "k"}]
+    assert files_of(provider.mount(pod, objects, role="app", vaultNamespace=namespace)) == {"k": b"in-namespace"}
+    error = mount_error(lambda: provider.mount(pod, objects, role="app"))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_token_request_fallback_when_the_driver_sends_no_token(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "fallback"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    before = world.kube.calls["tokenrequest"]
+    response = provider.mount(pod, objects, role=unique, send_token=False, audience="vault")
+    assert files_of(response) == {"k": b"fallback"}
+    assert world.kube.calls["tokenrequest"] == before + 1
+    # Without pod information no token can be requested: the error says what is missing.
+    error = mount_error(lambda: provider.mount(None, objects, role=unique))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no service account token for audience 'vault'" in error.details()
+    assert "csi.storage.k8s.io/pod.namespace" in error.details()
+
+
+def test_token_is_reused_across_mounts_but_never_across_pods(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    sibling = world.kube.add_pod(pod.namespace, f"sibling-{unique}", pod.service_account)
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    start = logins(provider)
+    for _ in range(3):
+        provider.mount(pod, objects, role=unique)
+    assert logins(provider) - start == 1
+    provider.mount(sibling, objects, role=unique)
+    assert logins(provider) - start == 2
+
+
+def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    client = start_provider(tmp_path, world, cache_size=0)
+    try:
+        objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+        for _ in range(2):
+            client.mount(pod, objects, role=unique)
+        assert logins(client) == 2
+    finally:
+        client.app.stop(grace=1)
+
+
+def test_revoked_cached_token_is_replaced_once(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    provider.mount(pod, objects, role=unique)
+    world.bao.api("PUT", "sys/leases/revoke-prefix/auth/kubernetes/login", {})
+    assert files_of(provider.mount(pod, objects, role=unique)) == {"k": b"v"}
+    assert logins(provider) == 2
+    # A 403 that a fresh token does not cure is reported, after exactly one more login.
+    world.policy(unique, 'path "nothing" { capabilities = ["read"] }')
+    error = mount_error(lambda: provider.mount(pod, objects, role=unique))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "permission denied" in error.details()
+    assert logins(provider) == 3
+
+
+def test_versions_are_stable_change_with_content_and_survive_restarts(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    world.bao.api("POST", f"secret/data/{unique}", {"data": {"a": "1", "b": "2"}})
+    pod = world.grant(unique, [f"secret/data/{unique}"])
+    objects = [
+        {"objectName": "a", "secretPath": f"secret/data/{unique}", "secretKey": "a"},
+        {"objectName": "b", "secretPath": f"secret/data/{unique}", "secretKey": "b"},
+        {"objectName": "whole", "secretPath": f"secret/data/{unique}"},
+    ]
+    first = start_provider(tmp_path / "one", world)
+    try:
+        v1 = versions_of(first.mount(pod, objects, role=unique))
+        v2 = versions_of(first.mount(pod, objects, role=unique))
+        assert v1 == v2 and all(v1.values())
+        world.bao.api("POST", f"secret/data/{unique}", {"data": {"a": "changed", "b": "2"}})
+        v3 = versions_of(first.mount(pod, objects, role=unique))
+        assert v3["a"] != v1["a"] and v3["b"] == v1["b"] and v3["whole"] != v1["whole"]
+    finally:
+        first.app.stop(grace=1)
+    (tmp_path / "two").mkdir()
+    second = start_provider(tmp_path / "two", world)
+    try:
+        assert versions_of(second.mount(pod, objects, role=unique)) == v3
+    finally:
+        second.app.stop(grace=1)
+
+
+def test_hmac_key_secret_is_created_immutable_and_rotates_when_deleted(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    client = start_provider(tmp_path, world, hmac_key_ttl=0.0, hmac_secret_name=f"hmac-{unique}")
+    try:
+        before = versions_of(client.mount(pod, objects, role=unique))
+        secret = world.kube.secrets[("vault-csi", f"hmac-{unique}")]
+        assert secret["immutable"] is True and len(secret["data"]["key"]) == 44
+        del world.kube.secrets[("vault-csi", f"hmac-{unique}")]
+        after = versions_of(client.mount(pod, objects, role=unique))
+        assert after["k"] and after != before
+    finally:
+        client.app.stop(grace=1)
+
+
+def test_hmac_key_is_read_once_per_ttl(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    provider.mount(pod, objects, role=unique)
+    reads_before = world.kube.calls["secret.get"]
+    for _ in range(5):
+        provider.mount(pod, objects, role=unique)
+    assert world.kube.calls["secret.get"] == reads_before
+
+
+def test_unreachable_kubernetes_gives_empty_versions_and_a_warning(
+    tmp_path: Path, world: VaultWorld, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightkube.config.kubeconfig import KubeConfig
+
+    from provider.app import App
+    from tests.conftest import ProviderClient, make_settings
+    from tests.openbao import free_port
+
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    settings = make_settings(tmp_path, world)
+    unreachable = world.kube.kubeconfig()
+    unreachable["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{free_port()}"
+    app = App(settings, kube_config=KubeConfig.from_dict(unreachable))
+    app.start()
+    client = ProviderClient(app=app, channel=grpc.insecure_channel(f"unix:{settings.endpoint}"), kube=world.kube)
+    try:
+        with caplog.at_level(logging.WARNING):
+            response = client.mount(
+                pod, [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}], role=unique
+            )
+        assert files_of(response) == {"k": b"v"}
+        assert versions_of(response) == {"k": ""}
+        assert "object versions will be empty" in caplog.text
+    finally:
+        client.channel.close()
+        app.stop(grace=1)
+
+
+def test_file_modes(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    response = provider.mount(
+        pod,
+        f"- {{objectName: default, secretPath: kv1/{unique}, secretKey: k}}\n"
+        f"- {{objectName: private, secretPath: kv1/{unique}, secretKey: k, filePermission: 0400}}\n",
+        role=unique,
+        permission="416",
+    )
+    assert {f.path: f.mode for f in response.files} == {"default": 0o640, "private": 0o400}
+    assert [v.id for v in response.object_version] == ["default", "private"]
+
+
+def test_vault_agent_unix_socket_address(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "via-agent"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    agent = Forwarder(("127.0.0.1", world.bao.port), unix_path=str(tmp_path / "agent.sock"))
+    client = start_provider(tmp_path, world, vault=VaultSettings(address=f"unix://{tmp_path}/agent.sock"))
+    try:
+        objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+        assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"via-agent"}
+        assert agent.connections >= 1
+    finally:
+        client.app.stop(grace=1)
+        agent.close()
+
+
+def test_no_secret_material_in_logs(
+    provider: ProviderClient, world: VaultWorld, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    canary = f"canary-{unique}-value"
+    world.bao.api("POST", f"kv1/{unique}", {"k": canary})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    attributes = provider.attributes(
+        pod,
+        [
+            {"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"},
+            {"objectName": "all", "secretPath": f"kv1/{unique}"},
+        ],
+        role=unique,
+    )
+    jwt = json.loads(json.loads(attributes)["csi.storage.k8s.io/serviceAccount.tokens"])["vault"]["token"]
+    from provider._proto import service_pb2
+
+    with caplog.at_level(1):
+        provider.raw_mount(service_pb2.MountRequest(attributes=attributes, target_path="/t", permission="420"))
+        bad_attributes = provider.attributes(
+            pod, [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "missing"}], role=unique
+        )
+        bad = service_pb2.MountRequest(attributes=bad_attributes, target_path="/t", permission="420")
+        with pytest.raises(grpc.RpcError):
+            provider.raw_mount(bad)
+    tokens = [slot.login.token for slot in provider.app.tokens._slots.values() if slot.login]
+    assert tokens
+    text = caplog.text + "".join(repr(r.args) for r in caplog.records)
+    assert "mount pod=team/" in text
+    for material in [canary, jwt, jwt.split(".")[1], *tokens]:
+        assert material not in text
