@@ -20,6 +20,7 @@ import hvac.adapters
 import requests
 import requests.adapters
 import requests_unixsocket
+import urllib3
 
 from provider import gojson
 from provider.config import TLSConfig
@@ -318,6 +319,9 @@ def _build_adapter(address: str, tls: TLSConfig) -> hvac.adapters.RawAdapter:
     verify: bool | str = True
     if tls.skip_verify:
         verify = False
+        # Said once here, by us, rather than by urllib3 on every request.
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        logger.warning("TLS verification of Vault at %s is disabled (vaultSkipTLSVerify)", address)
     elif tls.ca_cert or tls.ca_directory:
         verify = tls.ca_cert or tls.ca_directory
     cert = (tls.client_cert, tls.client_key) if tls.client_cert and tls.client_key else None

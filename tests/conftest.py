@@ -88,7 +88,8 @@ class VaultWorld:
         )
 
 
-def _configure(world: VaultWorld) -> None:
+def configure(world: VaultWorld) -> None:
+    """Kubernetes auth against the fake, KV v1 at kv1/, KV v2 at secret/, jwt auth."""
     bao = world.bao
     world.enable_kubernetes_auth()
     bao.api("POST", "sys/mounts/kv1", {"type": "kv", "options": {"version": "1"}})
@@ -107,7 +108,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultWorld]:
     bao.start()
     world = VaultWorld(bao=bao, kube=kube)
     try:
-        _configure(world)
+        configure(world)
         yield world
     finally:
         bao.stop()

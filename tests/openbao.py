@@ -30,13 +30,24 @@ def bao_binary() -> str:
 
 
 class OpenBao:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.workdir = workdir
+        self.tls = tls
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.session = requests.Session()
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE would override our CA
         self.log_path = workdir / "openbao.log"
+
+    @property
+    def verify(self) -> str | bool:
+        return str(self.ca_path) if self.tls else True
+
+    @property
+    def ca_path(self) -> Path:
+        """The CA of a -dev-tls server's certificate (for localhost and 127.0.0.1)."""
+        return self.workdir / "vault-ca.pem"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +62,7 @@ class OpenBao:
                     f"-dev-root-token-id={ROOT_TOKEN}",
                     f"-dev-listen-address=127.0.0.1:{self.port}",
                     "-dev-no-store-token",
+                    *(["-dev-tls", f"-dev-tls-cert-dir={self.workdir}"] if self.tls else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -60,9 +72,9 @@ class OpenBao:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if self.session.get(f"{self.url}/v1/sys/health", timeout=1).status_code == 200:
+                if self.session.get(f"{self.url}/v1/sys/health", timeout=1, verify=self.verify).status_code == 200:
                     return
-            except requests.RequestException:
+            except (requests.RequestException, OSError):  # not listening, or TLS files not written yet
                 pass
             if self.process.poll() is not None:
                 break
@@ -92,7 +104,9 @@ class OpenBao:
         headers = {"X-Vault-Token": token}
         if namespace:
             headers["X-Vault-Namespace"] = namespace
-        response = self.session.request(method, f"{self.url}/v1/{path}", json=body, headers=headers, timeout=30)
+        response = self.session.request(
+            method, f"{self.url}/v1/{path}", json=body, headers=headers, timeout=30, verify=self.verify
+        )
         if response.status_code not in expect:
             raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
         return response.json() if response.content else None

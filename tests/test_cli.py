@@ -1,0 +1,214 @@
+"""The command line and the daemon's life: flags, environment, socket, health, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from provider import __version__
+from provider._proto import service_pb2, service_pb2_grpc
+from provider.cli import build_parser, parse_duration, settings_from
+from provider.config import VaultSettings
+from tests.conftest import VaultWorld, files_of, start_provider
+from tests.openbao import free_port
+from tests.proxy import Forwarder
+
+
+def settings(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return settings_from(build_parser().parse_args(argv), env or {})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-endpoint=/x.sock"], ["-endpoint", "/x.sock"], ["--endpoint=/x.sock"], ["--endpoint", "/x.sock"]],
+    ids=["single-equals", "single-space", "double-equals", "double-space"],
+)
+def test_go_style_flag_forms(argv: list[str]) -> None:
+    assert settings(argv).endpoint == "/x.sock"
+
+
+def test_defaults_match_the_reference() -> None:
+    s = settings([])
+    assert (s.endpoint, s.log_level, s.health_addr, s.hmac_secret_name, s.cache_size) == (
+        "/tmp/vault.sock",
+        "info",
+        ":8080",
+        "vault-csi-provider-hmac-key",
+        1000,
+    )
+    assert (s.vault.address, s.vault.auth_mount, s.vault.namespace) == ("https://127.0.0.1:8200", "kubernetes", "")
+    assert s.vault.tls.skip_verify is False
+
+
+def test_booleans_and_levels() -> None:
+    assert settings(["-debug"]).log_level == "debug"
+    assert settings(["-debug", "-log-level=warn"]).log_level == "warn"
+    assert settings(["-vault-tls-skip-verify"]).vault.tls.skip_verify is True
+    assert settings(["-vault-tls-skip-verify=false"]).vault.tls.skip_verify is False
+    assert settings(["-cache-size=0", "-hmac-key-ttl=2m"]).cache_size == 0
+    assert settings(["-hmac-key-ttl=1m30s"]).hmac_key_ttl == 90.0
+    assert parse_duration("250ms") == 0.25
+
+
+def test_environment_is_overridden_by_flags() -> None:
+    env = {
+        "VAULT_ADDR": "https://env:8200",
+        "VAULT_NAMESPACE": "env-ns",
+        "VAULT_CACERT": "/env/ca.pem",
+        "VAULT_CAPATH": "/env/cas",
+        "VAULT_TLS_SERVER_NAME": "env.example",
+        "VAULT_CLIENT_CERT": "/env/c.pem",
+        "VAULT_CLIENT_KEY": "/env/k.pem",
+        "VAULT_SKIP_VERIFY": "true",
+    }
+    from_env = settings([], env).vault
+    assert (from_env.address, from_env.namespace) == ("https://env:8200", "env-ns")
+    assert (from_env.tls.ca_cert, from_env.tls.ca_directory, from_env.tls.server_name) == (
+        "/env/ca.pem",
+        "/env/cas",
+        "env.example",
+    )
+    assert (from_env.tls.client_cert, from_env.tls.client_key, from_env.tls.skip_verify) == (
+        "/env/c.pem",
+        "/env/k.pem",
+        True,
+    )
+    flags = settings(
+        ["-vault-addr=https://flag:8200", "-vault-namespace=flag-ns", "-vault-tls-skip-verify=false"], env
+    ).vault
+    assert (flags.address, flags.namespace, flags.tls.skip_verify) == ("https://flag:8200", "flag-ns", False)
+
+
+def test_unknown_flags_and_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["-no-such-flag"], ["-cache-size=-1"], ["-log-level=loud"], ["-hmac-key-ttl=soon"]):
+        with pytest.raises(SystemExit) as error:
+            build_parser().parse_args(argv)
+        assert error.value.code == 2
+    assert "no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", ["json", "json-pretty", "yaml"])
+def test_version_flag(output: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "provider", "-version", f"-output={output}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    if output == "yaml":
+        assert f"version: {__version__}" in result.stdout
+    else:
+        assert json.loads(result.stdout)["version"] == __version__
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_daemon_replaces_a_stale_socket_serves_and_stops_cleanly(tmp_path: Path, world: VaultWorld) -> None:
+    endpoint = tmp_path / "vault.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(endpoint))
+    stale.close()  # a socket file left behind by a killed process
+    port = free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(world.kube.kubeconfig()))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "provider",
+            f"-endpoint={endpoint}",
+            f"-health-addr=127.0.0.1:{port}",
+            f"-vault-addr={world.bao.url}",
+            "-log-level=debug",
+        ],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while http_get_safe(f"http://127.0.0.1:{port}/health/ready") != 200:
+            assert time.monotonic() < deadline and process.poll() is None, "the daemon did not become ready"
+            time.sleep(0.05)
+        mode = os.stat(endpoint).st_mode
+        assert stat.S_ISSOCK(mode) and not mode & 0o007, oct(mode)
+        assert http_get(f"http://127.0.0.1:{port}/health/live")[0] == 200
+        status, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and "vault_csi_provider_build_info" in metrics
+        with grpc.insecure_channel(f"unix:{endpoint}") as channel:
+            stub = service_pb2_grpc.CSIDriverProviderStub(channel)
+            version = stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=5)
+        assert (version.version, version.runtime_name, version.runtime_version) == (
+            "v1alpha1",
+            "vault-csi-provider",
+            __version__,
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert not endpoint.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate(timeout=5)
+    assert "removing stale socket" in err and "stopped" in err
+
+
+def http_get_safe(url: str) -> int:
+    try:
+        return http_get(url)[0]
+    except OSError:
+        return 0
+
+
+def test_in_flight_mounts_finish_on_stop(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    slow = Forwarder(("127.0.0.1", world.bao.port))
+    slow.delay_seconds = 0.5
+    client = start_provider(tmp_path, world, vault=VaultSettings(address=slow.url))
+    results: list[object] = []
+    worker = threading.Thread(
+        target=lambda: results.append(
+            client.mount(pod, [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}], role=unique)
+        )
+    )
+    try:
+        worker.start()
+        time.sleep(0.3)  # the Mount is now waiting on the slow Vault
+        client.app.stop(grace=10)
+        worker.join(10)
+        assert len(results) == 1 and files_of(results[0]) == {"k": b"v"}  # type: ignore[arg-type]
+    finally:
+        client.app.stop(grace=1)
+        slow.close()
+
+
+def test_endpoint_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "provider", f"-endpoint={tmp_path}/missing/vault.sock", "-health-addr=127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "KUBECONFIG": str(tmp_path / "none")},
+    )
+    assert result.returncode != 0
+    assert f"directory {tmp_path}/missing does not exist" in result.stderr
