@@ -89,7 +89,7 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         pod = "-"
         try:
             config = self._mounter.parse(mount_request)
-            pod = config.pod.describe()
+            pod = f"{config.pod.describe()} role={config.role_name} objects={len(config.objects)}"
             result = self._mounter.mount_config(config, deadline=deadline)
         except ProviderError as e:
             code = status_code(e)

@@ -1,0 +1,109 @@
+"""Unusable Vault replies are clear, final errors; the provider never crashes on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from provider.config import VaultSettings
+from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider
+from tests.fault_proxy import FaultProxy, Rule
+
+
+@pytest.fixture
+def proxy(world: VaultWorld) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(world.bao.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def client(tmp_path: Path, world: VaultWorld, proxy: FaultProxy) -> Iterator[ProviderClient]:
+    provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url))
+    yield provider
+    provider.app.stop(grace=1)
+
+
+LOGIN = "/v1/auth/kubernetes/login"
+
+
+@pytest.mark.parametrize(
+    ("rule", "code", "message"),
+    [
+        (Rule("POST", LOGIN, status=200, body=b'{"data":{}}'), grpc.StatusCode.UNKNOWN, "returned no auth block"),
+        (Rule("POST", LOGIN, status=200, body=b""), grpc.StatusCode.UNKNOWN, "returned no auth block"),
+        (Rule("POST", LOGIN, status=204), grpc.StatusCode.UNKNOWN, "returned no auth block"),
+        (Rule("POST", LOGIN, status=200, body=b"<html>"), grpc.StatusCode.UNKNOWN, "reply is not JSON"),
+        (
+            Rule("POST", LOGIN, status=200, body=b'{"auth":{"client_token":null}}'),
+            grpc.StatusCode.UNKNOWN,
+            "returned no auth block",
+        ),
+        (
+            Rule(
+                "POST",
+                LOGIN,
+                status=403,
+                body=b'{"errors":["permission denied"]}',
+                headers={"Content-Type": "application/json"},
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "Vault answered 403: permission denied",
+        ),
+    ],
+    ids=["no-auth-block", "empty-body", "204", "not-json", "null-token", "login-403"],
+)
+def test_unusable_login_replies(
+    client: ProviderClient,
+    proxy: FaultProxy,
+    world: VaultWorld,
+    unique: str,
+    rule: Rule,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    proxy.add(rule)
+    with pytest.raises(grpc.RpcError) as error:
+        client.mount(pod, objects, role=unique)
+    assert error.value.code() == code
+    assert message in error.value.details()
+    proxy.clear()
+    assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (204, b"", "Vault returned an empty response"),
+        (200, b"", "Vault returned an empty response"),
+        (200, b"[1,2", "reply is not JSON"),
+        (500, b'{"errors":["internal error"]}', "Vault answered 500: internal error"),
+        (503, b'{"errors":["Vault is sealed"]}', "Vault answered 503: Vault is sealed"),
+    ],
+    ids=["204", "empty-200", "truncated-json", "500", "sealed"],
+)
+def test_unusable_read_replies(
+    client: ProviderClient,
+    proxy: FaultProxy,
+    world: VaultWorld,
+    unique: str,
+    status: int,
+    body: bytes,
+    message: str,
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=status, body=body, headers={"Content-Type": "application/json"}))
+    with pytest.raises(grpc.RpcError) as error:
+        client.mount(pod, objects, role=unique)
+    assert error.value.code() == grpc.StatusCode.UNKNOWN
+    assert "object 'k'" in error.value.details() and message in error.value.details()
+    proxy.clear()
+    assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
