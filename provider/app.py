@@ -20,8 +20,10 @@ from provider._proto import service_pb2, service_pb2_grpc
 from provider.cache import HmacKeySource, TokenCache
 from provider.config import Settings
 from provider.health import ReadinessCheck, create_health_server
+from provider.leases import LeaseCache
 from provider.metrics import Metrics
 from provider.mount import Mounter
+from provider.revocation import PodSweeper
 from provider.server import ProviderServicer, create_server
 from provider.vault import VaultClient
 
@@ -59,6 +61,14 @@ class App:
             lambda: self.kube.get_or_create_hmac_key(namespace=namespace, name=settings.hmac_secret_name),
             ttl=settings.hmac_key_ttl,
         )
+        self.leases = LeaseCache(
+            metrics=self.metrics,
+            max_entries=settings.lease_cache_size,
+            renew_fraction=settings.lease_renew_fraction,
+        )
+        self.sweeper = PodSweeper(
+            kube=self.kube, vault=self.vault, tokens=self.tokens, leases=self.leases, metrics=self.metrics
+        )
         self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_WORKERS, thread_name_prefix="fetch")
         self.mounter = Mounter(
             settings=settings,
@@ -67,6 +77,7 @@ class App:
             tokens=self.tokens,
             hmac_keys=self.hmac_keys,
             metrics=self.metrics,
+            leases=self.leases if settings.lease_cache_size > 0 else None,
             fetch_pool=self._fetch_pool,
         )
         self._grpc: grpc.Server | None = None
@@ -94,6 +105,8 @@ class App:
             self.settings.health_addr, ready=ReadinessCheck(self._probe), metrics=self.metrics
         )
         threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()
+        if self.settings.revoke_deleted_pods:
+            self.sweeper.start(self.settings.revocation_interval)
         logger.info("serving on unix:%s; health on %s", endpoint, self.health_address)
 
     @property
@@ -113,6 +126,7 @@ class App:
             return
         self._stopped.set()
         logger.info("stopping: letting in-flight Mounts finish (up to %.0fs)", grace)
+        self.sweeper.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)
         if self._health is not None:

@@ -29,11 +29,22 @@ TOKEN_RENEW_FRACTION = 0.8
 HMAC_RETRY_SECONDS = 5.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class TokenGrant:
+    """A login handed to a Mount: the token, whether it came from the cache, and when
+    it expires (monotonic; infinity for a token without a TTL)."""
+
+    login: Login
+    cached: bool
+    expires_at: float
+
+
 @dataclass(kw_only=True)
 class _TokenSlot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     login: Login | None = None
     refresh_at: float = 0.0
+    expires_at: float = float("inf")
 
 
 class TokenCache:
@@ -55,22 +66,26 @@ class TokenCache:
         with self._lock:
             return len(self._slots)
 
-    def get(self, key: Hashable, login: Callable[[], Login]) -> tuple[Login, bool]:
-        """The cached login for key, or a fresh one; also whether it came from the cache."""
+    def get(self, key: Hashable, login: Callable[[], Login]) -> TokenGrant:
+        """The cached login for key, or a fresh one."""
         if self._size <= 0:
-            return login(), False
+            return self._grant(login(), cached=False, slot=_TokenSlot())
         with self._lock:
             slot = self._slots.get(key)
             if slot is None:
                 slot = self._slots[key] = _TokenSlot()
         with slot.lock:
             if slot.login is not None and self._clock() < slot.refresh_at:
-                return slot.login, True
-            fresh = login()
-            slot.login = fresh
-            ttl = fresh.lease_duration
-            slot.refresh_at = self._clock() + ttl * TOKEN_RENEW_FRACTION if ttl > 0 else float("inf")
-            return fresh, False
+                return TokenGrant(login=slot.login, cached=True, expires_at=slot.expires_at)
+            return self._grant(login(), cached=False, slot=slot)
+
+    def _grant(self, fresh: Login, *, cached: bool, slot: _TokenSlot) -> TokenGrant:
+        now = self._clock()
+        ttl = fresh.lease_duration
+        slot.login = fresh
+        slot.refresh_at = now + ttl * TOKEN_RENEW_FRACTION if ttl > 0 else float("inf")
+        slot.expires_at = now + ttl if ttl > 0 else float("inf")
+        return TokenGrant(login=fresh, cached=cached, expires_at=slot.expires_at)
 
     def invalidate(self, key: Hashable, token: str) -> None:
         """Forget key's token if it is still `token` (a 403 proved it no longer works)."""
@@ -82,13 +97,15 @@ class TokenCache:
             if slot.login is not None and slot.login.token == token:
                 slot.login = None
 
-    def pop(self, key: Hashable) -> Login | None:
-        """Remove key's entry and return its login, if any (for revocation)."""
+    def pop_where(self, predicate: Callable[[Hashable], bool]) -> list[tuple[Hashable, Login]]:
+        """Remove the entries whose key matches; return their logins (for revocation)."""
         with self._lock:
-            slot = self._slots.pop(key, None)
-        return slot.login if slot else None
+            keys = [key for key in self._slots if predicate(key)]
+            slots = [(key, self._slots.pop(key)) for key in keys]
+        return [(key, slot.login) for key, slot in slots if slot.login is not None]
 
-    def keys(self) -> list[Hashable]:
+    def identities(self) -> list[Hashable]:
+        """The keys of every cached token."""
         with self._lock:
             return list(self._slots.keys())
 

@@ -65,6 +65,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vault-csi-provider",
@@ -89,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("hmac-key-ttl", default=60.0, type=parse_duration, help="how long the HMAC key is kept in memory")
     flag("cache-size", default=1000, type=_non_negative_int, help="Vault tokens cached; 0 disables the cache")
     flag("max-response-bytes", default=4 * 1024 * 1024, type=_non_negative_int, help="largest Mount reply")
+    flag("lease-cache-size", default=5000, type=_non_negative_int, help="leased replies kept; 0 disables reuse")
+    flag("lease-renew-fraction", default=2 / 3, type=_fraction, help="share of a lease's life before renewal")
+    switch("revoke-leases-of-deleted-pods", "revoke tokens and leases of deleted pods (needs pods get)")
+    flag("revocation-interval", default=60.0, type=parse_duration, help="how often deleted pods are looked for")
     flag("vault-addr", default=None, help="default Vault address (env VAULT_ADDR)")
     flag("vault-mount", default="kubernetes", help="default auth mount path")
     flag("vault-namespace", default=None, help="default Vault namespace (env VAULT_NAMESPACE)")
@@ -124,6 +135,10 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         hmac_key_ttl=args.hmac_key_ttl,
         cache_size=args.cache_size,
         max_response_bytes=args.max_response_bytes,
+        lease_cache_size=args.lease_cache_size,
+        lease_renew_fraction=args.lease_renew_fraction,
+        revoke_deleted_pods=bool(args.revoke_leases_of_deleted_pods),
+        revocation_interval=args.revocation_interval,
         vault=VaultSettings(
             address=pick(args.vault_addr, "VAULT_ADDR", "https://127.0.0.1:8200"),
             auth_mount=args.vault_mount.strip("/"),

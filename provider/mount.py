@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from provider import gojson, render
-from provider.cache import HmacKeySource, TokenCache
+from provider.cache import HmacKeySource, TokenCache, TokenGrant
 from provider.config import DEFAULT_AUDIENCE, MountConfig, SecretObject, Settings, parse_mount
 from provider.errors import (
     ConfigError,
@@ -27,6 +26,7 @@ from provider.errors import (
     VaultPermissionDenied,
 )
 from provider.kube import KubeClient
+from provider.leases import LeaseCache, LeaseKey
 from provider.metrics import Metrics
 from provider.vault import Endpoint, Login, Secret, VaultClient
 from provider.versions import object_version
@@ -107,6 +107,7 @@ class Mounter:
         tokens: TokenCache,
         hmac_keys: HmacKeySource,
         metrics: Metrics,
+        leases: LeaseCache | None = None,
         fetch_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self._settings = settings
@@ -115,6 +116,7 @@ class Mounter:
         self._tokens = tokens
         self._hmac_keys = hmac_keys
         self._metrics = metrics
+        self._leases = leases
         self._fetch_pool = fetch_pool
 
     def parse(self, request: MountRequest) -> MountConfig:
@@ -190,6 +192,27 @@ class Mounter:
             return e
 
     def _fetch(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret:
+        if self._leases is None or identity.key is None:
+            return self._fetch_from_vault(identity, request, deadline)
+        identity.token()
+        return self._leases.fetch(
+            LeaseKey(
+                pod_uid=identity.key.pod_uid,
+                pod_namespace=identity.key.pod_namespace,
+                pod_name=identity.key.pod_name,
+                target_path=identity.target_path,
+                identity=identity.key,
+                request=request,
+            ),
+            issue=lambda: self._fetch_from_vault(identity, request, deadline),
+            renew=lambda lease_id, increment: self._vault.renew_lease(
+                identity.endpoint, token=identity.token(), lease_id=lease_id, increment=increment, deadline=deadline
+            ),
+            deadline=deadline,
+            not_after=identity.expires_at,
+        )
+
+    def _fetch_from_vault(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret:
         token = identity.token()
         try:
             return self._read(identity.endpoint, token, request, deadline)
@@ -281,6 +304,20 @@ class Mounter:
             ) from None
 
 
+@dataclass(frozen=True, kw_only=True)
+class IdentityKey:
+    """Everything that makes a Vault identity: a token is cached under this, per pod."""
+
+    pod_uid: str
+    pod_namespace: str
+    pod_name: str
+    service_account: str
+    role: str
+    auth_mount: str
+    audience: str
+    endpoint: Endpoint
+
+
 class _Identity:
     """The pod's Vault token for one Mount: from the cache, refreshed at most once."""
 
@@ -288,24 +325,22 @@ class _Identity:
         self._mounter = mounter
         self._config = config
         self.endpoint = endpoint
+        self.target_path = config.target_path
         self._deadline = deadline
         self._lock = threading.Lock()
-        self._login: Login | None = None
-        self._cached = False
+        self._grant: TokenGrant | None = None
         self._refreshed = False
         pod = config.pod
-        self._key: Hashable | None = (
-            (
-                pod.uid,
-                pod.namespace,
-                pod.name,
-                pod.service_account,
-                config.role_name,
-                config.auth_mount,
-                config.audience,
-                endpoint.address,
-                endpoint.namespace,
-                endpoint.tls,
+        self.key: IdentityKey | None = (
+            IdentityKey(
+                pod_uid=pod.uid,
+                pod_namespace=pod.namespace,
+                pod_name=pod.name,
+                service_account=pod.service_account,
+                role=config.role_name,
+                auth_mount=config.auth_mount,
+                audience=config.audience,
+                endpoint=endpoint,
             )
             if pod.uid
             else None
@@ -317,29 +352,35 @@ class _Identity:
     def _fresh_login(self) -> Login:
         return self._mounter._login(self._config, self.endpoint, self._deadline)
 
+    def _obtain(self) -> TokenGrant:
+        if self.key is None:
+            return TokenGrant(login=self._fresh_login(), cached=False, expires_at=float("inf"))
+        return self._mounter._tokens.get(self.key, self._fresh_login)
+
     def token(self) -> str:
         with self._lock:
-            if self._login is None:
-                if self._key is None:
-                    self._login, self._cached = self._fresh_login(), False
-                else:
-                    self._login, self._cached = self._mounter._tokens.get(self._key, self._fresh_login)
-                self._mounter._metrics.token_cache.labels("hit" if self._cached else "miss").inc()
-            return self._login.token
+            if self._grant is None:
+                self._grant = self._obtain()
+                self._mounter._metrics.token_cache.labels("hit" if self._grant.cached else "miss").inc()
+            return self._grant.login.token
+
+    @property
+    def expires_at(self) -> float:
+        with self._lock:
+            return self._grant.expires_at if self._grant is not None else float("inf")
 
     def refresh(self, stale: str) -> str | None:
         """A new token after Vault refused `stale`; None when a retry is not allowed."""
         with self._lock:
-            assert self._login is not None
-            if self._login.token != stale:
-                return self._login.token
-            if not self._cached or self._refreshed:
+            assert self._grant is not None
+            if self._grant.login.token != stale:
+                return self._grant.login.token
+            if not self._grant.cached or self._refreshed or self.key is None:
                 return None
             self._refreshed = True
-            assert self._key is not None
-            self._mounter._tokens.invalidate(self._key, stale)
-            self._login, self._cached = self._mounter._tokens.get(self._key, self._fresh_login)
-            return self._login.token
+            self._mounter._tokens.invalidate(self.key, stale)
+            self._grant = self._obtain()
+            return self._grant.login.token
 
 
-__all__ = ["MountRequest", "MountResult", "MountedFile", "Mounter", "SecretRequest"]
+__all__ = ["IdentityKey", "MountRequest", "MountResult", "MountedFile", "Mounter", "SecretRequest"]

@@ -1,0 +1,242 @@
+"""Dynamic secrets without churn: per-pod reuse, renewal and re-issue of leased replies.
+
+The driver calls Mount for every pod on every rotation poll and kubelet republish.
+Asking Vault again each time would mint a new database user or certificate per pod
+per minute. Instead a reply that carries a lease (``lease_id`` with a positive
+``lease_duration``) or an expiry (PKI's ``data.expiration``) is kept for that pod and
+served again while fresh. Once `renew_fraction` of its life has passed, a renewable
+lease is renewed with the pod's own token (same credentials, later expiry); otherwise
+new credentials are requested. Nothing is served past its expiry.
+
+Unleased replies (KV) are never kept: they are read on every Mount so changes
+propagate. Concurrent Mounts of one pod asking the same request share one Vault call
+(single flight) whether or not the reply is leased.
+
+Entries are keyed by everything that makes the request and the identity (pod uid,
+target path, Vault address and namespace, role, method, path, query, body), so a reply
+is never shared between pods.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import cachetools
+
+from provider import gojson
+from provider.errors import ProviderError, VaultUnreachable
+from provider.metrics import Metrics
+from provider.vault import Secret
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# Renew (or re-issue) once this share of a lease's life has passed: the same 2/3 point
+# Vault Agent uses, leaving a third of the TTL to absorb a slow or failed renewal.
+DEFAULT_RENEW_FRACTION = 2 / 3
+# Entries kept at most: 1,000 pods with five leased objects each, with room to spare;
+# a leased reply is a few KiB (a PKI certificate and key is the largest common one).
+DEFAULT_MAX_ENTRIES = 5000
+# How often expired entries are dropped, at most.
+PURGE_INTERVAL_SECONDS = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseKey:
+    """One pod's one request: the unit of reuse."""
+
+    pod_uid: str
+    pod_namespace: str
+    pod_name: str
+    target_path: str
+    identity: Hashable  # the token cache key: role, auth mount, address, namespace, TLS
+    request: Hashable  # method, path, query, body
+
+
+@dataclass(kw_only=True)
+class _Entry:
+    secret: Secret = field(repr=False)
+    lease_id: str = field(repr=False)
+    duration: float  # seconds of life the lease was issued (or last renewed) with
+    renewable: bool
+    renew_at: float  # monotonic
+    expires_at: float  # monotonic
+
+
+@dataclass(kw_only=True)
+class _Slot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    entry: _Entry | None = None
+    inflight: Future[Secret] | None = None
+
+
+class LeaseCache:
+    """Per-pod reuse of leased replies, with renewal, re-issue and single flight."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        renew_fraction: float = DEFAULT_RENEW_FRACTION,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        if not 0 < renew_fraction < 1:
+            raise ValueError(f"renew fraction must be between 0 and 1, got {renew_fraction}")
+        self._metrics = metrics
+        self._renew_fraction = renew_fraction
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._slots: cachetools.LRUCache[LeaseKey, _Slot] = cachetools.LRUCache(max(max_entries, 1))
+        self._lock = threading.Lock()
+        self._next_purge = clock() + PURGE_INTERVAL_SECONDS
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for slot in self._slots.values() if slot.entry is not None)
+
+    def fetch(
+        self,
+        key: LeaseKey,
+        *,
+        issue: Callable[[], Secret],
+        renew: Callable[[str, int], Secret],
+        deadline: float,
+        not_after: float = float("inf"),
+    ) -> Secret:
+        """The reply for key: kept, renewed, shared with a concurrent call, or issued.
+
+        `not_after` is when the token that issues it expires (monotonic): Vault revokes
+        a token's leases with it, so nothing issued with it is kept past that.
+        """
+        self._maybe_purge()
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot()
+        with slot.lock:
+            kept = self._usable(key, slot, renew)
+            if kept is not None:
+                return kept
+            if slot.inflight is not None:
+                shared, owner = slot.inflight, False
+            else:
+                shared, owner = Future(), True
+                slot.inflight = shared
+        if not owner:
+            try:
+                return shared.result(timeout=max(deadline - self._clock(), 0.0))
+            except FutureTimeout:
+                raise VaultUnreachable("timed out waiting for the same request of a concurrent Mount") from None
+        try:
+            secret = issue()
+            with slot.lock:
+                slot.entry = self._entry_for(secret, not_after)
+                if slot.entry is not None:
+                    self._metrics.leases.labels("issued").inc()
+            shared.set_result(secret)
+            return secret
+        except BaseException as e:
+            shared.set_exception(e)
+            raise
+        finally:
+            with slot.lock:
+                slot.inflight = None
+
+    def _usable(self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret]) -> Secret | None:
+        entry = slot.entry
+        if entry is None:
+            return None
+        now = self._clock()
+        if now >= entry.expires_at:
+            slot.entry = None
+            return None
+        if now < entry.renew_at:
+            self._metrics.leases.labels("reused").inc()
+            return entry.secret
+        if not (entry.renewable and entry.lease_id):
+            slot.entry = None
+            self._metrics.leases.labels("reissued").inc()
+            return None
+        increment = max(int(entry.duration), 1)
+        try:
+            renewed = renew(entry.lease_id, increment)
+        except ProviderError as e:
+            logger.warning(
+                "renewing a lease for pod %s/%s failed; issuing new credentials: %s", key.pod_namespace, key.pod_name, e
+            )
+            slot.entry = None
+            self._metrics.leases.labels("reissued").inc()
+            return None
+        granted = renewed.lease_duration
+        if granted <= 0:
+            slot.entry = None
+            self._metrics.leases.labels("reissued").inc()
+            return None
+        now = self._clock()
+        # A grant shorter than asked for means the max TTL is near: keep these credentials
+        # for part of what is left, then issue new ones instead of renewing again.
+        entry.renewable = granted >= increment
+        entry.duration = granted
+        entry.renew_at = now + granted * self._renew_fraction
+        entry.expires_at = now + granted
+        self._metrics.leases.labels("renewed").inc()
+        return entry.secret
+
+    def _entry_for(self, secret: Secret, not_after: float) -> _Entry | None:
+        now = self._clock()
+        lifetime: float = 0.0
+        lease_id = secret.lease_id
+        if lease_id and secret.lease_duration > 0:
+            lifetime = secret.lease_duration
+        else:
+            data = secret.data
+            expiration = data.get("expiration") if isinstance(data, dict) else None
+            if isinstance(expiration, gojson.Number):
+                lifetime = expiration.as_int() - self._wall_clock()
+            lease_id = ""
+        if lifetime <= 0:
+            return None
+        token_left = not_after - now
+        return _Entry(
+            secret=secret,
+            lease_id=lease_id,
+            duration=lifetime,
+            renewable=secret.renewable and bool(lease_id),
+            renew_at=now + min(lifetime, token_left) * self._renew_fraction,
+            expires_at=now + min(lifetime, token_left),
+        )
+
+    def _maybe_purge(self) -> None:
+        now = self._clock()
+        if now < self._next_purge:
+            return
+        with self._lock:
+            self._next_purge = now + PURGE_INTERVAL_SECONDS
+            stale = [
+                key
+                for key, slot in self._slots.items()
+                if slot.inflight is None and (slot.entry is None or slot.entry.expires_at <= now)
+            ]
+            for key in stale:
+                del self._slots[key]
+
+    def pods(self) -> set[tuple[str, str, str]]:
+        """(uid, namespace, name) of every pod with an entry."""
+        with self._lock:
+            return {(k.pod_uid, k.pod_namespace, k.pod_name) for k in self._slots}
+
+    def drop_pod(self, pod_uid: str) -> list[str]:
+        """Forget every entry of a pod; return the lease ids that were kept for it."""
+        with self._lock:
+            keys = [k for k in self._slots if k.pod_uid == pod_uid]
+            slots = [self._slots.pop(k) for k in keys]
+        return [s.entry.lease_id for s in slots if s.entry is not None and s.entry.lease_id]
