@@ -158,6 +158,7 @@ class LeaseCache:
         now = self._clock()
         if now >= entry.expires_at:
             slot.entry = None
+            self._metrics.leases.labels("reissued").inc()
             return None
         if now < entry.renew_at:
             self._metrics.leases.labels("reused").inc()
