@@ -7,10 +7,12 @@ the provider sees frozen dataclasses.
 
 from __future__ import annotations
 
+import functools
 import json
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -28,6 +30,8 @@ MAX_OBJECTS = 1000
 # Values (scalars, list items, map entries) in one object's secretArgs after aliases are
 # expanded: a request body for Vault, not a data set.
 MAX_SECRET_ARGS_VALUES = 10_000
+# Distinct objects lists whose parse is kept: a node's classes, with room to spare.
+OBJECTS_CACHE_SIZE = 512
 # The largest file mode a File may carry (0777).
 MAX_MODE = 0o777
 ENCODINGS = ("utf-8", "base64", "hex")
@@ -97,9 +101,13 @@ class PodInfo:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class SecretObject:
-    """One entry of the class's ``objects`` list, with the fields as written."""
+    """One entry of the class's ``objects`` list, with the fields as written.
+
+    Compared and hashed by identity: parsed lists are cached and shared, so the same
+    object of the same class is the same instance on every Mount.
+    """
 
     object_name: str
     secret_path: str
@@ -249,8 +257,13 @@ def _token_for_audience(tokens_json: str, audience: str) -> str:
     return token if isinstance(token, str) else ""
 
 
+@functools.lru_cache(maxsize=OBJECTS_CACHE_SIZE)
 def parse_objects(text: str) -> tuple[SecretObject, ...]:
-    """Parse the ``objects`` parameter: a YAML list of secret objects."""
+    """Parse the ``objects`` parameter: a YAML list of secret objects.
+
+    The same class is mounted again and again, so results are cached by the YAML text
+    (errors are not cached); the objects are immutable and safe to share.
+    """
     if len(text.encode("utf-8", "surrogatepass")) > MAX_OBJECTS_YAML_BYTES:
         raise ConfigError(f"'objects' is larger than {MAX_OBJECTS_YAML_BYTES} bytes")
     try:
@@ -358,7 +371,16 @@ def _secret_args(loader: goyaml.GoLoader, where: str, node: goyaml.Node) -> Mapp
     except (yaml.YAMLError, TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{where}: secretArgs cannot be read: {truncate(str(e))}") from None
     _check_args(where, value, [MAX_SECRET_ARGS_VALUES])
-    return value  # type: ignore[no-any-return]
+    return _frozen(value)  # type: ignore[no-any-return]
+
+
+def _frozen(value: Any) -> Any:
+    """Read-only views of maps, tuples for lists: parsed objects are shared between Mounts."""
+    if isinstance(value, dict):
+        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_frozen(item) for item in value)
+    return value
 
 
 def _check_args(where: str, value: Any, budget: list[int]) -> None:

@@ -134,16 +134,13 @@ class Mounter:
     def mount_config(self, config: MountConfig, *, deadline: float) -> MountResult:
         endpoint = Endpoint(address=config.vault_address, tls=config.tls, namespace=config.vault_namespace)
         identity = _Identity(self, config, endpoint, deadline)
-        requests: dict[SecretRequest, list[SecretObject]] = {}
-        for obj in config.objects:
-            requests.setdefault(SecretRequest.of(obj), []).append(obj)
+        requests = [SecretRequest.of(obj) for obj in config.objects]
         identity.token()  # a refused login fails the whole Mount, not each object
-        replies = self._fetch_all(identity, list(requests), deadline)
+        replies = self._fetch_all(identity, list(dict.fromkeys(requests)), deadline)
         key = self._hmac_keys.get()
         files: list[MountedFile] = []
         failures: list[tuple[str, ProviderError]] = []
-        for obj in config.objects:
-            request = SecretRequest.of(obj)
+        for obj, request in zip(config.objects, requests, strict=True):
             reply = replies[request]
             if isinstance(reply, ProviderError):
                 failures.append((obj.object_name, reply))
@@ -180,10 +177,13 @@ class Mounter:
                 slots.release()
 
         futures: dict[SecretRequest, Future[Secret | ProviderError]] = {}
-        for request in requests:
+        for request in requests[1:]:
             slots.acquire()
             futures[request] = self._fetch_pool.submit(bounded, request)
-        return {request: future.result() for request, future in futures.items()}
+        # This thread sends the first request itself rather than wait idle.
+        replies = {requests[0]: self._fetch_outcome(identity, requests[0], deadline)}
+        replies.update((request, future.result()) for request, future in futures.items())
+        return replies
 
     def _fetch_outcome(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret | ProviderError:
         try:

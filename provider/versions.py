@@ -9,6 +9,7 @@ whether a file changed and nothing about its value.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 
@@ -16,6 +17,7 @@ from provider import gojson
 from provider.config import SecretObject
 
 
+@functools.lru_cache(maxsize=4096)
 def object_json(obj: SecretObject) -> bytes:
     """Go's json.Marshal of the reference's config.Secret for this object."""
     fields = (

@@ -51,9 +51,6 @@ class FakeKubernetes:
             .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
             .decode()
         )
-        self._private_pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
         self.admin_token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
         self.service_accounts: dict[tuple[str, str], str] = {}
@@ -155,7 +152,7 @@ class FakeKubernetes:
         }
         if pod is not None:
             claims["kubernetes.io"]["pod"] = {"name": pod.name, "uid": pod.uid}
-        return jwt.encode(claims, self._private_pem, algorithm="RS256", headers={"kid": "fake"})
+        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": "fake"})
 
     def pod_token(self, pod: FakePod, audience: str = "vault") -> str:
         return self.issue_token(pod.namespace, pod.service_account, audiences=[audience], pod=pod)
@@ -165,7 +162,7 @@ class FakeKubernetes:
         wanted = audiences or API_AUDIENCES
         try:
             claims = jwt.decode(
-                token, self.public_key_pem, algorithms=["RS256"], options={"verify_aud": False}, leeway=0
+                token, self._key.public_key(), algorithms=["RS256"], options={"verify_aud": False}, leeway=0
             )
         except jwt.PyJWTError as e:
             return {"authenticated": False, "error": f"invalid bearer token: {e}"}

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hvac
+import hvac.adapters
 import requests
 
 ROOT_TOKEN = "root"
@@ -38,6 +40,7 @@ class OpenBao:
         self.process: subprocess.Popen[bytes] | None = None
         self.session = requests.Session()
         self.session.trust_env = False  # REQUESTS_CA_BUNDLE would override our CA
+        self._clients: dict[tuple[str, str], hvac.Client] = {}
         self.log_path = workdir / "openbao.log"
 
     @property
@@ -90,6 +93,14 @@ class OpenBao:
                 self.process.kill()
                 self.process.wait()
         self.session.close()
+        for client in self._clients.values():
+            client.adapter.close()
+
+    def client(self, *, namespace: str = "", token: str = ROOT_TOKEN) -> hvac.Client:
+        """An hvac client for setting OpenBao up (the provider has its own HTTP client)."""
+        return hvac.Client(
+            url=self.url, token=token, namespace=namespace or None, verify=self.verify, adapter=hvac.adapters.RawAdapter
+        )
 
     def api(
         self,
@@ -101,12 +112,11 @@ class OpenBao:
         token: str = ROOT_TOKEN,
         expect: tuple[int, ...] = (200, 204),
     ) -> Any:
-        headers = {"X-Vault-Token": token}
-        if namespace:
-            headers["X-Vault-Namespace"] = namespace
-        response = self.session.request(
-            method, f"{self.url}/v1/{path}", json=body, headers=headers, timeout=30, verify=self.verify
-        )
+        """One raw API call through hvac's adapter; fails unless the status is expected."""
+        client = self._clients.get((namespace, token))
+        if client is None:
+            client = self._clients[(namespace, token)] = self.client(namespace=namespace, token=token)
+        response = client.adapter.request(method, f"/v1/{path}", json=body, raise_exception=False)
         if response.status_code not in expect:
             raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
         return response.json() if response.content else None

@@ -1,0 +1,282 @@
+"""`make bench`: the provider against its floors, measured in one run on this machine.
+
+Absolute times on a shared machine are noise; the ratios to floors measured in the same
+run, and the counts, are what to read. Every loop is bounded in count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import requests
+import yaml
+
+from provider._proto import service_pb2, service_pb2_grpc
+from tests.kube_fake import FakeKubernetes, FakePod
+from tests.openbao import OpenBao, free_port
+
+WARM_ROUNDS = 300
+COLD_ROUNDS = 40
+BURST_PODS = 200
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered) * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+
+
+def timed(call: Callable[[], object], rounds: int) -> list[float]:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+class Provider:
+    def __init__(self, work: Path, bao: OpenBao, kube: FakeKubernetes) -> None:
+        kubeconfig = work / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(kube.kubeconfig()))
+        self.socket = work / "vault.sock"
+        self.health = f"127.0.0.1:{free_port()}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "provider",
+                f"-endpoint={self.socket}",
+                f"-vault-addr={bao.url}",
+                f"-health-addr={self.health}",
+                "-log-level=warn",
+            ],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("provider did not start")
+            time.sleep(0.05)
+        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+        self.stub = service_pb2_grpc.CSIDriverProviderStub(self.channel)
+        grpc.channel_ready_future(self.channel).result(timeout=10)
+        self.kube = kube
+        self._tokens: dict[str, str] = {}  # the driver's token, made outside the timed calls
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self, field: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def vault_requests(self) -> dict[str, float]:
+        text = requests.get(f"http://{self.health}/metrics", timeout=5).text
+        counts: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("vault_csi_provider_vault_requests_total{"):
+                operation = line.split('operation="')[1].split('"')[0]
+                counts[operation] = counts.get(operation, 0) + float(line.rsplit(" ", 1)[1])
+        return counts
+
+    def mount(self, pod: FakePod, objects: list[dict[str, object]], role: str) -> service_pb2.MountResponse:
+        token = self._tokens.get(pod.uid) or self._tokens.setdefault(pod.uid, self.kube.pod_token(pod))
+        attributes = {
+            "roleName": role,
+            "objects": yaml.safe_dump(objects),
+            "csi.storage.k8s.io/pod.name": pod.name,
+            "csi.storage.k8s.io/pod.namespace": pod.namespace,
+            "csi.storage.k8s.io/pod.uid": pod.uid,
+            "csi.storage.k8s.io/serviceAccount.name": pod.service_account,
+            "csi.storage.k8s.io/serviceAccount.tokens": json.dumps({"vault": {"token": token}}),
+        }
+        request = service_pb2.MountRequest(attributes=json.dumps(attributes), target_path="/t", permission="420")
+        return self.stub.Mount(request, timeout=60)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.process.terminate()
+        self.process.wait(20)
+
+
+def configure(bao: OpenBao, kube: FakeKubernetes) -> None:
+    bao.api("POST", "sys/auth/kubernetes", {"type": "kubernetes"})
+    bao.api(
+        "PUT",
+        "auth/kubernetes/config",
+        {
+            "kubernetes_host": kube.url,
+            "kubernetes_ca_cert": kube.ca_cert_pem(),
+            "token_reviewer_jwt": kube.issue_token("kube-system", "reviewer"),
+            "disable_local_ca_jwt": True,
+        },
+    )
+    bao.api(
+        "PUT",
+        "sys/policies/acl/bench",
+        {
+            "policy": 'path "secret/data/*" { capabilities = ["read"] }\n'
+            'path "pki/issue/*" { capabilities = ["update"] }'
+        },
+    )
+    bao.api(
+        "PUT",
+        "auth/kubernetes/role/bench",
+        {
+            "bound_service_account_names": ["bench"],
+            "bound_service_account_namespaces": ["bench"],
+            "token_policies": ["bench"],
+            "audience": "vault",
+            "token_ttl": "1h",
+        },
+    )
+    for i in range(10):
+        bao.api("POST", f"secret/data/app/{i}", {"data": {"password": f"value-{i}"}})
+    bao.api("POST", "sys/mounts/pki", {"type": "pki", "config": {"max_lease_ttl": "24h"}})
+    bao.api("POST", "pki/root/generate/internal", {"common_name": "bench-ca", "ttl": "24h"})
+    bao.api(
+        "POST",
+        "pki/roles/web",
+        {"allowed_domains": ["example.com"], "allow_subdomains": True, "not_before_duration": "1s"},
+    )
+
+
+def row(name: str, p50: float, p99: float, floor: float | None = None, target: str = "") -> None:
+    ratio = f"{p50 / floor:5.2f}x" if floor else "      "
+    print(f"  {name:<44} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  {ratio}  {target}")
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="vault-csi-bench-") as tmp:
+        work = Path(tmp)
+        kube = FakeKubernetes()
+        kube.start()
+        bao = OpenBao(work / "openbao")
+        bao.start()
+        provider = None
+        try:
+            configure(bao, kube)
+            provider = Provider(work, bao, kube)
+            pods = [kube.add_pod("bench", f"pod-{i}", "bench") for i in range(BURST_PODS + COLD_ROUNDS + 2)]
+            one = [{"objectName": "p", "secretPath": "secret/data/app/0", "secretKey": "password"}]
+            ten = [
+                {"objectName": f"p{i}", "secretPath": f"secret/data/app/{i}", "secretKey": "password"}
+                for i in range(10)
+            ]
+            pki = [
+                {
+                    "objectName": "crt",
+                    "secretPath": "pki/issue/web",
+                    "method": "PUT",
+                    "secretKey": "certificate",
+                    "secretArgs": {"common_name": "a.example.com", "ttl": "6s"},
+                }
+            ]
+
+            # Floors.
+            session = requests.Session()
+            session.trust_env = False
+            login = session.post(
+                f"{bao.url}/v1/auth/kubernetes/login", json={"role": "bench", "jwt": kube.pod_token(pods[-1])}
+            ).json()
+            token = login["auth"]["client_token"]
+            read_floor = percentiles(
+                timed(
+                    lambda: session.get(f"{bao.url}/v1/secret/data/app/0", headers={"X-Vault-Token": token}),
+                    WARM_ROUNDS,
+                )
+            )
+            grpc_floor = percentiles(
+                timed(lambda: provider.stub.Version(service_pb2.VersionRequest(version="v1alpha1")), WARM_ROUNDS)
+            )
+            jwts = [kube.pod_token(pods[-1]) for _ in range(COLD_ROUNDS)]
+            login_floor = percentiles(
+                timed(
+                    lambda: session.post(
+                        f"{bao.url}/v1/auth/kubernetes/login", json={"role": "bench", "jwt": jwts.pop()}
+                    ),
+                    COLD_ROUNDS,
+                )
+            )
+            fan_out = ThreadPoolExecutor(max_workers=10)
+            paths = [f"{bao.url}/v1/secret/data/app/{i}" for i in range(10)]
+            ten_floor = percentiles(
+                timed(
+                    lambda: list(fan_out.map(lambda u: session.get(u, headers={"X-Vault-Token": token}), paths)),
+                    WARM_ROUNDS // 3,
+                )
+            )
+            print("floors (same run)")
+            row("raw Vault KV read, kept-alive connection", *read_floor)
+            row("no-op gRPC call (Version) over the socket", *grpc_floor)
+            row("raw login (kubernetes auth + TokenReview)", *login_floor)
+            row("10 raw reads of 10 paths from 10 threads", *ten_floor)
+
+            warm_pod = pods[-2]
+            provider.mount(warm_pod, one, "bench")
+            provider.mount(warm_pod, ten, "bench")
+            before_cpu = provider.cpu_seconds()
+            warm = percentiles(timed(lambda: provider.mount(warm_pod, one, "bench"), WARM_ROUNDS))
+            cpu_ms = (provider.cpu_seconds() - before_cpu) * 1000 / WARM_ROUNDS
+            warm_ten = percentiles(timed(lambda: provider.mount(warm_pod, ten, "bench"), WARM_ROUNDS // 3))
+            for pod in pods:
+                provider._tokens[pod.uid] = kube.pod_token(pod)
+            cold_pods = iter(pods[BURST_PODS : BURST_PODS + COLD_ROUNDS])
+            cold = percentiles(timed(lambda: provider.mount(next(cold_pods), one, "bench"), COLD_ROUNDS))
+
+            print("provider")
+            warm_floor = read_floor[0] + grpc_floor[0]
+            row("warm 1-object Mount (floor: read + gRPC)", *warm, warm_floor, "target <= 1.5x")
+            row("cold Mount: login + read (floor: login+read+gRPC)", *cold, login_floor[0] + warm_floor)
+            row("warm 10-object Mount over 10 paths (vs 1)", *warm_ten, warm[0], "target <= 2.5x")
+            row("warm 10-object Mount (floor: 10 raw parallel reads)", *warm_ten, ten_floor[0] + grpc_floor[0])
+            print(f"  CPU per warm 1-object Mount: {cpu_ms:.2f} ms (target <= 2 ms)")
+
+            def requests_for(call: Callable[[], object]) -> dict[str, float]:
+                before = provider.vault_requests()
+                call()
+                after = provider.vault_requests()
+                return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+            dyn_pod = pods[-3] if len(pods) > 2 else pods[0]
+            print("Vault requests per Mount")
+            new_pod = pods[BURST_PODS - 1]
+            print(f"  cold (new pod):                 {requests_for(lambda: provider.mount(new_pod, one, 'bench'))}")
+            print(f"  warm KV (unchanged):            {requests_for(lambda: provider.mount(warm_pod, one, 'bench'))}")
+            print(f"  dynamic, first (PKI issue):     {requests_for(lambda: provider.mount(dyn_pod, pki, 'bench'))}")
+            print(f"  dynamic, unchanged remount:     {requests_for(lambda: provider.mount(dyn_pod, pki, 'bench'))}")
+            time.sleep(4.2)
+            print(f"  dynamic, past 2/3 (rotation):   {requests_for(lambda: provider.mount(dyn_pod, pki, 'bench'))}")
+
+            rss_before = provider.rss_mib()
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=BURST_PODS) as pool:
+                list(pool.map(lambda p: provider.mount(p, one, "bench"), pods[:BURST_PODS]))
+            burst = time.perf_counter() - started
+            print(
+                f"burst of {BURST_PODS} concurrent Mounts by {BURST_PODS} pods: {burst:.2f} s; "
+                f"RSS {rss_before:.1f} MiB before, peak {provider.rss_mib('VmHWM'):.1f} MiB (target <= 100 MiB)"
+            )
+            return 0
+        finally:
+            if provider is not None:
+                provider.stop()
+            bao.stop()
+            kube.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
