@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from provider import goyaml
-from provider.errors import ConfigError, truncate
+from provider.errors import ConfigError, quote, truncate
 
 # The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
 # near 1.5 MiB by etcd, so 2 MiB of attributes is more than any real class.
@@ -288,7 +288,7 @@ def parse_objects(text: str) -> tuple[SecretObject, ...]:
     if duplicates:
         raise ConfigError(
             "each objectName must be unique within a SecretProviderClass; used more than once: "
-            + ", ".join(repr(name) for name in duplicates)
+            + ", ".join(quote(name) for name in duplicates)
         )
     return objects
 
@@ -325,7 +325,7 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
             values["secret_args"] = _secret_args(loader, where, value_node)
     name = values.get("object_name", "")
     if name:
-        where = f"object {name!r}"
+        where = f"object {quote(name)}"
         check_object_name(name, where)
     if not name:
         raise ConfigError(f"{where}: objectName is required (the file name to write)")

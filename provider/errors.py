@@ -19,9 +19,16 @@ leads with what to fix::
 
 from __future__ import annotations
 
+import json
+
 # Upstream bodies are truncated to this many characters in messages: enough for Vault's
 # error text, short enough to keep a pod event readable (kubelet trims events at 1 KiB).
 UPSTREAM_TEXT_MAX = 300
+
+
+def quote(text: str) -> str:
+    """A name in a message, double-quoted as Go's %q would write it."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def truncate(text: str, limit: int = UPSTREAM_TEXT_MAX) -> str:
@@ -80,10 +87,10 @@ class ObjectError(ProviderError):
     def __init__(self, failures: list[tuple[str, ProviderError]]) -> None:
         self.failures = failures
         if len(failures) == 1:
-            message = f"object {failures[0][0]!r}: {failures[0][1]}"
+            message = f"object {quote(failures[0][0])}: {failures[0][1]}"
         else:
             message = f"{len(failures)} objects failed: " + "; ".join(
-                f"object {name!r}: {error}" for name, error in failures
+                f"object {quote(name)}: {error}" for name, error in failures
             )
         super().__init__(message)
 

@@ -24,6 +24,7 @@ from provider.errors import (
     ResponseTooLarge,
     VaultLoginDenied,
     VaultPermissionDenied,
+    quote,
 )
 from provider.kube import KubeClient
 from provider.leases import LeaseCache, LeaseKey
@@ -238,7 +239,7 @@ class Mounter:
         total = sum(len(f.contents) + len(f.path) + RESPONSE_OVERHEAD_PER_FILE for f in files)
         if total > self._settings.max_response_bytes:
             sizes = ", ".join(
-                f"{f.path!r} ({len(f.contents)} bytes)" for f in sorted(files, key=lambda f: -len(f.contents))
+                f"{quote(f.path)} ({len(f.contents)} bytes)" for f in sorted(files, key=lambda f: -len(f.contents))
             )
             raise ResponseTooLarge(
                 f"the files total {total} bytes, over the {self._settings.max_response_bytes}-byte response "
@@ -258,7 +259,7 @@ class Mounter:
         except VaultLoginDenied as e:
             self._metrics.logins.labels("denied").inc()
             raise VaultLoginDenied(
-                f"vault login failed for role {config.role_name!r} at auth/{config.auth_mount} as service "
+                f"vault login failed for role {quote(config.role_name)} at auth/{config.auth_mount} as service "
                 f"account {config.pod.namespace}/{config.pod.service_account}: {e}",
                 status=e.status,
             ) from None
@@ -285,7 +286,7 @@ class Mounter:
         ]
         if missing:
             raise ConfigError(
-                f"no service account token for audience {audience!r} in the Mount request, and cannot request "
+                f"no service account token for audience {quote(audience)} in the Mount request, and cannot request "
                 f"one: missing csi.storage.k8s.io/{', csi.storage.k8s.io/'.join(missing)} "
                 "(enable podInfoOnMount and tokenRequests on the CSIDriver)"
             )
@@ -299,7 +300,7 @@ class Mounter:
             )
         except KubernetesError as e:
             raise KubernetesError(
-                f"no service account token for audience {audience!r} in the Mount request "
+                f"no service account token for audience {quote(audience)} in the Mount request "
                 f"(add it to the CSIDriver's tokenRequests) and {e}"
             ) from None
 
@@ -347,7 +348,7 @@ class _Identity:
         )
 
     def describe(self) -> str:
-        return f"pod {self._config.pod.describe()} (role {self._config.role_name!r})"
+        return f"pod {self._config.pod.describe()} (role {quote(self._config.role_name)})"
 
     def _fresh_login(self) -> Login:
         return self._mounter._login(self._config, self.endpoint, self._deadline)

@@ -12,7 +12,7 @@ from typing import Any
 
 from provider import gojson
 from provider.config import SecretObject
-from provider.errors import ConfigError, VaultNotFound
+from provider.errors import ConfigError, VaultNotFound, quote
 
 # The reference's vault/api Secret struct, in field order; the last ones are omitempty.
 _SECRET_FIELDS: tuple[tuple[str, Any], ...] = (
@@ -80,7 +80,7 @@ def key_value(data: Any, key: str, path: str) -> bytes:
     nested = data.get("data")
     values = nested if isinstance(nested, Mapping) else data
     if key not in values:
-        raise VaultNotFound(f"key {key!r} does not exist at {path}")
+        raise VaultNotFound(f"key {quote(key)} does not exist at {path}")
     value = values[key]
     if isinstance(value, str):
         return value.encode("utf-8")
@@ -98,7 +98,7 @@ def decode(value: bytes, obj: SecretObject) -> bytes:
             return binascii.unhexlify(value)
     except (binascii.Error, ValueError):
         raise ConfigError(
-            f"the value of key {obj.secret_key!r} at {obj.secret_path} is not valid {encoding} "
+            f"the value of key {quote(obj.secret_key)} at {obj.secret_path} is not valid {encoding} "
             f"(encoding: {obj.encoding})"
         ) from None
     return value

@@ -182,7 +182,7 @@ def test_invalid_objects_name_the_object_and_the_field(objects: str, message: st
 
 def test_duplicate_object_names_are_all_listed() -> None:
     objects = "\n".join(f"- {{objectName: {n}, secretPath: p}}" for n in ["a", "b", "a", "c", "b"])
-    with pytest.raises(ConfigError, match="used more than once: 'a', 'b'"):
+    with pytest.raises(ConfigError, match='used more than once: "a", "b"'):
         parse_objects(objects)
 
 

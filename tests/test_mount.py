@@ -116,7 +116,7 @@ def test_encodings_decode_like_go(provider: ProviderClient, world: VaultWorld, u
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "object 'bad'" in error.details() and "not valid base64" in error.details()
+    assert 'object "bad"' in error.details() and "not valid base64" in error.details()
     assert "not base64!" not in error.details()
 
 
@@ -134,8 +134,8 @@ def test_missing_key_and_missing_path_are_not_found(provider: ProviderClient, wo
         )
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert f"object 'db-pass': key 'password' does not exist at secret/data/{unique}" in error.details()
-    assert "object 'gone'" in error.details() and "404" in error.details()
+    assert f'object "db-pass": key "password" does not exist at secret/data/{unique}' in error.details()
+    assert 'object "gone"' in error.details() and "404" in error.details()
 
 
 def test_pki_issue_is_sent_once_for_cert_key_and_whole_json(
@@ -191,7 +191,7 @@ def test_wrong_service_account_is_denied_with_vaults_message(
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details().startswith(
-        f"vault login failed for role '{unique}' at auth/kubernetes as service account team/other: "
+        f'vault login failed for role "{unique}" at auth/kubernetes as service account team/other: '
     )
     assert "service account name not authorized" in error.details()
 
@@ -258,7 +258,7 @@ def test_token_request_fallback_when_the_driver_sends_no_token(
     # Without pod information no token can be requested: the error says what is missing.
     error = mount_error(lambda: provider.mount(None, objects, role=unique))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "no service account token for audience 'vault'" in error.details()
+    assert 'no service account token for audience "vault"' in error.details()
     assert "csi.storage.k8s.io/pod.namespace" in error.details()
 
 

@@ -104,6 +104,6 @@ def test_unusable_read_replies(
     with pytest.raises(grpc.RpcError) as error:
         client.mount(pod, objects, role=unique)
     assert error.value.code() == grpc.StatusCode.UNKNOWN
-    assert "object 'k'" in error.value.details() and message in error.value.details()
+    assert 'object "k"' in error.value.details() and message in error.value.details()
     proxy.clear()
     assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
