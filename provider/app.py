@@ -161,14 +161,17 @@ def _remove_stale_socket(path: str) -> None:
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; return the process exit code."""
-    app = App(settings)
-    app.start()
+    requested = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logger.info("received %s", signal.Signals(signum).name)
-        threading.Thread(target=app.stop, name="stop").start()
+        requested.set()
 
+    # Installed before anything starts, so a signal during start-up still stops cleanly.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.wait()
+    app = App(settings)
+    app.start()
+    requested.wait()
+    app.stop()
     return 0

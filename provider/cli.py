@@ -197,6 +197,10 @@ def version_text(output: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check":
+        from provider import check
+
+        return check.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.version:
         print(version_text(args.output))

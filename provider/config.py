@@ -158,7 +158,11 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
             "SecretProviderClass parameters (both name the auth mount)"
         )
     auth_mount = params.get("vaultAuthMountPath") or params.get("vaultKubernetesMountPath") or ""
-    tls = _merge_tls(defaults.tls, params)
+    tls = defaults.tls
+    try:
+        tls = _merge_tls(defaults.tls, params)
+    except ConfigError as e:
+        problems.append(str(e))
     objects: tuple[SecretObject, ...] = ()
     try:
         objects = parse_objects(params.get("objects", ""))

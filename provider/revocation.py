@@ -8,7 +8,7 @@ Vault token (``auth/token/revoke-self``, allowed by Vault's default policy), whi
 revokes every lease the token created, and forgets both.
 
 RBAC: this needs ``get`` on ``pods`` in every namespace that mounts Vault secrets (a
-ClusterRole); see deploy/daemonset/revocation/.
+ClusterRole); see deploy/overlays/revocation/.
 """
 
 from __future__ import annotations

@@ -269,6 +269,8 @@ class VaultClient:
                 response.release_conn()  # keep the connection alive for the next request
         except urllib3.exceptions.SSLError as e:
             raise VaultUnreachable(f"TLS to Vault at {endpoint.address} failed: {truncate(str(e))}") from None
+        except urllib3.exceptions.NewConnectionError as e:  # a subclass of the timeout errors
+            raise VaultUnreachable(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
         except (urllib3.exceptions.TimeoutError, TimeoutError):
             raise VaultUnreachable(
                 f"{method} {path}: Vault at {endpoint.address} did not answer within {timeout:.1f}s"

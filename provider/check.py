@@ -1,0 +1,298 @@
+"""`vault-csi-provider check`: lint a SecretProviderClass offline, or dry-run its Mount.
+
+    vault-csi-provider check spc.yaml
+    vault-csi-provider check spc.yaml --mount --vault-addr=https://vault:8200 \\
+        --jwt-file=token.jwt --namespace=app --service-account=app [--show-values]
+
+Offline it reports every error a Mount would give for each SecretProviderClass in the
+file, plus what the driver would refuse when syncing ``secretObjects`` into Kubernetes
+Secrets. With ``--mount`` it logs in and reads through the same code as a Mount and
+prints the files and the Secrets the driver would create. Exit status 1 on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from provider import kube as kube_module
+from provider.cache import HmacKeySource, TokenCache
+from provider.config import (
+    MountConfig,
+    Settings,
+    TLSConfig,
+    VaultSettings,
+    parse_mount,
+)
+from provider.errors import ConfigError, ProviderError, quote
+from provider.metrics import Metrics
+from provider.mount import MountedFile, Mounter, MountRequest
+from provider.vault import VaultClient
+
+# A Kubernetes Secret's data may total at most 1 MiB.
+SECRET_SIZE_LIMIT = 1024 * 1024
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MANAGED_LABEL = "secrets-store.csi.k8s.io/managed"
+# What the API server demands of each Secret type's keys.
+_TYPE_RULES: dict[str, tuple[str, Any]] = {
+    "kubernetes.io/tls": ("exactly", {"tls.crt", "tls.key"}),
+    "kubernetes.io/basic-auth": ("one of", {"username", "password"}),
+    "kubernetes.io/ssh-auth": ("requires", {"ssh-privatekey"}),
+    "kubernetes.io/dockerconfigjson": ("requires", {".dockerconfigjson"}),
+    "kubernetes.io/dockercfg": ("requires", {".dockercfg"}),
+}
+
+
+@dataclass(kw_only=True)
+class ClassReport:
+    name: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    parameters: dict[str, str] = field(default_factory=dict)
+    config: MountConfig | None = None
+    secret_objects: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassReport:
+    """Every problem a Mount or the driver's Secret sync would meet, found offline."""
+    metadata = document.get("metadata") or {}
+    report = ClassReport(name=f"{metadata.get('namespace', 'default')}/{metadata.get('name', '?')}")
+    spec = document.get("spec")
+    if not isinstance(spec, Mapping):
+        report.errors.append("spec is missing")
+        return report
+    if spec.get("provider") != "vault":
+        report.errors.append(f"spec.provider is {quote(str(spec.get('provider')))}; this provider answers 'vault'")
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        report.errors.append("spec.parameters must be a map of strings")
+        parameters = {}
+    for key, value in parameters.items():
+        if not isinstance(value, str):
+            report.errors.append(f"spec.parameters.{key} must be a string (quote it in YAML)")
+    report.parameters = {str(k): v for k, v in parameters.items() if isinstance(v, str)}
+    try:
+        report.config = parse_mount(
+            attributes=json.dumps(report.parameters), target_path="/check", permission="420", defaults=defaults
+        )
+    except ConfigError as e:
+        report.errors.append(str(e))
+    names = {obj.object_name for obj in report.config.objects} if report.config else None
+    raw_objects = spec.get("secretObjects") or []
+    if not isinstance(raw_objects, list):
+        report.errors.append("spec.secretObjects must be a list")
+        raw_objects = []
+    report.secret_objects = [o for o in raw_objects if isinstance(o, Mapping)]
+    for index, secret_object in enumerate(raw_objects):
+        report.errors.extend(_check_secret_object(index, secret_object, names))
+    return report
+
+
+def _check_secret_object(index: int, secret_object: Any, names: set[str] | None) -> list[str]:
+    where = f"spec.secretObjects[{index}]"
+    if not isinstance(secret_object, Mapping):
+        return [f"{where} must be a map"]
+    errors = []
+    secret_name = secret_object.get("secretName")
+    if not secret_name:
+        errors.append(f"{where}.secretName is required")
+    elif not isinstance(secret_name, str) or len(secret_name) > 253 or not _DNS_SUBDOMAIN.match(secret_name):
+        errors.append(f"{where}.secretName {quote(str(secret_name))} is not a valid Secret name (DNS subdomain)")
+    else:
+        where = f"secret {quote(secret_name)}"
+    secret_type = secret_object.get("type")
+    if not secret_type:
+        errors.append(f"{where}: type is required (e.g. Opaque, kubernetes.io/tls)")
+    data = secret_object.get("data") or []
+    if not isinstance(data, list) or not data:
+        return [*errors, f"{where}: data must list at least one objectName and key"]
+    keys: list[str] = []
+    for position, item in enumerate(data):
+        if not isinstance(item, Mapping):
+            errors.append(f"{where}: data[{position}] must be a map with objectName and key")
+            continue
+        object_name, key = item.get("objectName"), item.get("key")
+        if not object_name:
+            errors.append(f"{where}: data[{position}].objectName is required")
+        elif names is not None and object_name not in names:
+            errors.append(
+                f"{where}: data[{position}].objectName {quote(str(object_name))} names no object in 'objects'"
+            )
+        if not key:
+            errors.append(f"{where}: data[{position}].key is required")
+            continue
+        key = str(key)
+        if len(key) > 253 or not _SECRET_KEY.match(key):
+            errors.append(f"{where}: key {quote(key)} is not a valid Secret key ([-._a-zA-Z0-9]+)")
+        keys.append(key)
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        errors.append(f"{where}: keys used more than once: {', '.join(map(quote, repeated))}")
+    rule = _TYPE_RULES.get(str(secret_type))
+    if rule is not None:
+        kind, required = rule
+        present = set(keys)
+        if (
+            (kind == "exactly" and present != required)
+            or (kind == "one of" and not present & required)
+            or (kind == "requires" and not required <= present)
+        ):
+            errors.append(
+                f"{where}: a {secret_type} Secret needs {kind} the keys "
+                f"{', '.join(map(quote, sorted(required)))}; it has {', '.join(map(quote, keys)) or 'none'}"
+            )
+    return errors
+
+
+def synced_secrets(report: ClassReport, files: Sequence[MountedFile], namespace: str) -> list[dict[str, Any]]:
+    """The Secrets the driver would create from secretObjects, built the way it builds them."""
+    by_name = {f.path: f.contents for f in files}
+    result = []
+    for secret_object in report.secret_objects:
+        labels = {**(secret_object.get("labels") or {}), MANAGED_LABEL: "true"}
+        metadata: dict[str, Any] = {"name": secret_object.get("secretName"), "namespace": namespace, "labels": labels}
+        if secret_object.get("annotations"):
+            metadata["annotations"] = dict(secret_object["annotations"])
+        data = {
+            str(item["key"]): base64.b64encode(by_name.get(str(item["objectName"]), b"")).decode()
+            for item in secret_object.get("data") or []
+        }
+        result.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": metadata,
+                "type": secret_object.get("type"),
+                "data": data,
+            }
+        )
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vault-csi-provider check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", help="SecretProviderClass manifest (several documents allowed); - for stdin")
+    parser.add_argument("--mount", action="store_true", help="log in and read for real, through the Mount code")
+    parser.add_argument("--vault-addr", default=os.environ.get("VAULT_ADDR", "https://127.0.0.1:8200"))
+    parser.add_argument("--vault-namespace", default=os.environ.get("VAULT_NAMESPACE", ""))
+    parser.add_argument("--vault-mount", default="kubernetes", help="default auth mount")
+    parser.add_argument("--vault-ca-cert", default=os.environ.get("VAULT_CACERT", ""))
+    parser.add_argument("--vault-skip-verify", action="store_true")
+    parser.add_argument("--jwt-file", help="the pod's service-account token (e.g. from `kubectl create token`)")
+    parser.add_argument("--namespace", default="default", help="the pod's namespace")
+    parser.add_argument("--service-account", default="default", help="the pod's service account")
+    parser.add_argument("--pod-name", default="check", help="the pod's name (for messages)")
+    parser.add_argument("--show-values", action="store_true", help="print secret values (careful)")
+    return parser
+
+
+def main(argv: Sequence[str], out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    defaults = VaultSettings(
+        address=args.vault_addr,
+        namespace=args.vault_namespace,
+        auth_mount=args.vault_mount.strip("/"),
+        tls=TLSConfig(ca_cert=args.vault_ca_cert, skip_verify=args.vault_skip_verify),
+    )
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        documents = [d for d in yaml.safe_load_all(text) if d]
+    except (OSError, yaml.YAMLError) as e:
+        print(f"error: cannot read {args.file}: {e}", file=out)
+        return 1
+    classes = [d for d in documents if isinstance(d, Mapping) and d.get("kind") == "SecretProviderClass"]
+    if not classes:
+        print(f"error: {args.file} holds no SecretProviderClass", file=out)
+        return 1
+    failed = False
+    for document in classes:
+        report = check_class(document, defaults)
+        for message in report.errors:
+            print(f"error: {report.name}: {message}", file=out)
+        for message in report.warnings:
+            print(f"warning: {report.name}: {message}", file=out)
+        if report.errors:
+            failed = True
+            continue
+        assert report.config is not None
+        print(
+            f"ok: {report.name}: {len(report.config.objects)} object(s), {len(report.secret_objects)} synced Secret(s)",
+            file=out,
+        )
+        if args.mount and not _dry_run(report, args, defaults, out):
+            failed = True
+    return 1 if failed else 0
+
+
+def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSettings, out: TextIO) -> bool:
+    if not args.jwt_file:
+        print("error: --mount needs --jwt-file (e.g. kubectl create token SA --audience vault)", file=out)
+        return False
+    with open(args.jwt_file, encoding="utf-8") as jwt_file:
+        jwt = jwt_file.read().strip()
+    assert report.config is not None
+    audience = report.config.audience or "vault"
+    attributes = {
+        **report.parameters,
+        "csi.storage.k8s.io/pod.name": args.pod_name,
+        "csi.storage.k8s.io/pod.namespace": args.namespace,
+        "csi.storage.k8s.io/serviceAccount.name": args.service_account,
+        "csi.storage.k8s.io/serviceAccount.tokens": json.dumps({audience: {"token": jwt}}),
+    }
+    metrics = Metrics()
+    vault = VaultClient(metrics=metrics)
+    # Versions use a throwaway key: the cluster's key stays in its Secret, untouched.
+    key = secrets.token_bytes(kube_module.HMAC_KEY_BYTES)
+    mounter = Mounter(
+        settings=Settings(vault=defaults),
+        vault=vault,
+        kube=kube_module.KubeClient(None),
+        tokens=TokenCache(0),
+        hmac_keys=HmacKeySource(lambda: key, ttl=float("inf")),
+        metrics=metrics,
+    )
+    try:
+        result = mounter.mount(
+            MountRequest(attributes=json.dumps(attributes), target_path="/check", permission="420"),
+            deadline=time.monotonic() + 60,
+        )
+    except ProviderError as e:
+        print(f"error: {report.name}: mount failed: {e}", file=out)
+        return False
+    finally:
+        vault.close()
+    print(f"files of {report.name} (versions use a throwaway HMAC key):", file=out)
+    for mounted in result.files:
+        size = len(mounted.contents)
+        print(f"  {mounted.path}  mode {mounted.mode:04o}  {size} bytes  version {mounted.version}", file=out)
+        if args.show_values:
+            print(f"    {mounted.contents.decode('utf-8', 'replace')}", file=out)
+    ok = True
+    for secret in synced_secrets(report, result.files, args.namespace):
+        size = sum(len(base64.b64decode(v)) for v in secret["data"].values())
+        if size > SECRET_SIZE_LIMIT:
+            print(
+                f"error: secret {quote(secret['metadata']['name'])}: {size} bytes of data, over the 1 MiB "
+                "Secret limit: the driver's sync will fail",
+                file=out,
+            )
+            ok = False
+        if not args.show_values:
+            secret["data"] = {k: f"<{len(base64.b64decode(v))} bytes>" for k, v in secret["data"].items()}
+        print("---", file=out)
+        print(yaml.safe_dump(secret, sort_keys=False).rstrip(), file=out)
+    return ok

@@ -1,0 +1,177 @@
+"""`vault-csi-provider check`: offline lint of classes, and a real dry-run Mount."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+
+from provider import check
+from provider.cli import main as cli_main
+from tests.conftest import VaultWorld
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "daemonset" / "examples"
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return check.main(list(argv), out=out), out.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("spc-*.yaml")))
+def test_examples_pass(name: str) -> None:
+    status, output = run(str(EXAMPLES / name))
+    assert status == 0, output
+    assert output.startswith("ok: app/")
+
+
+def test_every_problem_is_reported_and_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        """\
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata: {name: broken, namespace: app}
+spec:
+  provider: vault
+  secretObjects:
+    - secretName: Bad_Name
+      type: Opaque
+      data: [{objectName: a, key: "not/valid"}]
+    - secretName: tls
+      type: kubernetes.io/tls
+      data: [{objectName: a, key: tls.crt}, {objectName: missing, key: ca.crt}]
+    - secretName: basic
+      type: kubernetes.io/basic-auth
+      data: [{objectName: a, key: token}]
+    - secretName: nodata
+  parameters:
+    vaultSkipTLSVerify: "maybe"
+    objects: |
+      - {objectName: a, secretPath: secret/data/a}
+      - {objectName: a, secretPath: secret/data/b}
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata: {name: fine, namespace: app}
+spec:
+  provider: vault
+  parameters: {roleName: r, objects: "- {objectName: x, secretPath: p}"}
+"""
+    )
+    status, output = run(str(bad))
+    assert status == 1
+    lines = output.splitlines()
+    assert "ok: app/fine: 1 object(s), 0 synced Secret(s)" in lines
+    errors = "\n".join(line for line in lines if line.startswith("error: app/broken:"))
+    for expected in [
+        "'vaultSkipTLSVerify' in SecretProviderClass parameters must be a boolean",
+        "missing 'roleName'",
+        'used more than once: "a"',
+        '"Bad_Name" is not a valid Secret name',
+        'key "not/valid" is not a valid Secret key',
+        'a kubernetes.io/tls Secret needs exactly the keys "tls.crt", "tls.key"; it has "tls.crt", "ca.crt"',
+        'a kubernetes.io/basic-auth Secret needs one of the keys "password", "username"',
+        'secret "nodata": type is required',
+        'secret "nodata": data must list at least one objectName and key',
+    ]:
+        assert expected in errors, expected
+
+
+def test_unknown_object_names_in_secret_objects(tmp_path: Path) -> None:
+    spc = yaml.safe_load((EXAMPLES / "spc-sync.yaml").read_text())
+    spc["spec"]["secretObjects"][0]["data"][0]["objectName"] = "secret-9"
+    path = tmp_path / "spc.yaml"
+    path.write_text(yaml.safe_dump(spc))
+    status, output = run(str(path))
+    assert status == 1
+    assert 'secret "app-credentials": data[0].objectName "secret-9" names no object in \'objects\'' in output
+
+
+def test_cli_dispatches_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["check", str(EXAMPLES / "spc-kv.yaml")]) == 0
+    assert "ok: app/app-kv" in capsys.readouterr().out
+
+
+def test_dry_run_mount_prints_files_and_the_synced_secrets(world: VaultWorld, tmp_path: Path, unique: str) -> None:
+    bao = world.bao
+    bao.api("POST", f"secret/data/{unique}/sync1", {"data": {"pwd": "s3cret-pwd"}})
+    bao.api(
+        "POST",
+        f"secret/data/{unique}/sync2",
+        {"data": {"username": "alice", "username_b64": base64.b64encode(b"bob").decode()}},
+    )
+    pki = f"pki-{unique}"
+    bao.api("POST", f"sys/mounts/{pki}", {"type": "pki", "config": {"max_lease_ttl": "87600h"}})
+    bao.api("POST", f"{pki}/root/generate/internal", {"common_name": "ca", "ttl": "87600h"})
+    bao.api("POST", f"{pki}/roles/app", {"allowed_domains": ["example.com"], "allow_subdomains": True})
+    pod = world.grant(unique, [f"secret/data/{unique}/*", f"{pki}/issue/app"], namespace="app", service_account="app")
+    spc_text = (
+        (EXAMPLES / "spc-sync.yaml")
+        .read_text()
+        .replace("secret/data/app/", f"secret/data/{unique}/")
+        .replace("pki/issue/app", f"{pki}/issue/app")
+        .replace("roleName: app", f"roleName: {unique}")
+    )
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(spc_text)
+    jwt = tmp_path / "token"
+    jwt.write_text(world.kube.pod_token(pod))
+    argv = [
+        str(spc),
+        "--mount",
+        f"--vault-addr={bao.url}",
+        f"--jwt-file={jwt}",
+        "--namespace=app",
+        "--service-account=app",
+    ]
+
+    status, output = run(*argv)
+    assert status == 0, output
+    assert "s3cret-pwd" not in output and "alice" not in output  # values only on request
+    assert "secret-1  mode 0644  10 bytes  version " in output
+
+    status, output = run(*argv, "--show-values")
+    assert status == 0, output
+    documents = [d for d in yaml.safe_load_all(output.split("\n---\n", 1)[1]) if d]
+    opaque, tls = documents
+    assert opaque["metadata"] == {
+        "name": "app-credentials",
+        "namespace": "app",
+        "labels": {"environment": "test", "secrets-store.csi.k8s.io/managed": "true"},
+    }
+    assert opaque["type"] == "Opaque"
+    assert {k: base64.b64decode(v) for k, v in opaque["data"].items()} == {
+        "pwd": b"s3cret-pwd",
+        "username": b"alice",
+        "username_b64": b"bob",
+    }
+    assert tls["type"] == "kubernetes.io/tls"
+    assert tls["metadata"]["annotations"] == {"example.com/issued-by": "vault-pki"}
+    cert = x509.load_pem_x509_certificate(base64.b64decode(tls["data"]["tls.crt"]))
+    assert cert.subject.rfc4514_string() == "CN=app.example.com"
+    assert b"PRIVATE KEY" in base64.b64decode(tls["data"]["tls.key"])
+
+
+def test_dry_run_reports_a_refused_login(world: VaultWorld, tmp_path: Path, unique: str) -> None:
+    world.grant(unique, [f"secret/data/{unique}"], namespace="app", service_account="app")
+    intruder = world.kube.add_pod("app", f"intruder-{unique}", "intruder")
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(
+        (EXAMPLES / "spc-kv.yaml")
+        .read_text()
+        .replace("roleName: app", f"roleName: {unique}")
+        .replace("vaultAddress: https://vault.vault.svc:8200", f"vaultAddress: {world.bao.url}")
+    )
+    jwt = tmp_path / "token"
+    jwt.write_text(world.kube.pod_token(intruder))
+    status, output = run(str(spc), "--mount", f"--jwt-file={jwt}", "--namespace=app", "--service-account=intruder")
+    assert status == 1
+    assert (
+        f'mount failed: vault login failed for role "{unique}" at auth/kubernetes as service account app/intruder'
+        in output
+    )
