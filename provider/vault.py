@@ -15,12 +15,13 @@ Vault's own headers (X-Vault-Token, X-Vault-Namespace, X-Vault-Request).
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode
 
 import urllib3
@@ -46,6 +47,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0
 # Connections kept per Vault address: one per concurrent request we allow to it.
 POOL_SIZE = 32
+# Reads are safe to repeat; writes may create credentials (PKI issue, DB creds on POST).
+IDEMPOTENT_METHODS = frozenset({"GET", "LIST", "HEAD"})
+# Answers worth retrying a read on: rate limited, and a Vault sealed, failing over, or
+# behind a load balancer that lost it.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Answers that prove Vault did not act on a write: rate limited, sealed or no active node.
+REFUSED_STATUSES = frozenset({429, 503})
+# Backoff: 100 ms doubling to 1 s, jittered. Retries stop at the Mount deadline, and
+# after 20 s at most: a Raft election takes about 13 s, a longer outage is an outage.
+BASE_BACKOFF_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 1.0
+MAX_RETRY_SECONDS = 20.0
+# Do not start an attempt with less time than this left before the deadline.
+MIN_ATTEMPT_SECONDS = 0.2
 # Largest Vault reply we read: a file cannot exceed the gRPC message limit anyway.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -210,17 +225,47 @@ class VaultClient:
         deadline: float | None = None,
         operation: str,
     ) -> tuple[int, Any]:
-        started = time.monotonic()
-        status = "error"
-        try:
-            status, body = self._exchange(
-                endpoint, method, path, token=token, params=params, json_body=json_body, deadline=deadline
+        """Send with retries: reads on any transient failure, writes only when Vault surely
+        did not act (connection refused, 429, 503), all inside the deadline."""
+        first = time.monotonic()
+        deadline = first + self._timeout if deadline is None else deadline
+        idempotent = method in IDEMPOTENT_METHODS
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            label = "error"
+            retry_after: float | None = None
+            try:
+                reply = self._exchange(
+                    endpoint, method, path, token=token, params=params, json_body=json_body, deadline=deadline
+                )
+                label = str(reply.status)
+                retryable = reply.status in (RETRY_STATUSES if idempotent else REFUSED_STATUSES)
+                retry_after = reply.retry_after
+                failure: VaultUnreachable | None = None
+            except VaultUnreachable as e:
+                retryable = idempotent or isinstance(e, _NotSent)
+                failure = e
+            finally:
+                if self._metrics is not None:
+                    self._metrics.vault_requests.labels(operation, label).inc()
+                    self._metrics.vault_duration.labels(operation).observe(time.monotonic() - started)
+            delay = _backoff(attempt, retry_after)
+            now = time.monotonic()
+            if not retryable or now + delay + MIN_ATTEMPT_SECONDS > deadline or now + delay - first > MAX_RETRY_SECONDS:
+                if failure is not None:
+                    raise failure
+                return reply.status, reply.body
+            logger.warning(
+                "vault %s %s failed (attempt %d, %s); retrying in %.2fs",
+                method,
+                path,
+                attempt,
+                failure or f"HTTP {reply.status}",
+                delay,
             )
-            return status, body
-        finally:
-            if self._metrics is not None:
-                self._metrics.vault_requests.labels(operation, str(status)).inc()
-                self._metrics.vault_duration.labels(operation).observe(time.monotonic() - started)
+            time.sleep(delay)
 
     def _exchange(
         self,
@@ -232,7 +277,7 @@ class VaultClient:
         params: Mapping[str, list[str]] | None,
         json_body: Mapping[str, Any] | bytes | None,
         deadline: float | None,
-    ) -> tuple[Any, Any]:
+    ) -> _Reply:
         pool = self._pool(endpoint)
         timeout = self._timeout
         if deadline is not None:
@@ -270,7 +315,7 @@ class VaultClient:
         except urllib3.exceptions.SSLError as e:
             raise VaultUnreachable(f"TLS to Vault at {endpoint.address} failed: {truncate(str(e))}") from None
         except urllib3.exceptions.NewConnectionError as e:  # a subclass of the timeout errors
-            raise VaultUnreachable(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
+            raise _NotSent(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
         except (urllib3.exceptions.TimeoutError, TimeoutError):
             raise VaultUnreachable(
                 f"{method} {path}: Vault at {endpoint.address} did not answer within {timeout:.1f}s"
@@ -278,19 +323,20 @@ class VaultClient:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise VaultUnreachable(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
         status = response.status
+        retry_after = _retry_after(response.headers.get("Retry-After"))
         if len(raw) > MAX_BODY_BYTES:
             raise VaultBadResponse(f"{method} {path}: Vault's reply is larger than {MAX_BODY_BYTES} bytes")
         logger.debug("vault %s %s -> %d (%d bytes)", method, path, status, len(raw))
         if not raw.strip():
-            return status, None
+            return _Reply(status, None, retry_after)
         try:
-            return status, gojson.loads(raw)
+            return _Reply(status, gojson.loads(raw), retry_after)
         except (ValueError, RecursionError):
             if 200 <= status < 300:
                 raise VaultBadResponse(
                     f"{method} {path}: Vault's reply is not JSON (HTTP {status})", status=status
                 ) from None
-            return status, raw.decode("utf-8", "replace")
+            return _Reply(status, raw.decode("utf-8", "replace"), retry_after)
 
     def _pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
         key = (endpoint.address, endpoint.tls)
@@ -299,6 +345,30 @@ class VaultClient:
             if pool is None:
                 pool = self._pools[key] = _build_pool(endpoint.address, endpoint.tls)
             return pool
+
+
+class _Reply(NamedTuple):
+    status: int
+    body: Any
+    retry_after: float | None
+
+
+class _NotSent(VaultUnreachable):
+    """The connection was refused: the request never reached Vault, so any retry is safe."""
+
+
+def _retry_after(header: str | None) -> float | None:
+    try:
+        return max(float(header), 0.0) if header else None
+    except ValueError:
+        return None
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with equal jitter; at least what Vault asked for (Retry-After)."""
+    ceiling: float = min(MAX_BACKOFF_SECONDS, BASE_BACKOFF_SECONDS * 2.0 ** (attempt - 1))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return max(delay, retry_after) if retry_after is not None else delay
 
 
 # Characters left as they are in a request path, as Go's url.URL.EscapedPath leaves them.

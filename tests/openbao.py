@@ -44,6 +44,20 @@ class OpenBao:
         self.log_path = workdir / "openbao.log"
 
     @property
+    def unseal_key(self) -> str:
+        """The dev server's unseal key, from its start-up output."""
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("Unseal Key:"):
+                return line.split(":", 1)[1].strip()
+        raise RuntimeError("no unseal key in the OpenBao log")
+
+    def seal(self) -> None:
+        self.api("PUT", "sys/seal")
+
+    def unseal(self) -> None:
+        self.api("PUT", "sys/unseal", {"key": self.unseal_key})
+
+    @property
     def verify(self) -> str | bool:
         return str(self.ca_path) if self.tls else True
 

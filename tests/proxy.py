@@ -14,7 +14,7 @@ import time
 
 
 class Forwarder:
-    def __init__(self, target: tuple[str, int], *, unix_path: str | None = None) -> None:
+    def __init__(self, target: tuple[str, int], *, unix_path: str | None = None, port: int = 0) -> None:
         self.target = target
         self.unix_path = unix_path
         if unix_path:
@@ -23,7 +23,7 @@ class Forwarder:
         else:
             self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind(("127.0.0.1", 0))
+            self._listener.bind(("127.0.0.1", port))
         self._listener.listen(64)
         self.delay_seconds = 0.0
         self.connections = 0
