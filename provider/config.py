@@ -202,12 +202,30 @@ def _parse_attributes(attributes: str) -> dict[str, str]:
     if not isinstance(params, dict):
         raise ConfigError("attributes must be a JSON object of strings")
     wrong = sorted(k for k, v in params.items() if not isinstance(v, str))
+    unencodable = sorted(k for k, v in params.items() if isinstance(v, str) and not _is_utf8(k + v))
+    if unencodable:
+        raise ConfigError(
+            "attributes must be valid UTF-8; invalid escapes (lone surrogates) in: "
+            + ", ".join(quote(truncate(_printable(k), 80)) for k in unencodable[:10])
+        )
     if wrong:
         raise ConfigError(
             "attributes must be a JSON object of strings; not a string: "
             + ", ".join(repr(truncate(k, 80)) for k in wrong[:10])
         )
     return params
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _parse_permission(permission: str) -> int:
@@ -254,11 +272,14 @@ def _token_for_audience(tokens_json: str, audience: str) -> str:
         return ""
     try:
         tokens = json.loads(tokens_json)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ConfigError(f"{SERVICE_ACCOUNT_TOKENS} is not valid JSON") from None
-    entry = tokens.get(audience) if isinstance(tokens, dict) else None
-    token = entry.get("token") if isinstance(entry, dict) else None
-    return token if isinstance(token, str) else ""
+    if not isinstance(tokens, dict) or not all(isinstance(entry, dict) for entry in tokens.values()):
+        raise ConfigError(f"{SERVICE_ACCOUNT_TOKENS} must be a JSON object of audience -> {{token, ...}}")
+    token = tokens.get(audience, {}).get("token", "")
+    if not isinstance(token, str):
+        raise ConfigError(f"{SERVICE_ACCOUNT_TOKENS}: the token for audience {quote(audience)} is not a string")
+    return token
 
 
 @functools.lru_cache(maxsize=OBJECTS_CACHE_SIZE)
@@ -412,7 +433,7 @@ def check_object_name(name: str, where: str) -> None:
     parts = name.split("/")
     if ".." in parts:
         raise ConfigError(f"{where}: objectName must not contain '..'")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in name):
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for ch in name):
         raise ConfigError(f"{where}: objectName must not contain control or invisible characters")
     if "" in parts or "." in parts:
         raise ConfigError(f"{where}: objectName must not contain empty or '.' path segments")

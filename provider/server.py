@@ -17,6 +17,7 @@ import time
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from provider import __version__
 from provider._proto import service_pb2, service_pb2_grpc
@@ -37,10 +38,14 @@ from provider.mount import Mounter, MountRequest
 
 logger = logging.getLogger(__name__)
 
+SERVICE_NAME = "v1alpha1.CSIDriverProvider"
 RUNTIME_NAME = "vault-csi-provider"
 API_VERSION = "v1alpha1"
 # Answer this long before the caller's deadline, so the reply (a final code) arrives.
 DEADLINE_MARGIN_SECONDS = 0.5
+# Largest request accepted: far above any real class (etcd caps objects near 1.5 MiB), low
+# enough that 16 workers holding one each stay within the memory budget.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # A Mount with no caller deadline still ends: the driver's own default is about 2 min.
 MAX_MOUNT_SECONDS = 60.0
 
@@ -77,8 +82,16 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
     ) -> service_pb2.VersionResponse:
         return service_pb2.VersionResponse(version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=__version__)
 
-    def Mount(self, request: service_pb2.MountRequest, context: grpc.ServicerContext) -> service_pb2.MountResponse:
+    def Mount(
+        self, request: service_pb2.MountRequest | Undecodable, context: grpc.ServicerContext
+    ) -> service_pb2.MountResponse:
         started = time.monotonic()
+        if isinstance(request, Undecodable):
+            self._finish(started, "error", grpc.StatusCode.INVALID_ARGUMENT, "-", None, "undecodable request")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the MountRequest could not be decoded (its string fields must be valid UTF-8)",
+            )
         remaining = context.time_remaining()
         budget = MAX_MOUNT_SECONDS if remaining is None else min(MAX_MOUNT_SECONDS, remaining)
         deadline = started + max(budget - DEADLINE_MARGIN_SECONDS, 0.05)
@@ -126,18 +139,50 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
             )
 
 
+class Undecodable:
+    """Stands for bytes that are not a MountRequest (e.g. invalid UTF-8 in a string field).
+
+    grpcio answers INTERNAL when a deserializer fails (or returns None); handing the
+    servicer this instead lets it answer INVALID_ARGUMENT, which is what it is."""
+
+
+UNDECODABLE = Undecodable()
+
+
+def _decode_mount_request(data: bytes) -> service_pb2.MountRequest | Undecodable:
+    try:
+        return service_pb2.MountRequest.FromString(data)
+    except DecodeError:
+        return UNDECODABLE
+
+
 def create_server(
     servicer: ProviderServicer, *, endpoint: str, max_workers: int = 16, max_message_bytes: int = 4 * 1024 * 1024
 ) -> grpc.Server:
+    """`max_message_bytes` bounds replies; requests may be up to MAX_REQUEST_BYTES so that an
+    oversized class is refused by our validation (INVALID_ARGUMENT, naming the limit) rather
+    than by grpcio (RESOURCE_EXHAUSTED, which kubelet treats as not final)."""
     """Build (not start) a gRPC server bound to the unix socket `endpoint`."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mount"),
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    service_pb2_grpc.add_CSIDriverProviderServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers = {
+        "Version": grpc.unary_unary_rpc_method_handler(
+            servicer.Version,
+            request_deserializer=service_pb2.VersionRequest.FromString,
+            response_serializer=service_pb2.VersionResponse.SerializeToString,
+        ),
+        "Mount": grpc.unary_unary_rpc_method_handler(
+            servicer.Mount,
+            request_deserializer=_decode_mount_request,
+            response_serializer=service_pb2.MountResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_insecure_port(f"unix:{endpoint}")
     return server
