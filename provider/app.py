@@ -25,7 +25,7 @@ from provider.metrics import Metrics
 from provider.mount import Mounter
 from provider.revocation import PodSweeper
 from provider.server import ProviderServicer, create_server
-from provider.vault import VaultClient
+from provider.vault import MAX_BODY_BYTES, VaultClient
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class App:
         assert config is None or isinstance(config, KubeConfig)
         self.kube = kube_module.KubeClient(config)
         namespace = kube_module.own_namespace(config)
-        self.vault = VaultClient(metrics=self.metrics)
+        self.vault = VaultClient(
+            metrics=self.metrics, max_body_bytes=max(2 * settings.max_response_bytes, MAX_BODY_BYTES)
+        )
         self.tokens = TokenCache(
             settings.cache_size, on_evict=lambda: self.metrics.token_cache.labels("eviction").inc()
         )

@@ -33,8 +33,9 @@ HMAC_KEY_BYTES = 32
 # TokenRequest expiry for the fallback path: long enough for one login, short enough
 # that a leaked token is soon useless (the API server's minimum is 10 minutes).
 TOKEN_EXPIRATION_SECONDS = 15 * 60
-# Calls to the API server are small; a slow answer should not hold a Mount for long.
-API_TIMEOUT_SECONDS = 5.0
+# Calls to the API server are small and answered in milliseconds; a slow one must not
+# hold a Mount past the driver's deadline.
+API_TIMEOUT_SECONDS = 3.0
 
 
 def load_config() -> KubeConfig | None:

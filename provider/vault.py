@@ -61,7 +61,8 @@ MAX_BACKOFF_SECONDS = 1.0
 MAX_RETRY_SECONDS = 20.0
 # Do not start an attempt with less time than this left before the deadline.
 MIN_ATTEMPT_SECONDS = 0.2
-# Largest Vault reply we read: a file cannot exceed the gRPC message limit anyway.
+# Largest Vault reply read by default: twice the default gRPC reply limit (a whole-response
+# file can be about as large as the reply it comes from).
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
@@ -112,8 +113,11 @@ class Secret:
 class VaultClient:
     """Sends Vault requests for many pods; thread-safe."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, *, timeout: float = DEFAULT_TIMEOUT, metrics: Metrics | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
         self._timeout = timeout
+        self._max_body_bytes = max_body_bytes
         self._metrics = metrics
         self._pools: dict[tuple[str, TLSConfig], urllib3.HTTPConnectionPool] = {}
         self._lock = threading.Lock()
@@ -307,8 +311,8 @@ class VaultClient:
                 redirect=False,
                 preload_content=False,
             )
-            raw = response.read(MAX_BODY_BYTES + 1, decode_content=True)
-            if len(raw) > MAX_BODY_BYTES:
+            raw = response.read(self._max_body_bytes + 1, decode_content=True)
+            if len(raw) > self._max_body_bytes:
                 response.close()
             else:
                 response.release_conn()  # keep the connection alive for the next request
@@ -324,8 +328,8 @@ class VaultClient:
             raise VaultUnreachable(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
         status = response.status
         retry_after = _retry_after(response.headers.get("Retry-After"))
-        if len(raw) > MAX_BODY_BYTES:
-            raise VaultBadResponse(f"{method} {path}: Vault's reply is larger than {MAX_BODY_BYTES} bytes")
+        if len(raw) > self._max_body_bytes:
+            raise VaultBadResponse(f"{method} {path}: Vault's reply is larger than {self._max_body_bytes} bytes")
         logger.debug("vault %s %s -> %d (%d bytes)", method, path, status, len(raw))
         if not raw.strip():
             return _Reply(status, None, retry_after)

@@ -200,7 +200,10 @@ def start_provider(tmp_path: Path, world: VaultWorld, **overrides: Any) -> Provi
     settings = make_settings(tmp_path, world, **overrides)
     app = App(settings, kube_config=KubeConfig.from_dict(world.kube.kubeconfig(PROVIDER_NAMESPACE)))
     app.start()
-    channel = grpc.insecure_channel(f"unix:{settings.endpoint}")
+    # Like the driver's client, but allowed to receive whatever the provider may send.
+    channel = grpc.insecure_channel(
+        f"unix:{settings.endpoint}", options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    )
     return ProviderClient(app=app, channel=channel, kube=world.kube)
 
 

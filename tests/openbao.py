@@ -32,9 +32,10 @@ def bao_binary() -> str:
 
 
 class OpenBao:
-    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False, config: str = "") -> None:
         self.workdir = workdir
         self.tls = tls
+        self.config = config  # extra HCL, e.g. a declarative audit device
         self.port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -70,6 +71,10 @@ class OpenBao:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HOME": str(self.workdir), "BAO_ADDR": self.url}
         env.pop("VAULT_ADDR", None)
+        extra: list[str] = []
+        if self.config:
+            (self.workdir / "extra.hcl").write_text(self.config)
+            extra.append(f"-config={self.workdir / 'extra.hcl'}")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [
@@ -80,6 +85,7 @@ class OpenBao:
                     f"-dev-listen-address=127.0.0.1:{self.port}",
                     "-dev-no-store-token",
                     *(["-dev-tls", f"-dev-tls-cert-dir={self.workdir}"] if self.tls else []),
+                    *extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
