@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 import urllib3.connection
@@ -139,6 +139,7 @@ class VaultClient:
             json_body={"role": role, "jwt": jwt},
             deadline=deadline,
             operation="login",
+            repeatable=True,
         )
         if status in (400, 401, 403):
             raise VaultLoginDenied(_vault_says(status, body), status=status)
@@ -228,12 +229,18 @@ class VaultClient:
         json_body: Mapping[str, Any] | bytes | None = None,
         deadline: float | None = None,
         operation: str,
+        repeatable: bool = False,
     ) -> tuple[int, Any]:
         """Send with retries: reads on any transient failure, writes only when Vault surely
-        did not act (connection refused, 429, 503), all inside the deadline."""
+        did not act (connection refused, 429, 503), all inside the deadline.
+
+        `repeatable` marks a write that is safe to repeat: a login, whose duplicate token
+        is never used and expires on its own. Secret writes (a PKI issue, database
+        credentials by POST) are never repeated once they may have reached Vault.
+        """
         first = time.monotonic()
         deadline = first + self._timeout if deadline is None else deadline
-        idempotent = method in IDEMPOTENT_METHODS
+        idempotent = repeatable or method in IDEMPOTENT_METHODS
         attempt = 0
         while True:
             attempt += 1
@@ -282,7 +289,6 @@ class VaultClient:
         json_body: Mapping[str, Any] | bytes | None,
         deadline: float | None,
     ) -> _Reply:
-        pool = self._pool(endpoint)
         timeout = self._timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
@@ -300,32 +306,19 @@ class VaultClient:
         url = "/v1/" + quote(path, safe=_PATH_SAFE)
         if params:
             url += "?" + urlencode(params, doseq=True)
-        try:
-            response = pool.urlopen(
-                method,
-                url,
-                body=data,
-                headers=headers,
-                timeout=urllib3.Timeout(total=timeout),
-                retries=False,
-                redirect=False,
-                preload_content=False,
-            )
-            raw = response.read(self._max_body_bytes + 1, decode_content=True)
-            if len(raw) > self._max_body_bytes:
-                response.close()
-            else:
-                response.release_conn()  # keep the connection alive for the next request
-        except urllib3.exceptions.SSLError as e:
-            raise VaultUnreachable(f"TLS to Vault at {endpoint.address} failed: {truncate(str(e))}") from None
-        except urllib3.exceptions.NewConnectionError as e:  # a subclass of the timeout errors
-            raise _NotSent(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
-        except (urllib3.exceptions.TimeoutError, TimeoutError):
-            raise VaultUnreachable(
-                f"{method} {path}: Vault at {endpoint.address} did not answer within {timeout:.1f}s"
-            ) from None
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise VaultUnreachable(f"cannot reach Vault at {endpoint.address}: {truncate(str(e))}") from None
+        address = endpoint.address
+        for _hop in range(MAX_REDIRECTS + 1):
+            response, raw = self._roundtrip(address, endpoint.tls, method, url, data, headers, timeout, path)
+            location = response.headers.get("Location", "")
+            if response.status not in (307, 308) or not location:
+                break
+            # A standby sends writes to the active node; follow, as Vault's own client does.
+            target = urlsplit(location)
+            if target.scheme not in ("http", "https") or not target.netloc:
+                break
+            address = f"{target.scheme}://{target.netloc}"
+            url = target.path + (f"?{target.query}" if target.query else "")
+            logger.debug("vault %s %s redirected to %s", method, path, address)
         status = response.status
         retry_after = _retry_after(response.headers.get("Retry-After"))
         if len(raw) > self._max_body_bytes:
@@ -342,12 +335,51 @@ class VaultClient:
                 ) from None
             return _Reply(status, raw.decode("utf-8", "replace"), retry_after)
 
-    def _pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
-        key = (endpoint.address, endpoint.tls)
+    def _roundtrip(
+        self,
+        address: str,
+        tls: TLSConfig,
+        method: str,
+        url: str,
+        data: bytes | None,
+        headers: dict[str, str],
+        timeout: float,
+        path: str,
+    ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        try:
+            response = self._pool(address, tls).urlopen(
+                method,
+                url,
+                body=data,
+                headers=headers,
+                timeout=urllib3.Timeout(total=timeout),
+                retries=False,
+                redirect=False,
+                preload_content=False,
+            )
+            raw = response.read(self._max_body_bytes + 1, decode_content=True)
+            if len(raw) > self._max_body_bytes:
+                response.close()
+            else:
+                response.release_conn()  # keep the connection alive for the next request
+            return response, raw
+        except urllib3.exceptions.SSLError as e:
+            raise VaultUnreachable(f"TLS to Vault at {address} failed: {truncate(str(e))}") from None
+        except urllib3.exceptions.NewConnectionError as e:  # a subclass of the timeout errors
+            raise _NotSent(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
+        except (urllib3.exceptions.TimeoutError, TimeoutError):
+            raise VaultUnreachable(
+                f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s"
+            ) from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
+
+    def _pool(self, address: str, tls: TLSConfig) -> urllib3.HTTPConnectionPool:
+        key = (address, tls)
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[key] = _build_pool(endpoint.address, endpoint.tls)
+                pool = self._pools[key] = _build_pool(address, tls)
             return pool
 
 
@@ -375,6 +407,8 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return max(delay, retry_after) if retry_after is not None else delay
 
 
+# Redirects followed per request: a standby points at the active node, which answers.
+MAX_REDIRECTS = 2
 # Characters left as they are in a request path, as Go's url.URL.EscapedPath leaves them.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 

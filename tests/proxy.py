@@ -14,8 +14,13 @@ import time
 
 
 class Forwarder:
-    def __init__(self, target: tuple[str, int], *, unix_path: str | None = None, port: int = 0) -> None:
-        self.target = target
+    def __init__(
+        self, target: tuple[str, int] | list[tuple[str, int]], *, unix_path: str | None = None, port: int = 0
+    ) -> None:
+        # Several targets: round robin per connection, skipping targets that refuse, like a
+        # Kubernetes Service in front of a Vault cluster.
+        self.targets = target if isinstance(target, list) else [target]
+        self._next = 0
         self.unix_path = unix_path
         if unix_path:
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,12 +64,23 @@ class Forwarder:
             self.connections += 1
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
+    def _connect(self) -> socket.socket | None:
+        for _ in range(len(self.targets)):
+            with self._lock:
+                target = self.targets[self._next % len(self.targets)]
+                self._next += 1
+            try:
+                return socket.create_connection(target, timeout=2)
+            except OSError:
+                continue
+        return None
+
     def _serve(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self.target, timeout=10)
-        except OSError:
+        upstream = self._connect()
+        if upstream is None:
             client.close()
             return
+        upstream.settimeout(None)
         with self._lock:
             self._sockets.update((client, upstream))
         threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
