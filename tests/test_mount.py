@@ -452,3 +452,38 @@ def test_no_secret_material_in_logs(
     assert "mount pod=team/" in text
     for material in [canary, jwt, jwt.split(".")[1], *tokens]:
         assert material not in text
+
+
+def test_whole_response_with_an_auth_block_keeps_gos_field_order(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    pod = world.grant(unique, ["auth/token/create"])
+    world.policy(unique, 'path "auth/token/create" { capabilities = ["create", "update"] }')
+    response = provider.mount(
+        pod,
+        [
+            {
+                "objectName": "token.json",
+                "secretPath": "auth/token/create",
+                "method": "POST",
+                "secretArgs": {"ttl": "1m", "policies": [unique]},
+            }
+        ],
+        role=unique,
+    )
+    whole = json.loads(files_of(response)["token.json"])
+    assert list(whole)[:7] == ["request_id", "lease_id", "lease_duration", "renewable", "data", "warnings", "auth"]
+    assert list(whole["auth"]) == [
+        "client_token",
+        "accessor",
+        "policies",
+        "token_policies",
+        "identity_policies",
+        "metadata",
+        "orphan",
+        "entity_id",
+        "lease_duration",
+        "renewable",
+        "mfa_requirement",
+    ]
+    assert whole["auth"]["lease_duration"] == 60
