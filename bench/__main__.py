@@ -23,7 +23,7 @@ import yaml
 
 from provider._proto import service_pb2, service_pb2_grpc
 from tests.kube_fake import FakeKubernetes, FakePod
-from tests.openbao import OpenBao, free_port
+from tests.openbao import OpenBao, enable_kubernetes_auth, free_port, pki_engine
 
 WARM_ROUNDS = 300
 COLD_ROUNDS = 40
@@ -114,17 +114,7 @@ class Provider:
 
 
 def configure(bao: OpenBao, kube: FakeKubernetes) -> None:
-    bao.api("POST", "sys/auth/kubernetes", {"type": "kubernetes"})
-    bao.api(
-        "PUT",
-        "auth/kubernetes/config",
-        {
-            "kubernetes_host": kube.url,
-            "kubernetes_ca_cert": kube.ca_cert_pem(),
-            "token_reviewer_jwt": kube.issue_token("kube-system", "reviewer"),
-            "disable_local_ca_jwt": True,
-        },
-    )
+    enable_kubernetes_auth(bao, kube)
     bao.api(
         "PUT",
         "sys/policies/acl/bench",
@@ -146,13 +136,7 @@ def configure(bao: OpenBao, kube: FakeKubernetes) -> None:
     )
     for i in range(10):
         bao.api("POST", f"secret/data/app/{i}", {"data": {"password": f"value-{i}"}})
-    bao.api("POST", "sys/mounts/pki", {"type": "pki", "config": {"max_lease_ttl": "24h"}})
-    bao.api("POST", "pki/root/generate/internal", {"common_name": "bench-ca", "ttl": "24h"})
-    bao.api(
-        "POST",
-        "pki/roles/web",
-        {"allowed_domains": ["example.com"], "allow_subdomains": True, "not_before_duration": "1s"},
-    )
+    pki_engine(bao, "pki", ttl="24h", not_before_duration="1s")
 
 
 def row(name: str, p50: float, p99: float, floor: float | None = None, target: str = "") -> None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import yaml
 
 from provider._proto import service_pb2, service_pb2_grpc
 from tests.kube_fake import FakeKubernetes
-from tests.openbao import OpenBao, free_port
+from tests.openbao import OpenBao, enable_kubernetes_auth, free_port
 
 SPC = """\
 apiVersion: secrets-store.csi.x-k8s.io/v1
@@ -61,17 +62,7 @@ def main() -> int:
             bao.start()
             print(f"   OpenBao at {bao.url}")
             print("2. Vault: kubernetes auth, secret/shop/db, policy shop-web, role shop-web")
-            bao.api("POST", "sys/auth/kubernetes", {"type": "kubernetes"})
-            bao.api(
-                "PUT",
-                "auth/kubernetes/config",
-                {
-                    "kubernetes_host": kube.url,
-                    "kubernetes_ca_cert": kube.ca_cert_pem(),
-                    "token_reviewer_jwt": kube.issue_token("kube-system", "vault-reviewer"),
-                    "disable_local_ca_jwt": True,
-                },
-            )
+            enable_kubernetes_auth(bao, kube)
             bao.api("POST", "secret/data/shop/db", {"data": {"username": "shop", "password": "correct horse"}})
             bao.api(
                 "PUT", "sys/policies/acl/shop-web", {"policy": 'path "secret/data/shop/*" { capabilities = ["read"] }'}
@@ -146,7 +137,7 @@ def main() -> int:
                 target.chmod(file.mode)
                 print(f"   {oct(file.mode)[2:]:>4}  {file.path:<12} version {versions[file.path][:12]}…")
                 print(f"         {file.contents.decode()}")
-            print("Done. The provider's log lines above show one INFO line for the Mount.")
+            print("Done. The provider's log lines show one INFO line for the Mount.")
             return 0
         finally:
             if provider is not None:
@@ -154,6 +145,9 @@ def main() -> int:
                 provider.wait(15)
             bao.stop()
             kube.stop()
+            if "--keep" not in sys.argv:
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"Cleaned up: OpenBao, the provider and {out}/ are gone (run with --keep to keep the files).")
 
 
 if __name__ == "__main__":

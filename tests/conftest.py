@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +21,9 @@ from lightkube.config.kubeconfig import KubeConfig
 from provider._proto import service_pb2, service_pb2_grpc
 from provider.app import App
 from provider.config import Settings, VaultSettings
+from tests.fault_proxy import FaultProxy
 from tests.kube_fake import FakeKubernetes, FakePod
-from tests.openbao import OpenBao
+from tests.openbao import OpenBao, enable_kubernetes_auth, pki_engine
 
 PROVIDER_NAMESPACE = "vault-csi"
 
@@ -73,19 +76,18 @@ class VaultWorld:
         return self.kube.add_pod(namespace, f"pod-{name}-{uuid.uuid4().hex[:6]}", service_account)
 
     def enable_kubernetes_auth(self, mount: str = "kubernetes", namespace: str = "") -> None:
-        self.bao.api("POST", f"sys/auth/{mount}", {"type": "kubernetes"}, namespace=namespace)
-        reviewer = self.kube.issue_token("kube-system", "vault-reviewer")
-        self.bao.api(
-            "PUT",
-            f"auth/{mount}/config",
-            {
-                "kubernetes_host": self.kube.url,
-                "kubernetes_ca_cert": self.kube.ca_cert_pem(),
-                "token_reviewer_jwt": reviewer,
-                "disable_local_ca_jwt": True,
-            },
-            namespace=namespace,
-        )
+        enable_kubernetes_auth(self.bao, self.kube, mount=mount, namespace=namespace)
+
+    def kv_pod(self, name: str, value: str = "v") -> tuple[FakePod, list[dict[str, str]]]:
+        """A KV v1 secret kv1/<name> {k: value}, a pod allowed to read it, and its one object."""
+        self.bao.api("POST", f"kv1/{name}", {"k": value})
+        pod = self.grant(name, [f"kv1/{name}"])
+        return pod, [{"objectName": "k", "secretPath": f"kv1/{name}", "secretKey": "k"}]
+
+    def pki_engine(self, mount: str, *, ttl: str = "87600h", **role: Any) -> str:
+        """A PKI engine with a root CA and a role `web` for example.com; returns its issue path."""
+        pki_engine(self.bao, mount, ttl=ttl, **role)
+        return f"{mount}/issue/web"
 
 
 def configure(world: VaultWorld) -> None:
@@ -182,6 +184,15 @@ class ProviderClient:
         return self.stub.Mount(request, timeout=timeout)
 
 
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def files_of(response: service_pb2.MountResponse) -> dict[str, bytes]:
     return {f.path: f.contents for f in response.files}
 
@@ -215,6 +226,22 @@ def provider(tmp_path: Path, world: VaultWorld) -> Iterator[ProviderClient]:
     finally:
         client.channel.close()
         client.app.stop(grace=1)
+
+
+@pytest.fixture
+def proxy(world: VaultWorld) -> Iterator[FaultProxy]:
+    """An HTTP proxy in front of the session's OpenBao that can answer in its place."""
+    proxy = FaultProxy(world.bao.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def proxied(tmp_path: Path, world: VaultWorld, proxy: FaultProxy) -> Iterator[ProviderClient]:
+    """A provider that reaches OpenBao through `proxy`."""
+    provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url))
+    yield provider
+    provider.app.stop(grace=1)
 
 
 @pytest.fixture

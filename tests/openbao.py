@@ -140,3 +140,26 @@ class OpenBao:
         if response.status_code not in expect:
             raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
         return response.json() if response.content else None
+
+
+def enable_kubernetes_auth(bao: Any, kube: Any, *, mount: str = "kubernetes", namespace: str = "") -> None:
+    """Kubernetes auth at `mount`, reviewing tokens with the fake Kubernetes API `kube`."""
+    bao.api("POST", f"sys/auth/{mount}", {"type": "kubernetes"}, namespace=namespace)
+    bao.api(
+        "PUT",
+        f"auth/{mount}/config",
+        {
+            "kubernetes_host": kube.url,
+            "kubernetes_ca_cert": kube.ca_cert_pem(),  # any PEM will do for an http:// host
+            "token_reviewer_jwt": kube.issue_token("kube-system", "vault-reviewer"),
+            "disable_local_ca_jwt": True,
+        },
+        namespace=namespace,
+    )
+
+
+def pki_engine(bao: Any, mount: str, *, ttl: str = "87600h", **role: Any) -> None:
+    """A PKI engine at `mount` with a root CA and a role `web` issuing for example.com."""
+    bao.api("POST", f"sys/mounts/{mount}", {"type": "pki", "config": {"max_lease_ttl": ttl}})
+    bao.api("POST", f"{mount}/root/generate/internal", {"common_name": f"{mount}-ca", "ttl": ttl})
+    bao.api("POST", f"{mount}/roles/web", {"allowed_domains": ["example.com"], "allow_subdomains": True, **role})

@@ -106,15 +106,13 @@ def test_dry_run_mount_prints_files_and_the_synced_secrets(world: VaultWorld, tm
         {"data": {"username": "alice", "username_b64": base64.b64encode(b"bob").decode()}},
     )
     pki = f"pki-{unique}"
-    bao.api("POST", f"sys/mounts/{pki}", {"type": "pki", "config": {"max_lease_ttl": "87600h"}})
-    bao.api("POST", f"{pki}/root/generate/internal", {"common_name": "ca", "ttl": "87600h"})
-    bao.api("POST", f"{pki}/roles/app", {"allowed_domains": ["example.com"], "allow_subdomains": True})
-    pod = world.grant(unique, [f"secret/data/{unique}/*", f"{pki}/issue/app"], namespace="app", service_account="app")
+    world.pki_engine(pki)
+    pod = world.grant(unique, [f"secret/data/{unique}/*", f"{pki}/issue/web"], namespace="app", service_account="app")
     spc_text = (
         (EXAMPLES / "spc-sync.yaml")
         .read_text()
         .replace("secret/data/app/", f"secret/data/{unique}/")
-        .replace("pki/issue/app", f"{pki}/issue/app")
+        .replace("pki/issue/app", f"{pki}/issue/web")
         .replace("roleName: app", f"roleName: {unique}")
     )
     spc = tmp_path / "spc.yaml"

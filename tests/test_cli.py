@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ from provider import __version__
 from provider._proto import service_pb2, service_pb2_grpc
 from provider.cli import build_parser, parse_duration, settings_from
 from provider.config import VaultSettings
-from tests.conftest import VaultWorld, files_of, start_provider
+from tests.conftest import VaultWorld, files_of, http_get, start_provider
 from tests.openbao import free_port
 from tests.proxy import Forwarder
 
@@ -112,14 +111,6 @@ def test_version_flag(output: str) -> None:
         assert f"version: {__version__}" in result.stdout
     else:
         assert json.loads(result.stdout)["version"] == __version__
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_daemon_replaces_a_stale_socket_serves_and_stops_cleanly(tmp_path: Path, world: VaultWorld) -> None:

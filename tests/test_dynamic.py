@@ -159,13 +159,7 @@ def test_pki_certificate_is_kept_until_two_thirds_of_its_validity(
     provider: ProviderClient, world: VaultWorld, unique: str
 ) -> None:
     mount = f"pki-{unique}"
-    world.bao.api("POST", f"sys/mounts/{mount}", {"type": "pki", "config": {"max_lease_ttl": "1h"}})
-    world.bao.api("POST", f"{mount}/root/generate/internal", {"common_name": "ca", "ttl": "1h"})
-    world.bao.api(
-        "POST",
-        f"{mount}/roles/web",
-        {"allowed_domains": ["example.com"], "allow_subdomains": True, "not_before_duration": "1s"},
-    )
+    world.pki_engine(mount, ttl="1h", not_before_duration="1s")
     pod = world.grant(unique, [f"{mount}/issue/web"])
     objects = [
         {

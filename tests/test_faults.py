@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,20 +20,6 @@ from tests.proxy import Forwarder
 
 
 @pytest.fixture
-def proxy(world: VaultWorld) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(world.bao.port)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def client(tmp_path: Path, world: VaultWorld, proxy: FaultProxy) -> Iterator[ProviderClient]:
-    provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url))
-    yield provider
-    provider.app.stop(grace=1)
-
-
-@pytest.fixture
 def kv(world: VaultWorld, unique: str) -> tuple[FakePod, list[dict[str, str]]]:
     world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
     pod = world.grant(unique, [f"kv1/{unique}"])
@@ -42,11 +27,11 @@ def kv(world: VaultWorld, unique: str) -> tuple[FakePod, list[dict[str, str]]]:
 
 
 def failing_mount(
-    client: ProviderClient, pod: FakePod, objects: list[dict[str, str]], role: str, timeout: float
+    proxied: ProviderClient, pod: FakePod, objects: list[dict[str, str]], role: str, timeout: float
 ) -> tuple[grpc.RpcError, float]:
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        client.mount(pod, objects, role=role, timeout=timeout)
+        proxied.mount(pod, objects, role=role, timeout=timeout)
     elapsed = time.monotonic() - started
     assert error.value.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
     assert elapsed < timeout
@@ -87,15 +72,15 @@ def test_a_mount_riding_out_a_short_outage_succeeds(tmp_path: Path, world: Vault
         provider.app.stop(grace=1)
 
 
-def test_slower_than_the_deadline(client: ProviderClient, proxy: FaultProxy, kv, unique: str) -> None:  # type: ignore[no-untyped-def]
+def test_slower_than_the_deadline(proxied: ProviderClient, proxy: FaultProxy, kv, unique: str) -> None:  # type: ignore[no-untyped-def]
     pod, objects = kv
-    client.mount(pod, objects, role=unique)  # logged in; now the read is slow
+    proxied.mount(pod, objects, role=unique)  # logged in; now the read is slow
     proxy.add(Rule("GET", f"/v1/kv1/{unique}", delay_seconds=5))
-    error, _ = failing_mount(client, pod, objects, unique, timeout=2)
+    error, _ = failing_mount(proxied, pod, objects, unique, timeout=2)
     assert error.code() == grpc.StatusCode.UNKNOWN
     assert "did not answer within" in error.details()
     proxy.clear()
-    assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
+    assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
 
 
 def test_sealed_vault(provider: ProviderClient, world: VaultWorld, kv, unique: str) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +107,7 @@ def test_sealed_vault(provider: ProviderClient, world: VaultWorld, kv, unique: s
     ids=["429-retry-after", "503-retry-after", "503-standby", "500", "502", "504"],
 )
 def test_transient_errors_on_reads_are_retried(
-    client: ProviderClient,
+    proxied: ProviderClient,
     proxy: FaultProxy,
     kv,
     unique: str,
@@ -130,12 +115,12 @@ def test_transient_errors_on_reads_are_retried(
     headers: dict[str, str],  # type: ignore[no-untyped-def]
 ) -> None:
     pod, objects = kv
-    client.mount(pod, objects, role=unique)
+    proxied.mount(pod, objects, role=unique)
     rule = proxy.add(
         Rule("GET", f"/v1/kv1/{unique}", status=status, times=2, headers=headers, body=b'{"errors":["try again"]}')
     )
     started = time.monotonic()
-    assert files_of(client.mount(pod, objects, role=unique, timeout=10)) == {"k": b"v"}
+    assert files_of(proxied.mount(pod, objects, role=unique, timeout=10)) == {"k": b"v"}
     assert rule.hits == 2
     if "Retry-After" in headers:
         assert time.monotonic() - started >= 2.0  # Vault's Retry-After was honoured twice
@@ -143,9 +128,7 @@ def test_transient_errors_on_reads_are_retried(
 
 def pki(world: VaultWorld, unique: str) -> tuple[FakePod, list[dict[str, object]], str]:
     mount = f"pki-{unique}"
-    world.bao.api("POST", f"sys/mounts/{mount}", {"type": "pki", "config": {"max_lease_ttl": "87600h"}})
-    world.bao.api("POST", f"{mount}/root/generate/internal", {"common_name": "ca", "ttl": "87600h"})
-    world.bao.api("POST", f"{mount}/roles/web", {"allowed_domains": ["example.com"], "allow_subdomains": True})
+    world.pki_engine(mount)
     pod = world.grant(unique, [f"{mount}/issue/web"])
     objects: list[dict[str, object]] = [
         {
@@ -170,30 +153,30 @@ def pki(world: VaultWorld, unique: str) -> tuple[FakePod, list[dict[str, object]
     ids=["500", "502", "connection-dropped", "timeout"],
 )
 def test_writes_that_may_have_reached_vault_are_not_retried(
-    client: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, rule: Rule
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, rule: Rule
 ) -> None:
     pod, objects, path = pki(world, unique)
     rule.path_prefix, rule.times = path, 5
     proxy.add(rule)
-    error, _ = failing_mount(client, pod, objects, unique, timeout=2)  # type: ignore[arg-type]
+    error, _ = failing_mount(proxied, pod, objects, unique, timeout=2)  # type: ignore[arg-type]
     assert error.code() == grpc.StatusCode.UNKNOWN
     assert rule.hits == 1  # exactly one attempt: the certificate may have been issued
     proxy.clear()
-    assert files_of(client.mount(pod, objects, role=unique))["crt"].startswith(b"-----BEGIN CERTIFICATE")
+    assert files_of(proxied.mount(pod, objects, role=unique))["crt"].startswith(b"-----BEGIN CERTIFICATE")
 
 
 def test_writes_refused_by_vault_are_retried(
-    client: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str
 ) -> None:
     pod, objects, path = pki(world, unique)
     rule = proxy.add(Rule("PUT", path, status=503, times=2, body=b'{"errors":["Vault is sealed"]}'))
-    assert files_of(client.mount(pod, objects, role=unique, timeout=10))["crt"].startswith(b"-----BEGIN")
+    assert files_of(proxied.mount(pod, objects, role=unique, timeout=10))["crt"].startswith(b"-----BEGIN")
     assert rule.hits == 2
     assert [m for m, p in proxy.forwarded if p == path] == ["PUT"]
 
 
 def test_the_server_keeps_serving_other_pods_while_vault_is_slow_for_one(
-    client: ProviderClient,
+    proxied: ProviderClient,
     proxy: FaultProxy,
     world: VaultWorld,
     kv,
@@ -204,7 +187,7 @@ def test_the_server_keeps_serving_other_pods_while_vault_is_slow_for_one(
     slow_pod = world.grant(f"{unique}s", [f"kv1/{unique}-slow"])
     proxy.add(Rule("GET", f"/v1/kv1/{unique}-slow", delay_seconds=3))
     slow = threading.Thread(
-        target=lambda: client.mount(
+        target=lambda: proxied.mount(
             slow_pod, [{"objectName": "k", "secretPath": f"kv1/{unique}-slow", "secretKey": "k"}], role=f"{unique}s"
         )
     )
@@ -212,6 +195,6 @@ def test_the_server_keeps_serving_other_pods_while_vault_is_slow_for_one(
     time.sleep(0.3)
     started = time.monotonic()
     for _ in range(5):
-        assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
+        assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
     assert time.monotonic() - started < 2
     slow.join(10)

@@ -142,9 +142,7 @@ def test_pki_issue_is_sent_once_for_cert_key_and_whole_json(
     provider: ProviderClient, world: VaultWorld, unique: str
 ) -> None:
     mount = f"pki-{unique}"
-    world.bao.api("POST", f"sys/mounts/{mount}", {"type": "pki", "config": {"max_lease_ttl": "24h"}})
-    world.bao.api("POST", f"{mount}/root/generate/internal", {"common_name": "test-ca", "ttl": "24h"})
-    world.bao.api("POST", f"{mount}/roles/web", {"allowed_domains": ["example.com"], "allow_subdomains": True})
+    world.pki_engine(mount)
     pod = world.grant(unique, [f"{mount}/issue/web"])
     args = {"common_name": "app.example.com", "ttl": "1h"}
     objects = [
@@ -248,9 +246,7 @@ def test_vault_namespace(provider: ProviderClient, world: VaultWorld, unique: st
 def test_token_request_fallback_when_the_driver_sends_no_token(
     provider: ProviderClient, world: VaultWorld, unique: str
 ) -> None:
-    world.bao.api("POST", f"kv1/{unique}", {"k": "fallback"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique, "fallback")
     before = world.kube.calls["tokenrequest"]
     response = provider.mount(pod, objects, role=unique, send_token=False, audience="vault")
     assert files_of(response) == {"k": b"fallback"}
@@ -291,9 +287,7 @@ def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, u
 
 
 def test_revoked_cached_token_is_replaced_once(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
-    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique)
     provider.mount(pod, objects, role=unique)
     world.bao.api("PUT", "sys/leases/revoke-prefix/auth/kubernetes/login", {})
     assert files_of(provider.mount(pod, objects, role=unique)) == {"k": b"v"}
@@ -337,9 +331,7 @@ def test_versions_are_stable_change_with_content_and_survive_restarts(
 def test_hmac_key_secret_is_created_immutable_and_rotates_when_deleted(
     tmp_path: Path, world: VaultWorld, unique: str
 ) -> None:
-    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique)
     client = start_provider(tmp_path, world, hmac_key_ttl=0.0, hmac_secret_name=f"hmac-{unique}")
     try:
         before = versions_of(client.mount(pod, objects, role=unique))
@@ -353,9 +345,7 @@ def test_hmac_key_secret_is_created_immutable_and_rotates_when_deleted(
 
 
 def test_hmac_key_is_read_once_per_ttl(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
-    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique)
     provider.mount(pod, objects, role=unique)
     reads_before = world.kube.calls["secret.get"]
     for _ in range(5):

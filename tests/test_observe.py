@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -28,6 +27,7 @@ from provider.errors import (
 from provider.health import ReadinessCheck
 from provider.server import status_code
 from tests.conftest import ProviderClient, VaultWorld
+from tests.conftest import http_get as get
 from tests.openbao import free_port
 
 # kubelet treats these as "maybe still in progress": the provider must never answer them.
@@ -76,14 +76,6 @@ def test_readiness_is_cached_and_a_failing_probe_means_not_ready() -> None:
     assert not ready() and len(calls) == 2
     now[0] = 3.0
     assert ready() and len(calls) == 3
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_metrics_count_mounts_and_never_carry_pods_paths_or_values(

@@ -144,9 +144,7 @@ def test_kubernetes_api_faults(
     tmp_path: Path, kube_fault: VaultWorld, unique: str, fault: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     world = kube_fault
-    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique)
     provider = start_provider(tmp_path, world, hmac_secret_name=f"hmac-{unique}")
     if fault == "slow":
         world.kube.delay_seconds = 4.0  # beyond the provider's 3 s API timeout

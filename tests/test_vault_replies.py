@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from provider.config import VaultSettings
-from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider
+from tests.conftest import ProviderClient, VaultWorld, files_of
 from tests.fault_proxy import FaultProxy, Rule
-
-
-@pytest.fixture
-def proxy(world: VaultWorld) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(world.bao.port)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def client(tmp_path: Path, world: VaultWorld, proxy: FaultProxy) -> Iterator[ProviderClient]:
-    provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url))
-    yield provider
-    provider.app.stop(grace=1)
-
 
 LOGIN = "/v1/auth/kubernetes/login"
 
@@ -58,7 +40,7 @@ LOGIN = "/v1/auth/kubernetes/login"
     ids=["no-auth-block", "empty-body", "204", "not-json", "null-token", "login-403"],
 )
 def test_unusable_login_replies(
-    client: ProviderClient,
+    proxied: ProviderClient,
     proxy: FaultProxy,
     world: VaultWorld,
     unique: str,
@@ -66,16 +48,14 @@ def test_unusable_login_replies(
     code: grpc.StatusCode,
     message: str,
 ) -> None:
-    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique)
     proxy.add(rule)
     with pytest.raises(grpc.RpcError) as error:
-        client.mount(pod, objects, role=unique)
+        proxied.mount(pod, objects, role=unique)
     assert error.value.code() == code
     assert message in error.value.details()
     proxy.clear()
-    assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
+    assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
 
 
 @pytest.mark.parametrize(
@@ -90,7 +70,7 @@ def test_unusable_login_replies(
     ids=["204", "empty-200", "truncated-json", "500", "sealed"],
 )
 def test_unusable_read_replies(
-    client: ProviderClient,
+    proxied: ProviderClient,
     proxy: FaultProxy,
     world: VaultWorld,
     unique: str,
@@ -98,15 +78,13 @@ def test_unusable_read_replies(
     body: bytes,
     message: str,
 ) -> None:
-    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    pod, objects = world.kv_pod(unique)
     proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=status, body=body, headers={"Content-Type": "application/json"}))
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        client.mount(pod, objects, role=unique, timeout=3)
+        proxied.mount(pod, objects, role=unique, timeout=3)
     assert time.monotonic() - started < 3  # a final answer before the caller's deadline, even when retrying
     assert error.value.code() == grpc.StatusCode.UNKNOWN
     assert 'object "k"' in error.value.details() and message in error.value.details()
     proxy.clear()
-    assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
+    assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
