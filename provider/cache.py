@@ -58,7 +58,6 @@ class TokenCache:
     def __init__(self, size: int, *, clock: Clock = time.monotonic, on_evict: Callable[[], None] | None = None) -> None:
         self._size = size
         self._clock = clock
-        self._on_evict = on_evict
         self._slots: cachetools.LRUCache[Hashable, _TokenSlot] = _EvictingLRU(max(size, 1), on_evict)
         self._lock = threading.Lock()
 

@@ -279,7 +279,7 @@ def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSetti
     for mounted in result.files:
         size = len(mounted.contents)
         print(f"  {mounted.path}  mode {mounted.mode:04o}  {size} bytes  version {mounted.version}", file=out)
-        if args.show_values:
+        if args.show_values:  # only on the operator's explicit request, to stdout, never to a log
             print(f"    {mounted.contents.decode('utf-8', 'replace')}", file=out)
     ok = True
     for secret in synced_secrets(report, result.files, args.namespace):
