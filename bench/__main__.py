@@ -6,12 +6,14 @@ run, and the counts, are what to read. Every loop is bounded in count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ import requests
 import yaml
 
 from provider._proto import service_pb2, service_pb2_grpc
+from tests.fault_proxy import FaultProxy, Rule
 from tests.kube_fake import FakeKubernetes, FakePod
 from tests.openbao import OpenBao, enable_kubernetes_auth, free_port, pki_engine
 
@@ -29,6 +32,9 @@ WARM_ROUNDS = 300
 COLD_ROUNDS = 40
 BURST_PODS = 200
 FILL_PODS = 1000  # pods each holding a kept (leased) certificate: the lease cache at scale
+NOISY_PODS = 60  # pods of another class whose Vault is dead or slow, mounting beside the good one
+NOISE_ROUNDS = 200
+NOISE_MOUNTS_PER_POD = 1000
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -93,7 +99,9 @@ class Provider:
                 counts[operation] = counts.get(operation, 0) + float(line.rsplit(" ", 1)[1])
         return counts
 
-    def mount(self, pod: FakePod, objects: list[dict[str, object]], role: str) -> service_pb2.MountResponse:
+    def mount(
+        self, pod: FakePod, objects: list[dict[str, object]], role: str, timeout: float = 60, **params: str
+    ) -> service_pb2.MountResponse:
         token = self._tokens.get(pod.uid) or self._tokens.setdefault(pod.uid, self.kube.pod_token(pod))
         attributes = {
             "roleName": role,
@@ -103,9 +111,10 @@ class Provider:
             "csi.storage.k8s.io/pod.uid": pod.uid,
             "csi.storage.k8s.io/serviceAccount.name": pod.service_account,
             "csi.storage.k8s.io/serviceAccount.tokens": json.dumps({"vault": {"token": token}}),
+            **params,
         }
         request = service_pb2.MountRequest(attributes=json.dumps(attributes), target_path="/t", permission="420")
-        return self.stub.Mount(request, timeout=60)
+        return self.stub.Mount(request, timeout=timeout)
 
     def stop(self) -> None:
         self.channel.close()
@@ -137,6 +146,33 @@ def configure(bao: OpenBao, kube: FakeKubernetes) -> None:
     for i in range(10):
         bao.api("POST", f"secret/data/app/{i}", {"data": {"password": f"value-{i}"}})
     pki_engine(bao, "pki", ttl="24h", not_before_duration="1s")
+
+
+def beside_noise(
+    provider: Provider, good: Callable[[], object], noisy: list[FakePod], address: str
+) -> tuple[float, float]:
+    """p50/p99 of a good class's Mounts while every noisy pod mounts a class whose Vault is
+    at `address` in a loop (bounded by count and time)."""
+    stop = threading.Event()
+    objects: list[dict[str, object]] = [{"objectName": "k", "secretPath": "kv/noisy", "secretKey": "k"}]
+
+    def noise(pod: FakePod) -> None:
+        for _ in range(NOISE_MOUNTS_PER_POD):
+            if stop.is_set():
+                return
+            with contextlib.suppress(grpc.RpcError):
+                provider.mount(pod, objects, "noisy", timeout=5, vaultAddress=address)
+
+    threads = [threading.Thread(target=noise, args=(pod,), daemon=True) for pod in noisy]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # let the noise fill its share first
+    try:
+        return percentiles(timed(good, NOISE_ROUNDS))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
 
 
 def row(name: str, p50: float, p99: float, floor: float | None = None, target: str = "") -> None:
@@ -245,6 +281,22 @@ def main() -> int:
             print(f"  dynamic, unchanged remount:     {requests_for(lambda: provider.mount(dyn_pod, pki, 'bench'))}")
             time.sleep(4.2)
             print(f"  dynamic, past 2/3 (rotation):   {requests_for(lambda: provider.mount(dyn_pod, pki, 'bench'))}")
+
+            noisy = [kube.add_pod("noisy", f"noisy-{i}", "noisy") for i in range(NOISY_PODS)]
+            slow = FaultProxy(bao.port)
+            slow.add(Rule("*", "/", delay_seconds=5))
+            try:
+                print(f"good Mounts while {NOISY_PODS} pods of another class fail beside them")
+                quiet = warm
+                row("quiet (from above)", *quiet)
+                dead = beside_noise(
+                    provider, lambda: provider.mount(warm_pod, one, "bench"), noisy, f"http://127.0.0.1:{free_port()}"
+                )
+                row("beside a dead Vault (connection refused)", *dead, quiet[0])
+                held = beside_noise(provider, lambda: provider.mount(warm_pod, one, "bench"), noisy, slow.url)
+                row("beside a slow Vault (5 s per request)", *held, quiet[0])
+            finally:
+                slow.close()
 
             rss_before = provider.rss_mib()
             started = time.perf_counter()

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine
 from http.server import ThreadingHTTPServer
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from lightkube.config.kubeconfig import KubeConfig
 
 from provider import kube as kube_module
 from provider._proto import service_pb2, service_pb2_grpc
+from provider.admission import Admission
+from provider.breaker import Breakers, EndpointKey, State
 from provider.cache import HmacKeySource, TokenCache
 from provider.config import Settings
+from provider.dispatch import MountDispatcher
 from provider.health import ReadinessCheck, create_health_server
 from provider.leases import LeaseCache
 from provider.metrics import Metrics
@@ -31,21 +36,23 @@ logger = logging.getLogger(__name__)
 
 # In-flight Mounts get this long to finish after SIGTERM (kubelet's grace is 30 s).
 STOP_GRACE_SECONDS = 10.0
-# Vault requests in flight at once over all Mounts of this node.
-FETCH_WORKERS = 16
-# gRPC worker threads: concurrent Mounts; more wait in grpc's queue.
-MOUNT_WORKERS = 16
 # The socket: owner and group may connect (the driver runs as root), nobody else.
 SOCKET_UMASK = 0o117
 
 _UNSET = object()
+T = TypeVar("T")
 
 
 class App:
     """The running provider: gRPC server on the socket plus the health server."""
 
     def __init__(
-        self, settings: Settings, *, kube_config: KubeConfig | object | None = _UNSET, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        *,
+        kube_config: KubeConfig | object | None = _UNSET,
+        metrics: Metrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -53,8 +60,14 @@ class App:
         assert config is None or isinstance(config, KubeConfig)
         self.kube = kube_module.KubeClient(config)
         namespace = kube_module.own_namespace(config)
+        self.admission = admission or Admission()
+        self.breakers = Breakers(on_change=self._breaker_changed, on_forget=self._breaker_forgotten)
+        self.metrics.mount_threads.set_function(lambda: self.admission.running)
+        self.metrics.mounts_waiting.set_function(lambda: self.admission.waiting)
         self.vault = VaultClient(
-            metrics=self.metrics, max_body_bytes=max(2 * settings.max_response_bytes, MAX_BODY_BYTES)
+            metrics=self.metrics,
+            max_body_bytes=max(2 * settings.max_response_bytes, MAX_BODY_BYTES),
+            breakers=self.breakers,
         )
         self.tokens = TokenCache(
             settings.cache_size, on_evict=lambda: self.metrics.token_cache.labels("eviction").inc()
@@ -71,7 +84,6 @@ class App:
         self.sweeper = PodSweeper(
             kube=self.kube, vault=self.vault, tokens=self.tokens, leases=self.leases, metrics=self.metrics
         )
-        self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_WORKERS, thread_name_prefix="fetch")
         self.mounter = Mounter(
             settings=settings,
             vault=self.vault,
@@ -80,9 +92,17 @@ class App:
             hmac_keys=self.hmac_keys,
             metrics=self.metrics,
             leases=self.leases if settings.lease_cache_size > 0 else None,
-            fetch_pool=self._fetch_pool,
         )
-        self._grpc: grpc.Server | None = None
+        self.dispatcher = MountDispatcher(
+            mounter=self.mounter,
+            admission=self.admission,
+            breakers=self.breakers,
+            vault=self.vault,
+            metrics=self.metrics,
+            defaults=settings.vault,
+        )
+        self._loop = _LoopThread()
+        self._grpc: grpc.aio.Server | None = None
         self._health: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
         self._self_channel: grpc.Channel | None = None
@@ -90,17 +110,9 @@ class App:
     def start(self) -> None:
         endpoint = self.settings.endpoint
         _remove_stale_socket(endpoint)
-        self._grpc = create_server(
-            ProviderServicer(self.mounter, self.metrics),
-            endpoint=endpoint,
-            max_workers=MOUNT_WORKERS,
-            max_message_bytes=self.settings.max_response_bytes,
-        )
-        old_umask = os.umask(SOCKET_UMASK)
-        try:
-            self._grpc.start()
-        finally:
-            os.umask(old_umask)
+        self._loop.start()
+        self.admission.bind(self._loop.loop)
+        self._grpc = self._loop.run(self._start_grpc(endpoint), timeout=30)
         os.chmod(endpoint, 0o660)
         self._self_channel = grpc.insecure_channel(f"unix:{endpoint}")
         self._health = create_health_server(
@@ -110,6 +122,27 @@ class App:
         if self.settings.revoke_deleted_pods:
             self.sweeper.start(self.settings.revocation_interval)
         logger.info("serving on unix:%s; health on %s", endpoint, self.health_address)
+
+    async def _start_grpc(self, endpoint: str) -> grpc.aio.Server:
+        server = create_server(
+            ProviderServicer(self.dispatcher, self.metrics),
+            endpoint=endpoint,
+            max_message_bytes=self.settings.max_response_bytes,
+        )
+        old_umask = os.umask(SOCKET_UMASK)
+        try:
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        return server
+
+    def _breaker_changed(self, key: EndpointKey, state: State) -> None:
+        self.metrics.breaker_state.labels(key.address, key.namespace).set(int(state))
+        self.admission.wake()  # Mounts waiting for that endpoint may now be answered at once
+
+    def _breaker_forgotten(self, key: EndpointKey) -> None:
+        with contextlib.suppress(KeyError):
+            self.metrics.breaker_state.remove(key.address, key.namespace)
 
     @property
     def health_address(self) -> str:
@@ -130,13 +163,15 @@ class App:
         logger.info("stopping: letting in-flight Mounts finish (up to %.0fs)", grace)
         self.sweeper.stop()
         if self._grpc is not None:
-            self._grpc.stop(grace).wait(grace + 1)
+            with contextlib.suppress(Exception):
+                self._loop.run(self._grpc.stop(grace), timeout=grace + 2)
+        self._loop.stop()
         if self._health is not None:
             self._health.shutdown()
             self._health.server_close()
         if self._self_channel is not None:
             self._self_channel.close()
-        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.admission.close()
         self.vault.close()
         self.kube.close()
         with contextlib.suppress(FileNotFoundError):
@@ -145,6 +180,33 @@ class App:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+class _LoopThread:
+    """The asyncio event loop the gRPC server answers on, in a thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="grpc-loop", daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], *, timeout: float) -> T:
+        """Run a coroutine on the loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def _remove_stale_socket(path: str) -> None:

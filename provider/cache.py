@@ -27,6 +27,9 @@ TOKEN_RENEW_FRACTION = 0.8
 # After the Kubernetes API failed to give the HMAC key, wait this long before asking
 # again, so an outage does not add an API call to every Mount.
 HMAC_RETRY_SECONDS = 5.0
+# A Mount waits at most this long for another Mount's fetch of the key (the Kubernetes
+# client gives up after 3 s) before going on with empty versions.
+HMAC_WAIT_SECONDS = 3.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +129,9 @@ class HmacKeySource:
 
     The reference reads the Secret on every Mount; keeping it a bounded time saves
     that API call while a deleted Secret still rotates the key on every node within
-    `ttl`. When the API fails, `get` returns None (versions become empty) and the
+    `ttl`. One Mount fetches at a time and no lock is held during the call: the others
+    keep using the key they have, or wait for the fetch no longer than their own
+    deadline. When the API fails, `get` returns None (versions become empty) and the
     next attempt waits HMAC_RETRY_SECONDS.
     """
 
@@ -137,17 +142,34 @@ class HmacKeySource:
         self._lock = threading.Lock()
         self._key: bytes | None = None
         self._valid_until = 0.0
+        self._fetching: threading.Event | None = None
 
-    def get(self) -> bytes | None:
+    def get(self, *, deadline: float = float("inf")) -> bytes | None:
         with self._lock:
             now = self._clock()
             if now < self._valid_until:
                 return self._key
-            try:
-                self._key = self._fetch()
-                self._valid_until = now + self._ttl
-            except KubernetesError as e:
-                logger.warning("object versions will be empty: no HMAC key: %s", e)
-                self._key = None
-                self._valid_until = now + HMAC_RETRY_SECONDS
-            return self._key
+            fetching = self._fetching
+            if fetching is None:
+                fetching = self._fetching = threading.Event()
+                owner = True
+            else:
+                owner = False
+                if self._key is not None:
+                    return self._key  # expired a moment ago; another Mount is fetching the next
+        if not owner:
+            fetching.wait(max(0.0, min(deadline - self._clock(), HMAC_WAIT_SECONDS)))
+            with self._lock:
+                return self._key
+        try:
+            key: bytes | None = self._fetch()
+            valid_for = self._ttl
+        except KubernetesError as e:
+            logger.warning("object versions will be empty: no HMAC key: %s", e)
+            key, valid_for = None, HMAC_RETRY_SECONDS
+        with self._lock:
+            self._key = key
+            self._valid_until = self._clock() + valid_for
+            self._fetching = None
+        fetching.set()
+        return key

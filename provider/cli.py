@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("lease-renew-fraction", default=2 / 3, type=_fraction, help="share of a lease's life before renewal")
     switch("revoke-leases-of-deleted-pods", "revoke tokens and leases of deleted pods (needs pods get)")
     flag("revocation-interval", default=60.0, type=parse_duration, help="how often deleted pods are looked for")
+    flag(
+        "allowed-vault-addresses",
+        default="",
+        help="comma-separated Vault addresses a class's vaultAddress may name (besides -vault-addr); empty: any",
+    )
     flag("vault-addr", default=None, help="default Vault address (env VAULT_ADDR)")
     flag("vault-mount", default="kubernetes", help="default auth mount path")
     flag("vault-namespace", default=None, help="default Vault namespace (env VAULT_NAMESPACE)")
@@ -151,6 +156,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
                 client_key=pick(args.vault_tls_client_key, "VAULT_CLIENT_KEY"),
                 skip_verify=bool(skip),
             ),
+            allowed_addresses=tuple(a.strip() for a in args.allowed_vault_addresses.split(",") if a.strip()),
         ),
     )
 

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
-from provider import goyaml
+from provider import gojson, goyaml
 from provider.errors import ConfigError, quote, truncate
 
 # The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
@@ -44,6 +45,7 @@ POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 POD_UID = "csi.storage.k8s.io/pod.uid"
 SERVICE_ACCOUNT_NAME = "csi.storage.k8s.io/serviceAccount.name"
 SERVICE_ACCOUNT_TOKENS = "csi.storage.k8s.io/serviceAccount.tokens"
+_POD_ATTRIBUTE_PREFIX = "csi.storage.k8s.io/"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +68,9 @@ class VaultSettings:
     auth_mount: str = "kubernetes"
     namespace: str = ""
     tls: TLSConfig = field(default_factory=TLSConfig)
+    # -allowed-vault-addresses: when set, a class's vaultAddress must be one of these (or
+    # the default address); the provider is otherwise an egress path around NetworkPolicy.
+    allowed_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +125,12 @@ class SecretObject:
     @property
     def http_method(self) -> str:
         return (self.method or "GET").upper()
+
+    @functools.cached_property
+    def request_body(self) -> bytes | None:
+        """secretArgs as the JSON body Vault gets: encoded once per parsed class, not per
+        Mount (a class's args may be large; its parse is cached and shared)."""
+        return gojson.dumps(self.secret_args) if self.secret_args is not None else None
 
     @property
     def normalized_encoding(self) -> str:
@@ -178,10 +189,17 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
         service_account=params.get(SERVICE_ACCOUNT_NAME, ""),
         token=_token_for_audience(params.get(SERVICE_ACCOUNT_TOKENS, ""), audience or DEFAULT_AUDIENCE),
     )
+    vault_address, vault_namespace = vault_target(params, defaults)
+    if defaults.allowed_addresses and not address_allowed(vault_address, defaults):
+        raise ConfigError(
+            f"vaultAddress {quote(truncate(vault_address, 200))} is not allowed on this node: the provider only "
+            f"reaches the addresses in its -allowed-vault-addresses ({', '.join(defaults.allowed_addresses)}) "
+            "and its default address"
+        )
     return MountConfig(
         role_name=role,
-        vault_address=params.get("vaultAddress") or defaults.address,
-        vault_namespace=params.get("vaultNamespace") or defaults.namespace,
+        vault_address=vault_address,
+        vault_namespace=vault_namespace,
         auth_mount=(auth_mount or defaults.auth_mount).strip("/"),
         audience=audience,
         tls=tls,
@@ -189,6 +207,64 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
         pod=pod,
         target_path=target_path,
         permission=mode,
+    )
+
+
+def address_allowed(address: str, defaults: VaultSettings) -> bool:
+    """Whether address is the default or one of the allowed ones, compared by scheme, host,
+    port and path (credentials and a trailing slash aside)."""
+    wanted = _origin(address)
+    return wanted is not None and wanted in {_origin(a) for a in (defaults.address, *defaults.allowed_addresses)}
+
+
+def _origin(address: str) -> tuple[str, str, int | None, str] | None:
+    if address.startswith("unix://"):
+        return ("unix", "", None, address[len("unix://") :])
+    try:
+        parts = urlsplit(address)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    return (parts.scheme.lower(), (parts.hostname or "").lower(), port, parts.path.rstrip("/"))
+
+
+def vault_target(params: Mapping[str, str], defaults: VaultSettings) -> tuple[str, str]:
+    """The Vault address and namespace a class's Mounts go to."""
+    return params.get("vaultAddress") or defaults.address, params.get("vaultNamespace") or defaults.namespace
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """What admission needs before a Mount is parsed: who asks, for which class, to which Vault."""
+
+    pod: str  # namespace/name, for the log line
+    role: str
+    vault_address: str
+    vault_namespace: str
+    tenant: tuple[str, int]  # the pod's namespace and a digest of its class's parameters
+
+
+def peek_route(attributes: str, defaults: VaultSettings) -> Route:
+    """The Route of a Mount request, read cheaply; a request too broken to read gets an
+    empty one (its parse, later, says what is wrong)."""
+    params: Any = None
+    if len(attributes) <= MAX_ATTRIBUTES_BYTES:
+        try:
+            params = json.loads(attributes)
+        except (ValueError, RecursionError):
+            params = None
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        params = {}
+    address, namespace = vault_target(params, defaults)
+    pod_namespace = params.get(POD_NAMESPACE, "")
+    # The class is not named in a Mount: its parameters, less the pod's own, stand for it.
+    class_params = frozenset((k, v) for k, v in params.items() if not k.startswith(_POD_ATTRIBUTE_PREFIX))
+    return Route(
+        pod=f"{pod_namespace}/{params.get(POD_NAME, '')}",
+        role=params.get("roleName", ""),
+        vault_address=address,
+        vault_namespace=namespace,
+        tenant=(pod_namespace, hash(class_params)),
     )
 
 
@@ -357,7 +433,9 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
     if not values.get("secret_path"):
         raise ConfigError(f"{where}: secretPath is required")
     encoding = values.get("encoding", "")
-    if encoding and encoding.lower() not in ENCODINGS:
+    # Without secretKey the whole reply is written and encoding is unused: the reference
+    # ignores it then, so a class that worked there works here.
+    if encoding and values.get("secret_key") and encoding.lower() not in ENCODINGS:
         raise ConfigError(f"{where}: encoding {truncate(encoding, 40)!r} is not supported; use utf-8, base64 or hex")
     method = values.get("method", "")
     if method and method.upper() not in METHODS:

@@ -8,11 +8,13 @@ leads with what to fix::
     ├── ConfigError            the SecretProviderClass or the Mount request is invalid
     ├── VaultError             Vault answered, or could not be reached
     │   ├── VaultUnreachable       connection refused, TLS failure, timeout
+    │   │   └── VaultCircuitOpen       refused without a try: Vault is known to be down
     │   ├── VaultLoginDenied       the login was refused (400/401/403 on auth/*/login)
     │   ├── VaultPermissionDenied  a read was refused (403) even after a fresh login
     │   ├── VaultNotFound          the path or the key does not exist
     │   └── VaultBadResponse       a reply we cannot use (no auth block, bad JSON, 5xx)
     ├── KubernetesError        the Kubernetes API refused or could not be reached
+    ├── MountRejected          not admitted: this class's or endpoint's Mounts are all busy
     ├── ObjectError            one or more objects of a Mount failed (holds each cause)
     └── ResponseTooLarge       the files would not fit in the gRPC message limit
 """
@@ -57,6 +59,11 @@ class VaultUnreachable(VaultError):
     """No answer from Vault: connection refused or reset, TLS failure, timeout."""
 
 
+class VaultCircuitOpen(VaultUnreachable):
+    """Vault at this address failed to connect again and again: the Mount is answered at
+    once, without a Vault call, until a probe reaches it."""
+
+
 class VaultLoginDenied(VaultError):
     """Vault refused the login for this role and service account."""
 
@@ -75,6 +82,11 @@ class VaultBadResponse(VaultError):
 
 class KubernetesError(ProviderError):
     """The Kubernetes API refused a request or could not be reached."""
+
+
+class MountRejected(ProviderError):
+    """The Mount could not start before its deadline: the Mounts of its class or of its
+    Vault endpoint already hold every slot they may have (a bulkhead)."""
 
 
 class ResponseTooLarge(ProviderError):

@@ -22,12 +22,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-
-import cachetools
+from typing import Any
 
 from provider import gojson
 from provider.errors import ProviderError, VaultUnreachable
@@ -68,6 +68,8 @@ class _Entry:
     renewable: bool
     renew_at: float  # monotonic
     expires_at: float  # monotonic
+    token_expires_at: float  # monotonic: Vault revokes the lease with the token that issued it
+    issuer: Any = field(repr=False)  # what issued it (the pod's Vault login), for revocation
 
 
 @dataclass(kw_only=True)
@@ -75,6 +77,15 @@ class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     entry: _Entry | None = None
     inflight: Future[Secret] | None = None
+    dead: bool = False  # removed from the cache: whoever still holds it looks again
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeptLease:
+    """A lease the cache held for a pod, and the login that issued it."""
+
+    lease_id: str = field(repr=False)
+    issuer: Any = field(repr=False)
 
 
 class LeaseCache:
@@ -95,7 +106,10 @@ class LeaseCache:
         self._renew_fraction = renew_fraction
         self._clock = clock
         self._wall_clock = wall_clock
-        self._slots: cachetools.LRUCache[LeaseKey, _Slot] = cachetools.LRUCache(max(max_entries, 1))
+        self._max_entries = max(max_entries, 1)
+        # Slots with an entry (a kept reply) are bounded by max_entries; slots without one
+        # exist only while their request is in flight, and are removed when it ends.
+        self._slots: OrderedDict[LeaseKey, _Slot] = OrderedDict()
         self._lock = threading.Lock()
         self._next_purge = clock() + PURGE_INTERVAL_SECONDS
 
@@ -111,26 +125,34 @@ class LeaseCache:
         renew: Callable[[str, int], Secret],
         deadline: float,
         not_after: float = float("inf"),
+        issuer: Callable[[], Any] = lambda: None,
     ) -> Secret:
         """The reply for key: kept, renewed, shared with a concurrent call, or issued.
 
         `not_after` is when the token that issues it expires (monotonic): Vault revokes
-        a token's leases with it, so nothing issued with it is kept past that.
+        a token's leases with it, so nothing issued with it is kept past that. `issuer`
+        tells, after `issue`, which login issued the reply (kept for revocation).
         """
         self._maybe_purge()
-        with self._lock:
-            slot = self._slots.get(key)
-            if slot is None:
-                slot = self._slots[key] = _Slot()
-        with slot.lock:
-            kept = self._usable(key, slot, renew)
-            if kept is not None:
-                return kept
-            if slot.inflight is not None:
-                shared, owner = slot.inflight, False
-            else:
-                shared, owner = Future(), True
-                slot.inflight = shared
+        while True:
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is None:
+                    slot = self._slots[key] = _Slot()
+                else:
+                    self._slots.move_to_end(key)
+            with slot.lock:
+                if slot.dead:
+                    continue  # emptied or purged since we looked it up: look again
+                kept = self._usable(key, slot, renew)
+                if kept is not None:
+                    return kept
+                if slot.inflight is not None:
+                    shared, owner = slot.inflight, False
+                else:
+                    shared, owner = Future(), True
+                    slot.inflight = shared
+            break
         if not owner:
             try:
                 return shared.result(timeout=max(deadline - self._clock(), 0.0))
@@ -138,10 +160,21 @@ class LeaseCache:
                 raise VaultUnreachable("timed out waiting for the same request of a concurrent Mount") from None
         try:
             secret = issue()
+            entry = self._entry_for(secret, not_after, issuer())
+            if entry is not None and not self._room_for_one_more():
+                logger.warning(
+                    "lease cache full (%d kept replies, -lease-cache-size): credentials for pod %s/%s are not kept "
+                    "and will be issued again on its next Mount",
+                    self._max_entries,
+                    key.pod_namespace,
+                    key.pod_name,
+                )
+                self._metrics.leases.labels("not_kept").inc()
+                entry = None
             with slot.lock:
-                slot.entry = self._entry_for(secret, not_after)
-                if slot.entry is not None:
-                    self._metrics.leases.labels("issued").inc()
+                slot.entry = entry
+            if entry is not None:
+                self._metrics.leases.labels("issued").inc()
             shared.set_result(secret)
             return secret
         except BaseException as e:
@@ -150,6 +183,22 @@ class LeaseCache:
         finally:
             with slot.lock:
                 slot.inflight = None
+                empty = slot.entry is None
+                slot.dead = slot.dead or empty
+            if empty:  # nothing kept (a KV reply, a failure): the slot goes, it holds nothing
+                with self._lock:
+                    if self._slots.get(key) is slot:
+                        del self._slots[key]
+
+    def _room_for_one_more(self) -> bool:
+        """Whether one more reply may be kept; never by evicting a live one (its lease
+        would be orphaned: still valid in Vault, forgotten here)."""
+        with self._lock:
+            if sum(1 for slot in self._slots.values() if slot.entry is not None) < self._max_entries:
+                return True
+        self._purge(self._clock())
+        with self._lock:
+            return sum(1 for slot in self._slots.values() if slot.entry is not None) < self._max_entries
 
     def _usable(self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret]) -> Secret | None:
         entry = slot.entry
@@ -168,6 +217,12 @@ class LeaseCache:
             self._metrics.leases.labels("reissued").inc()
             return None
         increment = max(int(entry.duration), 1)
+        if entry.token_expires_at - now < increment:
+            # A renewal would outlive the token that issued the lease, and Vault revokes the
+            # lease with that token: issue new credentials under the pod's current token.
+            slot.entry = None
+            self._metrics.leases.labels("reissued").inc()
+            return None
         try:
             renewed = renew(entry.lease_id, increment)
         except ProviderError as e:
@@ -187,22 +242,20 @@ class LeaseCache:
         # for part of what is left, then issue new ones instead of renewing again.
         entry.renewable = granted >= increment
         entry.duration = granted
-        entry.renew_at = now + granted * self._renew_fraction
-        entry.expires_at = now + granted
+        life = min(granted, entry.token_expires_at - now)
+        entry.renew_at = now + life * self._renew_fraction
+        entry.expires_at = now + life
         self._metrics.leases.labels("renewed").inc()
         return entry.secret
 
-    def _entry_for(self, secret: Secret, not_after: float) -> _Entry | None:
+    def _entry_for(self, secret: Secret, not_after: float, issuer: Any) -> _Entry | None:
         now = self._clock()
         lifetime: float = 0.0
         lease_id = secret.lease_id
         if lease_id and secret.lease_duration > 0:
             lifetime = secret.lease_duration
-        else:
-            data = secret.data
-            expiration = data.get("expiration") if isinstance(data, dict) else None
-            if isinstance(expiration, gojson.Number):
-                lifetime = expiration.as_int() - self._wall_clock()
+        elif _is_certificate(secret.data):
+            lifetime = secret.data["expiration"].as_int() - self._wall_clock()
             lease_id = ""
         if lifetime <= 0:
             return None
@@ -214,30 +267,54 @@ class LeaseCache:
             renewable=secret.renewable and bool(lease_id),
             renew_at=now + min(lifetime, token_left) * self._renew_fraction,
             expires_at=now + min(lifetime, token_left),
+            token_expires_at=not_after,
+            issuer=issuer,
         )
 
     def _maybe_purge(self) -> None:
         now = self._clock()
-        if now < self._next_purge:
-            return
+        if now >= self._next_purge:
+            self._purge(now)
+
+    def _purge(self, now: float) -> None:
+        """Drop expired entries. A slot busy with a fetch is skipped, never raced."""
         with self._lock:
             self._next_purge = now + PURGE_INTERVAL_SECONDS
-            stale = [
-                key
-                for key, slot in self._slots.items()
-                if slot.inflight is None and (slot.entry is None or slot.entry.expires_at <= now)
-            ]
-            for key in stale:
-                del self._slots[key]
+            for key, slot in list(self._slots.items()):
+                if not slot.lock.acquire(blocking=False):
+                    continue
+                try:
+                    if slot.inflight is None and (slot.entry is None or slot.entry.expires_at <= now):
+                        slot.dead = True
+                        del self._slots[key]
+                finally:
+                    slot.lock.release()
 
     def pods(self) -> set[tuple[str, str, str]]:
         """(uid, namespace, name) of every pod with an entry."""
         with self._lock:
             return {(k.pod_uid, k.pod_namespace, k.pod_name) for k in self._slots}
 
-    def drop_pod(self, pod_uid: str) -> list[str]:
-        """Forget every entry of a pod; return the lease ids that were kept for it."""
+    def drop_pod(self, pod_uid: str) -> list[KeptLease]:
+        """Forget every entry of a pod; return the leases that were kept for it."""
         with self._lock:
             keys = [k for k in self._slots if k.pod_uid == pod_uid]
             slots = [self._slots.pop(k) for k in keys]
-        return [s.entry.lease_id for s in slots if s.entry is not None and s.entry.lease_id]
+        kept: list[KeptLease] = []
+        for slot in slots:
+            with slot.lock:
+                slot.dead = True
+                if slot.entry is not None and slot.entry.lease_id:
+                    kept.append(KeptLease(lease_id=slot.entry.lease_id, issuer=slot.entry.issuer))
+        return kept
+
+
+def _is_certificate(data: Any) -> bool:
+    """A PKI issue or sign reply: a certificate, its serial number and its expiry (Unix
+    seconds). Only then is `expiration` a certificate's; a KV secret may hold any field."""
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("certificate"), str)
+        and isinstance(data.get("serial_number"), str)
+        and isinstance(data.get("expiration"), gojson.Number)
+    )

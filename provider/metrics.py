@@ -62,5 +62,25 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "vault_csi_provider_breaker_state",
+            "Circuit breaker per Vault endpoint: 0 closed, 1 half-open (probing), 2 open (failing fast).",
+            ["address", "namespace"],
+            registry=r,
+        )
+        self.mounts_refused = Counter(
+            "vault_csi_provider_mounts_refused",
+            "Mounts answered without a Vault call: vault_unreachable (breaker open) or busy (bulkhead full).",
+            ["address", "reason"],
+            registry=r,
+        )
+        self.mount_threads = Gauge(
+            "vault_csi_provider_mount_threads_busy", "Threads doing Mount work now (bulkhead slots in use).", registry=r
+        )
+        self.mounts_waiting = Gauge(
+            "vault_csi_provider_mounts_waiting",
+            "Mounts waiting for a thread their class and endpoint may use.",
+            registry=r,
+        )
         self.build = Info("vault_csi_provider_build", "Build information.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})

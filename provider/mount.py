@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl
 
-from provider import gojson, render
+from provider import render
 from provider.cache import HmacKeySource, TokenCache, TokenGrant
 from provider.config import DEFAULT_AUDIENCE, MountConfig, SecretObject, Settings, parse_mount
 from provider.errors import (
@@ -34,6 +37,8 @@ from provider.versions import object_version
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Kubernetes Secrets hold at most 1 MiB: larger files mount but cannot be synced.
 SECRET_SYNC_LIMIT = 1024 * 1024
 # Room for the protobuf framing around the file bytes in a MountResponse.
@@ -41,6 +46,20 @@ RESPONSE_OVERHEAD_PER_FILE = 512
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
+
+
+class Lanes(Protocol):
+    """Extra threads a Mount may borrow for parallel fetches (admission.Ticket)."""
+
+    def try_submit(self, fn: Callable[[], T]) -> Future[T] | None:
+        """Run fn on another thread if one is free; None means: do it yourself."""
+
+
+class NoLanes:
+    """Fetch sequentially on the calling thread."""
+
+    def try_submit(self, fn: Callable[[], T]) -> Future[T] | None:
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +105,7 @@ class SecretRequest:
             path=path,
             # Go's url.ParseQuery: blank values are kept, order of a key's values too.
             query=tuple(parse_qsl(query, keep_blank_values=True)),
-            body=gojson.dumps(obj.secret_args) if obj.secret_args is not None else None,
+            body=obj.request_body,
         )
 
     def params(self) -> dict[str, list[str]]:
@@ -109,7 +128,6 @@ class Mounter:
         hmac_keys: HmacKeySource,
         metrics: Metrics,
         leases: LeaseCache | None = None,
-        fetch_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self._settings = settings
         self._vault = vault
@@ -118,7 +136,6 @@ class Mounter:
         self._hmac_keys = hmac_keys
         self._metrics = metrics
         self._leases = leases
-        self._fetch_pool = fetch_pool
 
     def parse(self, request: MountRequest) -> MountConfig:
         return parse_mount(
@@ -128,17 +145,20 @@ class Mounter:
             defaults=self._settings.vault,
         )
 
-    def mount(self, request: MountRequest, *, deadline: float) -> MountResult:
+    def mount(self, request: MountRequest, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
         config = self.parse(request)
-        return self.mount_config(config, deadline=deadline)
+        return self.mount_config(config, deadline=deadline, lanes=lanes)
 
-    def mount_config(self, config: MountConfig, *, deadline: float) -> MountResult:
-        endpoint = Endpoint(address=config.vault_address, tls=config.tls, namespace=config.vault_namespace)
+    def mount_config(self, config: MountConfig, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
+        endpoint = endpoint_of(config)
         identity = _Identity(self, config, endpoint, deadline)
         requests = [SecretRequest.of(obj) for obj in config.objects]
         identity.token()  # a refused login fails the whole Mount, not each object
-        replies = self._fetch_all(identity, list(dict.fromkeys(requests)), deadline)
-        key = self._hmac_keys.get()
+        replies = self._fetch_all(identity, list(dict.fromkeys(requests)), deadline, lanes or NoLanes())
+        if any(isinstance(reply, ProviderError) for reply in replies.values()):
+            key = None  # the Mount fails: no versions to compute, no API call to make
+        else:
+            key = self._hmac_keys.get(deadline=deadline)
         files: list[MountedFile] = []
         failures: list[tuple[str, ProviderError]] = []
         for obj, request in zip(config.objects, requests, strict=True):
@@ -165,25 +185,30 @@ class Mounter:
         return MountResult(config=config, files=tuple(files))
 
     def _fetch_all(
-        self, identity: _Identity, requests: list[SecretRequest], deadline: float
+        self, identity: _Identity, requests: list[SecretRequest], deadline: float, lanes: Lanes
     ) -> dict[SecretRequest, Secret | ProviderError]:
-        if len(requests) == 1 or self._fetch_pool is None:
-            return {request: self._fetch_outcome(identity, request, deadline) for request in requests}
-        slots = threading.BoundedSemaphore(MAX_FETCH_PER_MOUNT)
+        """Each distinct request once: this thread and any it may borrow take requests
+        from one queue until it is empty, so borrowed threads are never idle."""
+        pending = deque(requests)
+        replies: dict[SecretRequest, Secret | ProviderError] = {}
 
-        def bounded(request: SecretRequest) -> Secret | ProviderError:
-            try:
-                return self._fetch_outcome(identity, request, deadline)
-            finally:
-                slots.release()
+        def drain() -> None:
+            while True:
+                try:
+                    request = pending.popleft()
+                except IndexError:
+                    return
+                replies[request] = self._fetch_outcome(identity, request, deadline)
 
-        futures: dict[SecretRequest, Future[Secret | ProviderError]] = {}
-        for request in requests[1:]:
-            slots.acquire()
-            futures[request] = self._fetch_pool.submit(bounded, request)
-        # This thread sends the first request itself rather than wait idle.
-        replies = {requests[0]: self._fetch_outcome(identity, requests[0], deadline)}
-        replies.update((request, future.result()) for request, future in futures.items())
+        helpers: list[Future[None]] = []
+        for _ in range(min(len(requests), MAX_FETCH_PER_MOUNT) - 1):
+            helper = lanes.try_submit(drain)
+            if helper is None:
+                break
+            helpers.append(helper)
+        drain()
+        for helper in helpers:
+            helper.result()  # every request inside is bounded by the deadline
         return replies
 
     def _fetch_outcome(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret | ProviderError:
@@ -211,6 +236,7 @@ class Mounter:
             ),
             deadline=deadline,
             not_after=identity.expires_at,
+            issuer=identity.issuer,
         )
 
     def _fetch_from_vault(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret:
@@ -306,6 +332,19 @@ class Mounter:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Issuer:
+    """Where and with which token a leased reply was issued: what revokes it."""
+
+    endpoint: Endpoint
+    login: Login
+
+
+def endpoint_of(config: MountConfig) -> Endpoint:
+    """Where a class's requests go."""
+    return Endpoint(address=config.vault_address, tls=config.tls, namespace=config.vault_namespace)
+
+
+@dataclass(frozen=True, kw_only=True)
 class IdentityKey:
     """Everything that makes a Vault identity: a token is cached under this, per pod."""
 
@@ -365,6 +404,11 @@ class _Identity:
                 self._mounter._metrics.token_cache.labels("hit" if self._grant.cached else "miss").inc()
             return self._grant.login.token
 
+    def issuer(self) -> Issuer | None:
+        """The login now in use: after a read, the one that issued its reply."""
+        with self._lock:
+            return Issuer(endpoint=self.endpoint, login=self._grant.login) if self._grant is not None else None
+
     @property
     def expires_at(self) -> float:
         with self._lock:
@@ -384,4 +428,4 @@ class _Identity:
             return self._grant.login.token
 
 
-__all__ = ["IdentityKey", "MountRequest", "MountResult", "MountedFile", "Mounter", "SecretRequest"]
+__all__ = ["IdentityKey", "Issuer", "Lanes", "MountRequest", "MountResult", "MountedFile", "Mounter", "SecretRequest"]

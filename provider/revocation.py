@@ -22,7 +22,7 @@ from provider.errors import ProviderError
 from provider.kube import KubeClient
 from provider.leases import LeaseCache
 from provider.metrics import Metrics
-from provider.mount import IdentityKey
+from provider.mount import IdentityKey, Issuer
 from provider.vault import VaultClient
 
 logger = logging.getLogger(__name__)
@@ -63,23 +63,47 @@ class PodSweeper:
         return revoked
 
     def _revoke(self, uid: str, namespace: str, name: str) -> None:
-        lease_ids = self._leases.drop_pod(uid)
+        kept = self._leases.drop_pod(uid)
         logins = self._tokens.pop_where(lambda key: isinstance(key, IdentityKey) and key.pod_uid == uid)
+        # Every token that may hold the pod's leases: the cached ones, and the ones that
+        # issued kept leases (after a re-login, an earlier token still lives until its TTL).
+        tokens: dict[str, Issuer] = {}
         for key, login in logins:
             assert isinstance(key, IdentityKey)
-            for lease_id in lease_ids:
-                # Default policies may refuse this; revoking the token below takes its leases anyway.
-                with contextlib.suppress(ProviderError):
-                    self._vault.revoke_lease(key.endpoint, token=login.token, lease_id=lease_id)
+            tokens[login.token] = Issuer(endpoint=key.endpoint, login=login)
+        for lease in kept:
+            if isinstance(lease.issuer, Issuer):
+                tokens.setdefault(lease.issuer.login.token, lease.issuer)
+        revoked: set[str] = set()
+        for lease in kept:
+            if not isinstance(lease.issuer, Issuer):
+                continue
+            # Default policies may refuse this; revoking the token below takes its leases anyway.
+            with contextlib.suppress(ProviderError):
+                self._vault.revoke_lease(lease.issuer.endpoint, token=lease.issuer.login.token, lease_id=lease.lease_id)
+                revoked.add(lease.lease_id)
+        tokens_revoked = 0
+        for token, issuer in tokens.items():
             try:
-                self._vault.revoke_self(key.endpoint, token=login.token)
+                self._vault.revoke_self(issuer.endpoint, token=token)
             except ProviderError as e:
-                logger.warning(
-                    "revocation sweep: revoking the token of deleted pod %s/%s failed: %s", namespace, name, e
-                )
-        self._metrics.leases.labels("revoked").inc(len(lease_ids))
+                logger.warning("revocation sweep: revoking a token of deleted pod %s/%s failed: %s", namespace, name, e)
+                continue
+            tokens_revoked += 1
+            revoked.update(
+                lease.lease_id
+                for lease in kept
+                if isinstance(lease.issuer, Issuer) and lease.issuer.login.token == token
+            )
+        self._metrics.leases.labels("revoked").inc(len(revoked))
         logger.info(
-            "pod %s/%s is gone: revoked %d lease(s) and %d token(s)", namespace, name, len(lease_ids), len(logins)
+            "pod %s/%s is gone: revoked %d of %d kept lease(s) and %d of %d token(s)",
+            namespace,
+            name,
+            len(revoked),
+            len(kept),
+            tokens_revoked,
+            len(tokens),
         )
 
     def start(self, interval: float) -> None:

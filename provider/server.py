@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
+from typing import Any
 
 import grpc
+import grpc.aio
 from google.protobuf.message import DecodeError
 
 from provider import __version__
 from provider._proto import service_pb2, service_pb2_grpc
+from provider.dispatch import MountDispatcher
 from provider.errors import (
     ConfigError,
     KubernetesError,
+    MountRejected,
     ObjectError,
     ProviderError,
     ResponseTooLarge,
@@ -34,7 +37,7 @@ from provider.errors import (
     VaultUnreachable,
 )
 from provider.metrics import Metrics
-from provider.mount import Mounter, MountRequest
+from provider.mount import MountRequest
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ STATUS_CODES: tuple[tuple[type[ProviderError], grpc.StatusCode], ...] = (
     (VaultNotFound, grpc.StatusCode.NOT_FOUND),
     (ResponseTooLarge, grpc.StatusCode.FAILED_PRECONDITION),
     (KubernetesError, grpc.StatusCode.FAILED_PRECONDITION),
-    (VaultUnreachable, grpc.StatusCode.UNKNOWN),
+    (VaultUnreachable, grpc.StatusCode.UNKNOWN),  # also VaultCircuitOpen: Vault known down
+    (MountRejected, grpc.StatusCode.UNKNOWN),  # a bulkhead was full until the deadline
     (VaultBadResponse, grpc.StatusCode.UNKNOWN),
     (ProviderError, grpc.StatusCode.UNKNOWN),
 )
@@ -73,22 +77,24 @@ def status_code(error: ProviderError) -> grpc.StatusCode:
 
 
 class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
-    def __init__(self, mounter: Mounter, metrics: Metrics) -> None:
-        self._mounter = mounter
+    """Answers on the event loop; the Mount's work runs on a thread the dispatcher admits."""
+
+    def __init__(self, dispatcher: MountDispatcher, metrics: Metrics) -> None:
+        self._dispatcher = dispatcher
         self._metrics = metrics
 
-    def Version(
-        self, request: service_pb2.VersionRequest, context: grpc.ServicerContext
+    async def Version(
+        self, request: service_pb2.VersionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> service_pb2.VersionResponse:
         return service_pb2.VersionResponse(version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=__version__)
 
-    def Mount(
-        self, request: service_pb2.MountRequest | Undecodable, context: grpc.ServicerContext
+    async def Mount(
+        self, request: service_pb2.MountRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> service_pb2.MountResponse:
         started = time.monotonic()
         if isinstance(request, Undecodable):
             self._finish(started, "error", grpc.StatusCode.INVALID_ARGUMENT, "-", None, "undecodable request")
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the MountRequest could not be decoded (its string fields must be valid UTF-8)",
             )
@@ -98,23 +104,24 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         mount_request = MountRequest(
             attributes=request.attributes, target_path=request.target_path, permission=request.permission
         )
+        dispatched = self._dispatcher.route(mount_request)
+        who = f"{dispatched.route.pod} role={dispatched.route.role} vault={dispatched.endpoint.address}"
         self._metrics.mounts_in_flight.inc()
-        pod = "-"
         try:
-            config = self._mounter.parse(mount_request)
-            pod = f"{config.pod.describe()} role={config.role_name} objects={len(config.objects)}"
-            result = self._mounter.mount_config(config, deadline=deadline)
+            result = await self._dispatcher.mount(mount_request, dispatched, deadline=deadline)
         except ProviderError as e:
-            code = status_code(e)
-            self._finish(started, "error", code, pod, None, str(e))
-            context.abort(code, str(e))
+            code, message = status_code(e), _wire_text(str(e))
+            self._finish(started, "error", code, who, None, message)
+            await context.abort(code, message)
         except Exception:
             logger.exception("Mount failed with an unexpected error")
-            self._finish(started, "error", grpc.StatusCode.INTERNAL, pod, None, "internal error")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in the Vault provider; see its logs")
+            self._finish(started, "error", grpc.StatusCode.INTERNAL, who, None, "internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the Vault provider; see its logs")
         finally:
             self._metrics.mounts_in_flight.dec()
-        self._finish(started, "ok", grpc.StatusCode.OK, pod, len(result.files), "")
+        self._finish(
+            started, "ok", grpc.StatusCode.OK, f"{who} objects={len(result.config.objects)}", len(result.files), ""
+        )
         return service_pb2.MountResponse(
             files=[service_pb2.File(path=f.path, mode=f.mode, contents=f.contents) for f in result.files],
             object_version=[service_pb2.ObjectVersion(id=f.path, version=f.version) for f in result.files],
@@ -139,6 +146,12 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
             )
 
 
+def _wire_text(text: str) -> str:
+    """A status message gRPC can send: lone surrogates (from escapes in the request's
+    JSON, echoed in the error) are written as escapes rather than failing the reply."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Undecodable:
     """Stands for bytes that are not a MountRequest (e.g. invalid UTF-8 in a string field).
 
@@ -157,14 +170,17 @@ def _decode_mount_request(data: bytes) -> service_pb2.MountRequest | Undecodable
 
 
 def create_server(
-    servicer: ProviderServicer, *, endpoint: str, max_workers: int = 16, max_message_bytes: int = 4 * 1024 * 1024
-) -> grpc.Server:
-    """`max_message_bytes` bounds replies; requests may be up to MAX_REQUEST_BYTES so that an
+    servicer: ProviderServicer, *, endpoint: str, max_message_bytes: int = 4 * 1024 * 1024
+) -> grpc.aio.Server:
+    """Build (not start) an asyncio gRPC server bound to the unix socket `endpoint`; call
+    it on the event loop that will serve.
+
+    `max_message_bytes` bounds replies; requests may be up to MAX_REQUEST_BYTES so that an
     oversized class is refused by our validation (INVALID_ARGUMENT, naming the limit) rather
-    than by grpcio (RESOURCE_EXHAUSTED, which kubelet treats as not final)."""
-    """Build (not start) a gRPC server bound to the unix socket `endpoint`."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mount"),
+    than by grpcio (RESOURCE_EXHAUSTED, which kubelet treats as not final). No limit is
+    set on concurrent RPCs: waiting Mounts cost nothing on the loop, and grpcio would
+    answer the excess RESOURCE_EXHAUSTED; admission.py bounds the work instead."""
+    server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),

@@ -14,10 +14,9 @@ Vault's own headers (X-Vault-Token, X-Vault-Namespace, X-Vault-Request).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
-import socket
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import urllib3
 import urllib3.connection
 
 from provider import gojson
+from provider.breaker import Breaker, Breakers, EndpointKey
 from provider.config import TLSConfig
 from provider.errors import (
     VaultBadResponse,
@@ -39,14 +39,13 @@ from provider.errors import (
     truncate,
 )
 from provider.metrics import Metrics
+from provider.transport import Pools, Target, Watchdog
 
 logger = logging.getLogger(__name__)
 
 # A request is given at most this long when the caller set no tighter deadline: the
 # reference provider's Vault client default.
 DEFAULT_TIMEOUT = 30.0
-# Connections kept per Vault address: one per concurrent request we allow to it.
-POOL_SIZE = 32
 # Reads are safe to repeat; writes may create credentials (PKI issue, DB creds on POST).
 IDEMPOTENT_METHODS = frozenset({"GET", "LIST", "HEAD"})
 # Answers worth retrying a read on: rate limited, and a Vault sealed, failing over, or
@@ -61,6 +60,12 @@ MAX_BACKOFF_SECONDS = 1.0
 MAX_RETRY_SECONDS = 20.0
 # Do not start an attempt with less time than this left before the deadline.
 MIN_ATTEMPT_SECONDS = 0.2
+# Values (numbers, strings, lists, maps) decoded from one reply at most: far more than a
+# secret holds, and about 6 MiB once decoded. A reply can hold far more per byte (an
+# 8 MiB "[0,0,...]" is 4 million values, 250 MiB decoded), so it is counted first.
+MAX_REPLY_VALUES = 100_000
+# A half-open breaker's probe: one request, this long at most.
+PROBE_TIMEOUT_SECONDS = 2.0
 # Largest Vault reply read by default: twice the default gRPC reply limit (a whole-response
 # file can be about as large as the reply it comes from).
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -73,6 +78,19 @@ class Endpoint:
     address: str
     tls: TLSConfig
     namespace: str = ""
+
+    @functools.cached_property
+    def target(self) -> Target:
+        """The parsed address; raises VaultUnreachable naming what is wrong with it."""
+        try:
+            return Target.parse(self.address)
+        except ValueError as e:
+            raise VaultUnreachable(f"invalid Vault address {self.address!r}: {e}") from None
+
+    @functools.cached_property
+    def key(self) -> EndpointKey:
+        """Its breaker's and bulkhead's key."""
+        return EndpointKey.of(self.address, self.namespace)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,19 +132,23 @@ class VaultClient:
     """Sends Vault requests for many pods; thread-safe."""
 
     def __init__(
-        self, *, timeout: float = DEFAULT_TIMEOUT, metrics: Metrics | None = None, max_body_bytes: int = MAX_BODY_BYTES
+        self,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        metrics: Metrics | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        breakers: Breakers | None = None,
     ) -> None:
         self._timeout = timeout
+        self._breakers = breakers
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
-        self._pools: dict[tuple[str, TLSConfig], urllib3.HTTPConnectionPool] = {}
-        self._lock = threading.Lock()
+        self._pools = Pools()
+        self._watchdog = Watchdog()
 
     def close(self) -> None:
-        with self._lock:
-            for pool in self._pools.values():
-                pool.close()
-            self._pools.clear()
+        self._pools.close()
+        self._watchdog.close()
 
     def login(self, endpoint: Endpoint, *, mount: str, role: str, jwt: str, deadline: float | None = None) -> Login:
         """Log in with a service-account JWT (kubernetes or jwt auth)."""
@@ -184,7 +206,7 @@ class VaultClient:
         _raise_for_status(method, path, status, body)
         if not isinstance(body, dict):
             raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
-        return Secret(body=body)
+        return Secret(body=_enveloped(body))
 
     def renew_lease(
         self, endpoint: Endpoint, *, token: str, lease_id: str, increment: int, deadline: float | None = None
@@ -218,6 +240,37 @@ class VaultClient:
         )
         _raise_for_status("POST", "auth/token/revoke-self", status, body)
 
+    def probe(self, endpoint: Endpoint, *, deadline: float) -> None:
+        """One request, no retry: does Vault at endpoint answer at all? Any HTTP status
+        counts; raises VaultUnreachable when the connection fails."""
+        deadline = min(deadline, time.monotonic() + PROBE_TIMEOUT_SECONDS)
+        try:
+            self._attempt(endpoint, "GET", "sys/health", token="", params=None, json_body=None, deadline=deadline)
+        except _TLSFailure:
+            self._breaker(endpoint).record_success()  # it answered; TLS is the class's own problem
+        except _NotSent:
+            raise  # counted by _attempt
+        except VaultUnreachable as e:
+            self._breaker(endpoint).record_failure(str(e))  # connected, but no answer in time
+            raise
+
+    def _breaker(self, endpoint: Endpoint) -> Breaker | _NoBreaker:
+        return _NO_BREAKER if self._breakers is None else self._breakers.get(endpoint.key)
+
+    def _attempt(self, endpoint: Endpoint, method: str, path: str, **request: Any) -> _Reply:
+        """One exchange (the keyword arguments of _exchange), its outcome told to the
+        endpoint's breaker."""
+        try:
+            reply = self._exchange(endpoint, method, path, **request)
+        except _RedirectNotSent:
+            self._breaker(endpoint).record_success()  # a standby answered; its leader is gone
+            raise
+        except _NotSent as e:
+            self._breaker(endpoint).record_failure(str(e))
+            raise
+        self._breaker(endpoint).record_success()
+        return reply
+
     def _send(
         self,
         endpoint: Endpoint,
@@ -248,7 +301,7 @@ class VaultClient:
             label = "error"
             retry_after: float | None = None
             try:
-                reply = self._exchange(
+                reply = self._attempt(
                     endpoint, method, path, token=token, params=params, json_body=json_body, deadline=deadline
                 )
                 label = str(reply.status)
@@ -303,22 +356,34 @@ class VaultClient:
         data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
         if data is not None:
             headers["Content-Type"] = "application/json"
-        url = "/v1/" + quote(path, safe=_PATH_SAFE)
+        target = endpoint.target
+        if target.authorization:
+            headers["Authorization"] = target.authorization
+        url = target.prefix + "/v1/" + quote(path, safe=_PATH_SAFE)
         if params:
             url += "?" + urlencode(params, doseq=True)
-        address = endpoint.address
-        for _hop in range(MAX_REDIRECTS + 1):
-            response, raw = self._roundtrip(address, endpoint.tls, method, url, data, headers, timeout, path)
+        for hop_count in range(MAX_REDIRECTS + 1):
+            try:
+                response, raw = self._roundtrip(target, endpoint.tls, method, url, data, headers, timeout, path)
+            except _NotSent as e:
+                if hop_count:  # the endpoint answered; the node it sent us to did not
+                    raise _RedirectNotSent(str(e)) from None
+                raise
             location = response.headers.get("Location", "")
             if response.status not in (307, 308) or not location:
                 break
-            # A standby sends writes to the active node; follow, as Vault's own client does.
-            target = urlsplit(location)
-            if target.scheme not in ("http", "https") or not target.netloc:
+            # A standby sends writes to the active node; follow, as Vault's own client does,
+            # but only on the same scheme (never from https to http) and without credentials.
+            hop = urlsplit(location)
+            if hop.scheme != target.scheme or not hop.hostname:
                 break
-            address = f"{target.scheme}://{target.netloc}"
-            url = target.path + (f"?{target.query}" if target.query else "")
-            logger.debug("vault %s %s redirected to %s", method, path, address)
+            try:
+                target = Target.parse(f"{hop.scheme}://{hop.netloc.rpartition('@')[2]}")
+            except ValueError:
+                break
+            headers.pop("Authorization", None)
+            url = (hop.path or "/") + (f"?{hop.query}" if hop.query else "")
+            logger.debug("vault %s %s redirected to %s", method, path, target.describe())
         status = response.status
         retry_after = _retry_after(response.headers.get("Retry-After"))
         if len(raw) > self._max_body_bytes:
@@ -326,6 +391,11 @@ class VaultClient:
         logger.debug("vault %s %s -> %d (%d bytes)", method, path, status, len(raw))
         if not raw.strip():
             return _Reply(status, None, retry_after)
+        if len(raw) > 2 * MAX_REPLY_VALUES and gojson.count_values(raw) > MAX_REPLY_VALUES:
+            raise VaultBadResponse(
+                f"{method} {path}: Vault's reply holds more than {MAX_REPLY_VALUES} values; refusing to decode it",
+                status=status,
+            )
         try:
             return _Reply(status, gojson.loads(raw), retry_after)
         except (ValueError, RecursionError):
@@ -337,7 +407,7 @@ class VaultClient:
 
     def _roundtrip(
         self,
-        address: str,
+        target: Target,
         tls: TLSConfig,
         method: str,
         url: str,
@@ -346,41 +416,42 @@ class VaultClient:
         timeout: float,
         path: str,
     ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
-        try:
-            response = self._pool(address, tls).urlopen(
-                method,
-                url,
-                body=data,
-                headers=headers,
-                timeout=urllib3.Timeout(total=timeout),
-                retries=False,
-                redirect=False,
-                preload_content=False,
-            )
-            raw = response.read(self._max_body_bytes + 1, decode_content=True)
-            if len(raw) > self._max_body_bytes:
+        address = target.describe()
+        late = VaultUnreachable(f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s")
+        with self._watchdog.guard(time.monotonic() + timeout) as guard:
+            try:
+                response = self._pools.get(target, tls).urlopen(
+                    method,
+                    url,
+                    body=data,
+                    headers=headers,
+                    timeout=urllib3.Timeout(total=timeout),
+                    retries=False,
+                    redirect=False,
+                    preload_content=False,
+                )
+                raw = response.read(self._max_body_bytes + 1, decode_content=True)
+            except urllib3.exceptions.SSLError as e:
+                if guard.expired:
+                    raise late from None
+                raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}") from None
+            except urllib3.exceptions.NewConnectionError as e:  # a subclass of ConnectTimeoutError
+                raise _NotSent(f"cannot reach Vault at {address}: {truncate(_reason(e))}") from None
+            except urllib3.exceptions.ConnectTimeoutError:
+                raise _NotSent(f"cannot reach Vault at {address}: no connection within {timeout:.1f}s") from None
+            except (urllib3.exceptions.TimeoutError, TimeoutError):
+                raise late from None
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if guard.expired:  # the watchdog cut a reply still dripping in at the deadline
+                    raise late from None
+                raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
+            if guard.finish() or len(raw) > self._max_body_bytes:
                 response.close()
+                if guard.expired:
+                    raise late
             else:
                 response.release_conn()  # keep the connection alive for the next request
-            return response, raw
-        except urllib3.exceptions.SSLError as e:
-            raise VaultUnreachable(f"TLS to Vault at {address} failed: {truncate(str(e))}") from None
-        except urllib3.exceptions.NewConnectionError as e:  # a subclass of the timeout errors
-            raise _NotSent(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
-        except (urllib3.exceptions.TimeoutError, TimeoutError):
-            raise VaultUnreachable(
-                f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s"
-            ) from None
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
-
-    def _pool(self, address: str, tls: TLSConfig) -> urllib3.HTTPConnectionPool:
-        key = (address, tls)
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = _build_pool(address, tls)
-            return pool
+        return response, raw
 
 
 class _Reply(NamedTuple):
@@ -390,7 +461,28 @@ class _Reply(NamedTuple):
 
 
 class _NotSent(VaultUnreachable):
-    """The connection was refused: the request never reached Vault, so any retry is safe."""
+    """No connection (refused, unresolvable, not accepted in time): the request never
+    reached Vault, so any retry is safe, and the endpoint's breaker counts it."""
+
+
+class _RedirectNotSent(_NotSent):
+    """Vault at the endpoint redirected (a standby to its active node), and the node it
+    named refused: during an election. Safe to retry; not the endpoint's failure."""
+
+
+class _TLSFailure(VaultUnreachable):
+    """The TLS handshake failed: a matter of the class's TLS settings, not of reachability."""
+
+
+class _NoBreaker:
+    def record_success(self) -> None:
+        pass
+
+    def record_failure(self, error: str) -> None:
+        pass
+
+
+_NO_BREAKER = _NoBreaker()
 
 
 def _retry_after(header: str | None) -> float | None:
@@ -413,61 +505,29 @@ MAX_REDIRECTS = 2
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
-class _UnixConnection(urllib3.connection.HTTPConnection):
-    """HTTP over a unix socket (VAULT_ADDR=unix:///path, e.g. a Vault Agent)."""
-
-    def __init__(self, socket_path: str, **kwargs: Any) -> None:
-        super().__init__("localhost", **kwargs)
-        self._socket_path = socket_path
-
-    def _new_conn(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if isinstance(self.timeout, int | float):
-            sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._socket_path)
-        except OSError as e:
-            sock.close()
-            raise urllib3.exceptions.NewConnectionError(self, f"cannot connect to {self._socket_path}: {e}") from e
-        return sock
+# The fields of Go's api.Secret: a reply that sets none of them is not in Vault's envelope.
+_ENVELOPE_FIELDS = ("request_id", "lease_id", "lease_duration", "renewable", "data", "warnings", "auth", "wrap_info")
 
 
-class _UnixConnectionPool(urllib3.HTTPConnectionPool):
-    def __init__(self, socket_path: str, **kwargs: Any) -> None:
-        super().__init__("localhost", **kwargs)
-        self._socket_path = socket_path
+def _enveloped(body: dict[str, Any]) -> dict[str, Any]:
+    """A reply as the reference sees it. Some endpoints answer without Vault's envelope
+    (identity/oidc/.well-known/keys is {"keys": [...]}); Go's api.ParseSecret then puts
+    the whole map into data, so secretKey looks into it."""
+    for name in _ENVELOPE_FIELDS:
+        value = body.get(name)
+        if value is not None and value != "" and value is not False and not _is_zero_number(value):
+            return body
+    return {"data": body} if body else body
 
-    def _new_conn(self) -> urllib3.connection.HTTPConnection:
-        return _UnixConnection(self._socket_path, timeout=self.timeout.connect_timeout)
+
+def _is_zero_number(value: Any) -> bool:
+    return isinstance(value, gojson.Number) and value.text in ("0", "-0")
 
 
-def _build_pool(address: str, tls: TLSConfig) -> urllib3.HTTPConnectionPool:
-    if address.startswith("unix://"):
-        return _UnixConnectionPool(address[len("unix://") :], maxsize=POOL_SIZE)
-    options: dict[str, Any] = {"maxsize": POOL_SIZE}
-    if address.startswith("https://"):
-        if tls.skip_verify:
-            options["cert_reqs"] = "CERT_NONE"
-            options["assert_hostname"] = False
-            # Said once here, by us, rather than by urllib3 on every request.
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-            logger.warning("TLS verification of Vault at %s is disabled (vaultSkipTLSVerify)", address)
-        else:
-            options["cert_reqs"] = "CERT_REQUIRED"
-            if tls.ca_cert:
-                options["ca_certs"] = tls.ca_cert
-            if tls.ca_directory:
-                options["ca_cert_dir"] = tls.ca_directory
-            if tls.server_name:
-                options["server_hostname"] = tls.server_name
-                options["assert_hostname"] = tls.server_name
-        if tls.client_cert and tls.client_key:
-            options["cert_file"] = tls.client_cert
-            options["key_file"] = tls.client_key
-    try:
-        return urllib3.connection_from_url(address.rstrip("/"), **options)
-    except (urllib3.exceptions.LocationValueError, ValueError) as e:
-        raise VaultUnreachable(f"invalid Vault address {address!r}: {e}") from None
+def _reason(error: urllib3.exceptions.NewConnectionError) -> str:
+    """'Connection refused' rather than urllib3's repr of the connection object."""
+    text = str(error)
+    return text.split("): ", 1)[1] if "): " in text else text
 
 
 def _vault_says(status: int, body: Any) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -19,11 +22,12 @@ import yaml
 from lightkube.config.kubeconfig import KubeConfig
 
 from provider._proto import service_pb2, service_pb2_grpc
+from provider.admission import Admission
 from provider.app import App
 from provider.config import Settings, VaultSettings
 from tests.fault_proxy import FaultProxy
 from tests.kube_fake import FakeKubernetes, FakePod
-from tests.openbao import OpenBao, enable_kubernetes_auth, pki_engine
+from tests.openbao import OpenBao, enable_kubernetes_auth, free_port, pki_engine
 
 PROVIDER_NAMESPACE = "vault-csi"
 
@@ -162,23 +166,26 @@ class ProviderClient:
         attrs.update(params)
         return json.dumps(attrs)
 
-    def mount(
+    def request(
         self,
         pod: FakePod | None,
         objects: list[dict[str, Any]] | str,
         *,
         permission: str = "420",
         target_path: str = "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/secrets/mount",
-        timeout: float = 30,
         **kwargs: Any,
-    ) -> service_pb2.MountResponse:
-        request = service_pb2.MountRequest(
+    ) -> service_pb2.MountRequest:
+        return service_pb2.MountRequest(
             attributes=self.attributes(pod, objects, **kwargs),
             secrets="{}",
             target_path=target_path,
             permission=permission,
         )
-        return self.stub.Mount(request, timeout=timeout)
+
+    def mount(
+        self, pod: FakePod | None, objects: list[dict[str, Any]] | str, *, timeout: float = 30, **kwargs: Any
+    ) -> service_pb2.MountResponse:
+        return self.stub.Mount(self.request(pod, objects, **kwargs), timeout=timeout)
 
     def raw_mount(self, request: service_pb2.MountRequest, timeout: float = 30) -> service_pb2.MountResponse:
         return self.stub.Mount(request, timeout=timeout)
@@ -206,16 +213,53 @@ def make_settings(tmp_path: Path, world: VaultWorld, **overrides: Any) -> Settin
     return Settings(endpoint=str(tmp_path / "vault.sock"), health_addr="127.0.0.1:0", vault=vault, **overrides)
 
 
-def start_provider(tmp_path: Path, world: VaultWorld, **overrides: Any) -> ProviderClient:
+def start_provider(
+    tmp_path: Path, world: VaultWorld, *, admission: Admission | None = None, **overrides: Any
+) -> ProviderClient:
     tmp_path.mkdir(parents=True, exist_ok=True)
     settings = make_settings(tmp_path, world, **overrides)
-    app = App(settings, kube_config=KubeConfig.from_dict(world.kube.kubeconfig(PROVIDER_NAMESPACE)))
+    app = App(
+        settings, kube_config=KubeConfig.from_dict(world.kube.kubeconfig(PROVIDER_NAMESPACE)), admission=admission
+    )
     app.start()
     # Like the driver's client, but allowed to receive whatever the provider may send.
     channel = grpc.insecure_channel(
         f"unix:{settings.endpoint}", options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     )
     return ProviderClient(app=app, channel=channel, kube=world.kube)
+
+
+def spawn_provider(
+    tmp_path: Path, world: VaultWorld, *flags: str, vault_addr: str = "", kubeconfig: bool = True, **popen: Any
+) -> subprocess.Popen[Any]:
+    """The provider in a process of its own, as the DaemonSet runs it (`python -m provider`),
+    serving on tmp_path/vault.sock; a health port is picked unless flags name one."""
+    config = tmp_path / "kubeconfig"
+    if kubeconfig:
+        config.write_text(json.dumps(world.kube.kubeconfig()))
+    health = [] if any(f.startswith("-health-addr") for f in flags) else [f"-health-addr=127.0.0.1:{free_port()}"]
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "provider",
+            f"-endpoint={tmp_path / 'vault.sock'}",
+            f"-vault-addr={vault_addr or world.bao.url}",
+            *health,
+            *flags,
+        ],
+        env={**os.environ, "KUBECONFIG": str(config)},
+        **popen,
+    )
+
+
+def connect(endpoint: Path, kube: FakeKubernetes) -> ProviderClient:
+    """A client for a provider running in another process (no App at hand)."""
+    client = ProviderClient.__new__(ProviderClient)
+    client.channel = grpc.insecure_channel(f"unix:{endpoint}")
+    client.kube = kube
+    client.stub = service_pb2_grpc.CSIDriverProviderStub(client.channel)
+    return client
 
 
 @pytest.fixture

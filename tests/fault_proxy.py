@@ -24,6 +24,8 @@ class Rule:
     headers: dict[str, str] = field(default_factory=dict)
     delay_seconds: float = 0.0
     drop: bool = False  # close the connection without answering
+    drip_seconds: float = 0.0  # with status: send the reply one byte at a time, this far apart
+    drip_headers: bool = False  # drip the status line and headers too, not only the body
     times: int | None = None  # apply this many times, then stop matching
     hits: int = 0
 
@@ -34,8 +36,14 @@ class Rule:
 
 
 class FaultProxy:
-    def __init__(self, target_port: int) -> None:
+    """`prefix`: the proxy serves Vault under that path (a gateway at https://gw/vault) and
+    strips it before forwarding; anything else is 404. Every request's Authorization
+    header is kept in `authorizations`."""
+
+    def __init__(self, target_port: int, *, prefix: str = "") -> None:
         self.target_port = target_port
+        self.prefix = prefix
+        self.authorizations: list[str | None] = []
         self.rules: list[Rule] = []
         self.forwarded: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -51,6 +59,15 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.authorizations.append(self.headers.get("Authorization"))
+                if proxy.prefix:
+                    if not self.path.startswith(proxy.prefix + "/"):
+                        self.send_response(404)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.path = self.path[len(proxy.prefix) :]
                 rule = proxy._match(self.command, self.path)
                 if rule is not None:
                     if rule.delay_seconds:
@@ -58,6 +75,9 @@ class FaultProxy:
                     if rule.drop:
                         self.close_connection = True
                         self.connection.close()
+                        return
+                    if rule.status is not None and rule.drip_seconds:
+                        self._drip(rule)
                         return
                     if rule.status is not None:
                         self.send_response(rule.status)
@@ -86,6 +106,24 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _drip(self, rule: Rule) -> None:
+                head = (
+                    f"HTTP/1.1 {rule.status} OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(rule.body)}\r\n\r\n"
+                ).encode()
+                self.close_connection = True
+                try:
+                    if not rule.drip_headers:
+                        self.wfile.write(head)
+                        self.wfile.flush()
+                        head = b""
+                    for i in range(len(head) + len(rule.body)):
+                        self.wfile.write((head + rule.body)[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(rule.drip_seconds)
+                except OSError:
+                    pass  # the client hung up: what the provider should do at its deadline
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = _handle
 

@@ -35,7 +35,7 @@ class Forwarder:
         self._closed = False
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, name="forwarder-accept", daemon=True).start()
 
     @property
     def port(self) -> int:
@@ -62,7 +62,7 @@ class Forwarder:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), name="forwarder", daemon=True).start()
 
     def _connect(self) -> socket.socket | None:
         for _ in range(len(self.targets)):
@@ -83,7 +83,7 @@ class Forwarder:
         upstream.settimeout(None)
         with self._lock:
             self._sockets.update((client, upstream))
-        threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, client, False), name="forwarder", daemon=True).start()
         self._pipe(client, upstream, True)
 
     def _pipe(self, source: socket.socket, sink: socket.socket, delayed: bool) -> None:

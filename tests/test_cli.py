@@ -20,7 +20,7 @@ from provider import __version__
 from provider._proto import service_pb2, service_pb2_grpc
 from provider.cli import build_parser, parse_duration, settings_from
 from provider.config import VaultSettings
-from tests.conftest import VaultWorld, files_of, http_get, start_provider
+from tests.conftest import VaultWorld, files_of, http_get, spawn_provider, start_provider
 from tests.openbao import free_port
 from tests.proxy import Forwarder
 
@@ -119,21 +119,8 @@ def test_daemon_replaces_a_stale_socket_serves_and_stops_cleanly(tmp_path: Path,
     stale.bind(str(endpoint))
     stale.close()  # a socket file left behind by a killed process
     port = free_port()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps(world.kube.kubeconfig()))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "provider",
-            f"-endpoint={endpoint}",
-            f"-health-addr=127.0.0.1:{port}",
-            f"-vault-addr={world.bao.url}",
-            "-log-level=debug",
-        ],
-        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-        stderr=subprocess.PIPE,
-        text=True,
+    process = spawn_provider(
+        tmp_path, world, f"-health-addr=127.0.0.1:{port}", "-log-level=debug", stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 20

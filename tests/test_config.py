@@ -141,7 +141,7 @@ def test_role_and_objects_problems_are_reported_together() -> None:
         ("- objectName: a//b\n  secretPath: p", "empty or '.'"),
         ("- secretPath: p", "objectName is required"),
         ("- objectName: a", "secretPath is required"),
-        ("- objectName: a\n  secretPath: p\n  encoding: rot13", "encoding 'rot13' is not supported"),
+        ("- objectName: a\n  secretPath: p\n  secretKey: k\n  encoding: rot13", "encoding 'rot13' is not supported"),
         ("- objectName: a\n  secretPath: p\n  method: DELETE", "method 'DELETE' is not supported"),
         ("- objectName: a\n  secretPath: p\n  filePermission: 01000", "filePermission must be a file mode"),
         ("- objectName: a\n  secretPath: p\n  filePermission: -1", "filePermission must be"),
@@ -227,7 +227,7 @@ def test_alias_bombs_are_refused_while_reading() -> None:
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)
     )
-    with pytest.raises(ConfigError, match="aliases"):
+    with pytest.raises(ConfigError, match="alias"):
         parse_objects("- objectName: x\n  secretPath: p\n  secretArgs:\n    " + bomb.replace("\n", "\n    "))
 
 

@@ -310,3 +310,84 @@ def test_leased_replies_are_never_shared_between_pods_of_one_service_account(
         t.join(30)
     assert len(seen) == 5 and len(set(seen.values())) == 5
     assert db.users() == set(seen.values())
+
+
+def test_credentials_never_outlive_the_token_that_issued_them(
+    provider: ProviderClient, world: VaultWorld, postgres: Postgres, unique: str
+) -> None:
+    # The pod's token lives 5 s; the database lease 6 s, renewable for an hour. Vault revokes
+    # the lease (and drops the user) when the token that issued it expires, whatever a
+    # renewal granted.
+    db = Database(world, postgres, unique, ttl="6s", max_ttl="1h")
+    pod = grant_db(world, db, ttl="5s")
+    first = files_of(provider.mount(pod, db.objects(), role=unique))
+    logged_in = time.monotonic()
+    # Past 2/3 of what the token leaves the lease, and past the token cache's re-login at
+    # 80 %: a renewal now would reach past the first token's death.
+    time.sleep(max(0.0, logged_in + 4.4 - time.monotonic()))
+    provider.mount(pod, db.objects(), role=unique)
+    time.sleep(max(0.0, logged_in + 6.8 - time.monotonic()))  # the first token and its leases are gone
+    assert first["username"].decode() not in db.users()
+    served = files_of(provider.mount(pod, db.objects(), role=unique))
+    assert served["username"] != first["username"]
+    assert served["username"].decode() in db.users()
+    assert logs_in(postgres, served)
+
+
+def test_the_sweep_revokes_leases_of_a_pods_earlier_token_and_counts_only_what_it_revoked(
+    tmp_path: Path, world: VaultWorld, postgres: Postgres, proxy: FaultProxy, unique: str
+) -> None:
+    db = Database(world, postgres, unique, ttl="1h", max_ttl="2h")
+    # Default-policy-like rights: renew, but no sys/leases/revoke; revoke-self is always allowed.
+    world.policy(
+        unique,
+        f'path "{db.path}" {{ capabilities = ["read"] }}\npath "sys/leases/renew" {{ capabilities = ["update"] }}',
+    )
+    world.kube_role(unique, service_accounts=["app"], namespaces=["team"], policies=[unique], ttl="10s")
+    gone = world.kube.add_pod("team", f"gone-{unique}", "app")
+    unlucky = world.kube.add_pod("team", f"unlucky-{unique}", "app")
+    provider = start_provider(tmp_path, world, lease_renew_fraction=0.9, vault=VaultSettings(address=proxy.url))
+    try:
+        first = files_of(provider.mount(gone, db.objects(), role=unique))
+        provider.mount(unlucky, db.objects(), role=unique)
+        issued = time.monotonic()
+        time.sleep(max(0.0, issued + 8.4 - time.monotonic()))  # past the token's 80 %: a new login
+        assert files_of(provider.mount(gone, db.objects(), role=unique)) == first  # lease of the first token
+        assert metric(provider, "issued") == 2
+        world.kube.delete_pod(gone)
+        assert provider.app.sweeper.sweep() == 1
+        give_up = time.monotonic() + 15
+        while first["username"].decode() in db.users():
+            assert time.monotonic() < give_up, "the first token's lease was not revoked"
+            time.sleep(0.2)
+        assert metric(provider, "revoked") == 1
+        # Vault refuses every revocation for the next pod: nothing is counted.
+        proxy.add(Rule("*", "/v1/auth/token/revoke-self", status=500, body=b'{"errors":["boom"]}'))
+        world.kube.delete_pod(unlucky)
+        assert provider.app.sweeper.sweep() == 1
+        assert metric(provider, "revoked") == 1
+    finally:
+        provider.app.stop(grace=1)
+
+
+def test_kv_reads_do_not_take_the_room_of_kept_credentials(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    issue = world.pki_engine(f"pki-{unique}")
+    args = {"common_name": "a.example.com", "ttl": "1h"}
+    cert = [{"objectName": "crt", "secretPath": issue, "method": "PUT", "secretKey": "certificate", "secretArgs": args}]
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    holder = world.grant(unique, [issue, f"kv1/{unique}"])
+    provider = start_provider(tmp_path, world, lease_cache_size=1)
+    try:
+        kept = files_of(provider.mount(holder, cert, role=unique))
+        kv = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+        for i in range(30):  # many pods reading KV: nothing to keep, nothing evicted
+            other = world.kube.add_pod("team", f"kv-{unique}-{i}", "app")
+            provider.mount(other, kv, role=unique)
+        assert len(provider.app.leases) == 1
+        latecomer = world.kube.add_pod("team", f"late-{unique}", "app")
+        provider.mount(latecomer, cert, role=unique)  # the cache is full of a live certificate
+        assert metric(provider, "not_kept") == 1
+        assert files_of(provider.mount(holder, cert, role=unique)) == kept  # never evicted
+        assert metric(provider, "issued") == 1
+    finally:
+        provider.app.stop(grace=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from provider.breaker import JITTER, OPEN_BASE_SECONDS
 from provider.config import VaultSettings
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider
 from tests.fault_proxy import FaultProxy, Rule
@@ -48,7 +49,17 @@ def test_connection_refused_then_back(tmp_path: Path, world: VaultWorld, kv, uni
         assert f"cannot reach Vault at http://127.0.0.1:{port}" in error.details()
         vault = Forwarder(("127.0.0.1", world.bao.port), port=port)  # Vault is back
         try:
-            assert files_of(provider.mount(pod, objects, role=unique)) == {"k": b"v"}
+            # The breaker opened during those retries: Mounts fail at once until its probe
+            # (within OPEN_BASE_SECONDS x 1.5) reaches Vault; the Mount that probes succeeds.
+            give_up = time.monotonic() + OPEN_BASE_SECONDS * JITTER[1] + 2
+            while True:
+                try:
+                    assert files_of(provider.mount(pod, objects, role=unique, timeout=5)) == {"k": b"v"}
+                    break
+                except grpc.RpcError as refused:
+                    assert "unreachable since" in refused.details(), refused.details()
+                    assert time.monotonic() < give_up
+                    time.sleep(0.1)
         finally:
             vault.close()
     finally:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +24,8 @@ from provider.errors import (
 )
 from provider.health import ReadinessCheck
 from provider.server import status_code
-from tests.conftest import ProviderClient, VaultWorld
+from tests.conftest import ProviderClient, VaultWorld, spawn_provider
 from tests.conftest import http_get as get
-from tests.openbao import free_port
 
 # kubelet treats these as "maybe still in progress": the provider must never answer them.
 NON_FINAL = {
@@ -119,20 +116,7 @@ def test_health_endpoints(provider: ProviderClient) -> None:
 
 def test_json_log_format(tmp_path: Path, world: VaultWorld) -> None:
     endpoint = tmp_path / "vault.sock"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "provider",
-            f"-endpoint={endpoint}",
-            f"-health-addr=127.0.0.1:{free_port()}",
-            "-log-format=json",
-            f"-vault-addr={world.bao.url}",
-        ],
-        env={**os.environ, "KUBECONFIG": str(tmp_path / "none")},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = spawn_provider(tmp_path, world, "-log-format=json", kubeconfig=False, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
         while not endpoint.exists() and time.monotonic() < deadline:

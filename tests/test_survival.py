@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,8 +20,17 @@ import grpc
 import pytest
 
 from provider._proto import service_pb2, service_pb2_grpc
-from tests.conftest import ProviderClient, VaultWorld, configure, files_of, start_provider, versions_of
-from tests.openbao import OpenBao, free_port
+from tests.conftest import (
+    ProviderClient,
+    VaultWorld,
+    configure,
+    connect,
+    files_of,
+    spawn_provider,
+    start_provider,
+    versions_of,
+)
+from tests.openbao import OpenBao
 
 
 def test_a_reply_over_the_grpc_limit_is_refused_naming_objects(
@@ -207,22 +215,9 @@ def test_sigkill_during_mounts_then_restart_serves_at_once(tmp_path: Path, world
     world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
     pod = world.grant(unique, [f"kv1/{unique}"])
     endpoint = tmp_path / "vault.sock"
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps(world.kube.kubeconfig()))
 
     def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "provider",
-                f"-endpoint={endpoint}",
-                f"-health-addr=127.0.0.1:{free_port()}",
-                f"-vault-addr={world.bao.url}",
-                "-log-level=warn",
-            ],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-        )
+        return spawn_provider(tmp_path, world, "-log-level=warn")
 
     def serving_after(process: subprocess.Popen[bytes], started: float) -> float:
         while time.monotonic() - started < 20:
@@ -237,9 +232,8 @@ def test_sigkill_during_mounts_then_restart_serves_at_once(tmp_path: Path, world
 
     first = spawn()
     serving_after(first, time.monotonic())
-    client = ProviderClient.__new__(ProviderClient)
-    channel = grpc.insecure_channel(f"unix:{endpoint}")
-    client.channel, client.kube, client.stub = channel, world.kube, service_pb2_grpc.CSIDriverProviderStub(channel)
+    client = connect(endpoint, world.kube)
+    channel = client.channel
     objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
     stop = threading.Event()
 

@@ -355,6 +355,8 @@ def entries() -> list[dict[str, Any]]:
     for field, values in fields.items():
         for value in values:
             base = {"objectName": "a", "secretPath": "p"}
+            if field == "encoding":  # without secretKey, encoding is unused and ignored (as in the reference)
+                base["secretKey"] = "k"
             body = ", ".join(f"{k}: {v}" for k, v in base.items() if k != field)
             add(f"field-{field}-{value[:16]}", attrs(f"- {{{body}, {field}: {value}}}"))
     # Huge secretArgs.

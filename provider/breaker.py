@@ -1,0 +1,242 @@
+"""Circuit breakers: fail fast while a Vault endpoint is known to be down.
+
+A Vault address that refuses connections (or cannot be resolved, or does not accept
+them in time) costs every Mount to it about 20 s of retries. After
+FAILURES_TO_OPEN consecutive connection failures with no answer in between, the
+endpoint's breaker opens: further Mounts to it are answered at once, without a thread
+or a Vault call, with a message saying since when it has been unreachable and what
+the last error was. After a jittered pause (doubling while Vault stays down, so 5,000
+nodes do not probe in step) the next Mount becomes the one probe (half-open): a single
+cheap request with a short timeout. Any HTTP answer closes the breaker and that Mount
+goes on; another failure opens it again. Mounts already in flight are never cut short:
+they ride out a blip with their own retries, and their first answer closes it too.
+
+Only connection failures count. An HTTP error (403, 503 sealed, 500) proves Vault is
+reachable, and a TLS verification failure belongs to the class that configured TLS,
+so neither can open a breaker that other classes share. Read timeouts on an
+established connection do not count either: one class's slow path (a database engine
+whose database hangs) must not fail another class's reads on the same Vault; the
+bulkheads in admission.py contain slowness instead.
+
+Breakers are keyed by endpoint (address and namespace), kept in a bounded registry,
+and thread-safe: Vault requests report from worker threads, admission reads them on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from provider.errors import VaultCircuitOpen, truncate
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# Consecutive connection failures (attempts, across Mounts) that open a breaker: a
+# dead address reaches it in about a second of one Mount's retries, a single dropped
+# connection never does.
+FAILURES_TO_OPEN = 5
+# First pause before a probe, and its ceiling while Vault stays down. Short enough
+# that a Vault back from a restart is used again within seconds, long enough that a
+# dead one costs one connection attempt per pause per node.
+OPEN_BASE_SECONDS = 2.0
+OPEN_MAX_SECONDS = 30.0
+# Each pause is scaled by a random factor in this range, so nodes drift apart.
+JITTER = (0.5, 1.5)
+# The probe's own time limit; a probe that never reports back frees the slot after
+# twice this.
+PROBE_TIMEOUT_SECONDS = 2.0
+# Endpoints remembered at most; the least recently used closed one is forgotten first.
+MAX_BREAKERS = 1024
+
+
+class State(enum.IntEnum):
+    """Exported as a number: 0 closed, 1 half-open (probing), 2 open."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"  # go ahead
+    PROBE = "probe"  # go ahead, and probe first: you are the one half-open try
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointKey:
+    """What a breaker and a bulkhead are per: the Vault address (without credentials) and namespace."""
+
+    address: str
+    namespace: str = ""
+
+    @classmethod
+    def of(cls, address: str, namespace: str = "") -> EndpointKey:
+        """The key for a Vault address as a class wrote it: user info (credentials) is
+        dropped, so it can appear in logs and metric labels."""
+        scheme, sep, rest = address.partition("://")
+        authority, slash, path = rest.partition("/")
+        if sep and "@" in authority:
+            address = f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+        return cls(address=address.rstrip("/"), namespace=namespace)
+
+    def describe(self) -> str:
+        return self.address + (f" (namespace {self.namespace})" if self.namespace else "")
+
+
+StateListener = Callable[[EndpointKey, State], None]
+
+
+class Breaker:
+    """One endpoint's breaker."""
+
+    def __init__(
+        self,
+        key: EndpointKey,
+        *,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        rng: random.Random | None = None,
+        on_change: StateListener | None = None,
+    ) -> None:
+        self.key = key
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng or random.Random()
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self.state = State.CLOSED
+        self._failures = 0
+        self._opens = 0
+        self._down_since_wall = 0.0
+        self._down_since = 0.0
+        self._last_error = ""
+        self._probe_at = 0.0
+        self._probe_started = 0.0
+
+    def check(self) -> Verdict:
+        """Whether a new Mount may go to this endpoint; raises VaultCircuitOpen if not."""
+        with self._lock:
+            if self.state is State.CLOSED:
+                return Verdict.ALLOW
+            now = self._clock()
+            if self.state is State.HALF_OPEN and now - self._probe_started > 2 * PROBE_TIMEOUT_SECONDS:
+                self.state = State.OPEN  # the probe never reported back: let another try
+            if not (self.state is State.OPEN and now >= self._probe_at):
+                raise self._refusal(now)
+            self._probe_started = now
+            self.state = State.HALF_OPEN
+        self._notify(State.HALF_OPEN)
+        return Verdict.PROBE
+
+    def refusal(self) -> VaultCircuitOpen | None:
+        """The error for a Mount waiting to start, if the breaker opened meanwhile."""
+        with self._lock:
+            if self.state is State.CLOSED:
+                return None
+            return self._refusal(self._clock())
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            if self.state is State.CLOSED:
+                return
+            down_for = self._clock() - self._down_since
+            self._opens = 0
+            self.state = State.CLOSED
+        self._notify(State.CLOSED)
+        logger.warning(
+            "Vault at %s is reachable again after %.0fs; Mounts to it go ahead", self.key.describe(), down_for
+        )
+
+    def record_failure(self, error: str) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._failures == 0:
+                self._down_since, self._down_since_wall = now, self._wall_clock()
+            self._failures += 1
+            self._last_error = truncate(error)
+            if self.state is State.OPEN or (self.state is State.CLOSED and self._failures < FAILURES_TO_OPEN):
+                return
+            probing = self.state is State.HALF_OPEN
+            self._opens += 1
+            pause = min(OPEN_MAX_SECONDS, OPEN_BASE_SECONDS * 2.0 ** (self._opens - 1)) * self._rng.uniform(*JITTER)
+            self._probe_at = now + pause
+            self.state = State.OPEN
+            last_error = self._last_error
+        self._notify(State.OPEN)
+        if not probing:
+            logger.warning(
+                "Vault at %s is unreachable (%d connection failures in a row; last: %s); Mounts to it fail at once "
+                "until a probe in %.1fs reaches it",
+                self.key.describe(),
+                FAILURES_TO_OPEN,
+                last_error,
+                pause,
+            )
+
+    def _refusal(self, now: float) -> VaultCircuitOpen:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._down_since_wall))
+        wait = max(self._probe_at - now, 0.0)
+        next_try = "a probe is under way" if self.state is State.HALF_OPEN else f"next probe in {wait:.1f}s"
+        return VaultCircuitOpen(
+            f"Vault at {self.key.describe()} has been unreachable since {since} ({now - self._down_since:.0f}s); "
+            f"last error: {self._last_error}; Mounts to it fail at once until it answers again ({next_try})"
+        )
+
+    def _notify(self, state: State) -> None:
+        # Called with no lock held: listeners may look at this breaker again.
+        if self._on_change is not None:
+            self._on_change(self.key, state)
+
+
+class Breakers:
+    """A breaker per endpoint, created on first use; bounded, thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        on_change: StateListener | None = None,
+        on_forget: Callable[[EndpointKey], None] | None = None,
+        max_breakers: int = MAX_BREAKERS,
+    ) -> None:
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._on_change = on_change
+        self._on_forget = on_forget
+        self._max = max_breakers
+        self._breakers: OrderedDict[Hashable, Breaker] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: EndpointKey) -> Breaker:
+        forgotten: list[EndpointKey] = []
+        with self._lock:
+            breaker = self._breakers.get(key)
+            if breaker is not None:
+                self._breakers.move_to_end(key)
+                return breaker
+            breaker = self._breakers[key] = Breaker(key, clock=self._clock, rng=self._rng, on_change=self._on_change)
+            while len(self._breakers) > self._max:
+                # Forget the least recently used, preferring closed ones (they hold nothing).
+                victim = next((k for k, b in self._breakers.items() if b.state is State.CLOSED), None)
+                if victim is None:
+                    victim = next(iter(self._breakers))
+                forgotten.append(self._breakers.pop(victim).key)
+        for old in forgotten:
+            if self._on_forget is not None:
+                self._on_forget(old)
+        return breaker
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._breakers)

@@ -1,0 +1,123 @@
+"""Runs a Mount on the event loop's behalf: breaker, bulkhead, thread, deadline.
+
+The gRPC server answers on an asyncio event loop that never blocks. For each Mount:
+
+1. the endpoint's breaker: if Vault is known to be down, answer now, no thread taken;
+2. admission: wait (on the loop, for free) for a thread the class and endpoint may use;
+3. the Mount itself (parse, login, reads) on that thread, bounded by the deadline;
+4. a backstop: if the thread has not answered shortly after the deadline, the caller
+   still gets a final answer in time; the thread finishes on its own and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from provider.admission import Admission, Lane, Ticket
+from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
+from provider.config import MountConfig, Route, VaultSettings, peek_route
+from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
+from provider.metrics import Metrics
+from provider.mount import Mounter, MountRequest, MountResult, endpoint_of
+from provider.vault import VaultClient
+
+logger = logging.getLogger(__name__)
+
+# The Mount's own deadline already leaves the caller a margin; the backstop answers
+# this long after it, still before the caller gives up.
+BACKSTOP_SECONDS = 0.25
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dispatched:
+    """What the log line says about a Mount, known before it is parsed."""
+
+    route: Route
+    endpoint: EndpointKey
+
+
+class MountDispatcher:
+    def __init__(
+        self,
+        *,
+        mounter: Mounter,
+        admission: Admission,
+        breakers: Breakers,
+        vault: VaultClient,
+        metrics: Metrics,
+        defaults: VaultSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._mounter = mounter
+        self._admission = admission
+        self._breakers = breakers
+        self._vault = vault
+        self._metrics = metrics
+        self._defaults = defaults
+        self._clock = clock
+
+    def route(self, request: MountRequest) -> Dispatched:
+        route = peek_route(request.attributes, self._defaults)
+        return Dispatched(route=route, endpoint=EndpointKey.of(route.vault_address, route.vault_namespace))
+
+    async def mount(self, request: MountRequest, dispatched: Dispatched, *, deadline: float) -> MountResult:
+        endpoint = dispatched.endpoint
+        breaker = self._breakers.get(endpoint)
+        try:
+            verdict = breaker.check()
+        except VaultCircuitOpen:
+            self._metrics.mounts_refused.labels(endpoint.address, "vault_unreachable").inc()
+            raise
+        probe = verdict is Verdict.PROBE
+        try:
+            ticket = await self._admission.enter(
+                Lane(tenant=dispatched.route.tenant, endpoint=endpoint),
+                deadline=deadline,
+                refusal=(lambda: None) if probe else breaker.refusal,
+            )
+        except (MountRejected, VaultCircuitOpen) as e:
+            reason = "vault_unreachable" if isinstance(e, VaultCircuitOpen) else "busy"
+            self._metrics.mounts_refused.labels(endpoint.address, reason).inc()
+            raise
+        loop = asyncio.get_running_loop()
+        try:
+            job = loop.run_in_executor(self._admission.executor, self._run, request, deadline, ticket, breaker, probe)
+        except RuntimeError:  # shutting down
+            ticket.release()
+            raise MountRejected("the provider is shutting down; the driver will retry") from None
+        job.add_done_callback(_consume)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(job), timeout=max(deadline + BACKSTOP_SECONDS - self._clock(), 0)
+            )
+        except TimeoutError:
+            raise VaultUnreachable(
+                f"the Mount did not finish before its deadline: Vault at {endpoint.describe()} is answering slowly"
+            ) from None
+
+    def _run(
+        self, request: MountRequest, deadline: float, ticket: Ticket, breaker: Breaker, probe: bool
+    ) -> MountResult:
+        try:
+            config = self._mounter.parse(request)
+            if probe:
+                self._probe(config, breaker, deadline)
+            return self._mounter.mount_config(config, deadline=deadline, lanes=ticket)
+        finally:
+            ticket.release()
+
+    def _probe(self, config: MountConfig, breaker: Breaker, deadline: float) -> None:
+        try:
+            self._vault.probe(endpoint_of(config), deadline=deadline)
+        except VaultUnreachable as e:
+            raise breaker.refusal() or e from None
+
+
+def _consume(job: asyncio.Future[MountResult]) -> None:
+    """Retrieve the outcome of a job nobody waits for any more (after the backstop)."""
+    if not job.cancelled():
+        job.exception()

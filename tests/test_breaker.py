@@ -1,0 +1,171 @@
+"""The circuit breaker on its own: an injected clock and random source, no sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from provider.breaker import (
+    FAILURES_TO_OPEN,
+    JITTER,
+    OPEN_BASE_SECONDS,
+    OPEN_MAX_SECONDS,
+    Breaker,
+    Breakers,
+    EndpointKey,
+    State,
+    Verdict,
+)
+from provider.errors import VaultCircuitOpen
+
+KEY = EndpointKey(address="https://vault.example:8200", namespace="team")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(clock: Clock, changes: list[State] | None = None, seed: int = 1) -> Breaker:
+    return Breaker(
+        KEY,
+        clock=clock,
+        wall_clock=lambda: 1_700_000_000.0,
+        rng=random.Random(seed),
+        on_change=(lambda key, state: changes.append(state)) if changes is not None else None,
+    )
+
+
+def fail(b: Breaker, times: int) -> None:
+    for _ in range(times):
+        b.record_failure("cannot reach Vault at https://vault.example:8200: Connection refused")
+
+
+def test_stays_closed_below_the_threshold_and_a_success_resets_the_count() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, FAILURES_TO_OPEN - 1)
+    b.record_success()
+    fail(b, FAILURES_TO_OPEN - 1)
+    assert b.state is State.CLOSED
+    assert b.check() is Verdict.ALLOW
+
+
+def test_opens_after_consecutive_failures_and_refuses_saying_since_when_and_why() -> None:
+    clock = Clock()
+    changes: list[State] = []
+    b = breaker(clock, changes)
+    fail(b, FAILURES_TO_OPEN)
+    assert b.state is State.OPEN and changes == [State.OPEN]
+    clock.now += 0.1
+    with pytest.raises(VaultCircuitOpen) as refused:
+        b.check()
+    message = str(refused.value)
+    assert (
+        "Vault at https://vault.example:8200 (namespace team) has been unreachable since 2023-11-14T22:13:20Z"
+        in message
+    )
+    assert "Connection refused" in message and "next probe in" in message
+
+
+def test_one_probe_after_a_jittered_pause_then_closed_on_success() -> None:
+    clock = Clock()
+    changes: list[State] = []
+    b = breaker(clock, changes)
+    fail(b, FAILURES_TO_OPEN)
+    clock.now += OPEN_BASE_SECONDS * JITTER[0] - 0.01
+    with pytest.raises(VaultCircuitOpen):
+        b.check()
+    clock.now += OPEN_BASE_SECONDS * (JITTER[1] - JITTER[0]) + 0.02
+    assert b.check() is Verdict.PROBE
+    with pytest.raises(VaultCircuitOpen, match="a probe is under way"):
+        b.check()  # only one probe at a time
+    b.record_success()
+    assert b.check() is Verdict.ALLOW
+    assert changes == [State.OPEN, State.HALF_OPEN, State.CLOSED]
+
+
+def test_a_failed_probe_doubles_the_pause_up_to_the_ceiling() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, FAILURES_TO_OPEN)
+    pauses = []
+    for _ in range(8):
+        opened = clock.now
+        while True:
+            clock.now += 0.05
+            try:
+                assert b.check() is Verdict.PROBE
+                break
+            except VaultCircuitOpen:
+                pass
+        pauses.append(clock.now - opened)
+        fail(b, 1)  # the probe failed
+    for n, pause in enumerate(pauses):
+        nominal = min(OPEN_MAX_SECONDS, OPEN_BASE_SECONDS * 2**n)
+        assert nominal * JITTER[0] - 0.1 <= pause <= nominal * JITTER[1] + 0.1
+
+
+def test_pauses_differ_between_nodes() -> None:
+    pauses = set()
+    for seed in range(20):
+        clock = Clock()
+        b = breaker(clock, seed=seed)
+        fail(b, FAILURES_TO_OPEN)
+        while True:
+            clock.now += 0.01
+            try:
+                b.check()
+                break
+            except VaultCircuitOpen:
+                pass
+        pauses.add(round(clock.now - 1000.0, 2))
+    assert len(pauses) >= 15  # not in step
+
+
+def test_an_in_flight_success_closes_an_open_breaker() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, FAILURES_TO_OPEN)
+    b.record_success()  # a Mount that was riding out the blip got through
+    assert b.state is State.CLOSED and b.refusal() is None
+
+
+def test_a_probe_that_never_reports_back_lets_another_try() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, FAILURES_TO_OPEN)
+    clock.now += OPEN_MAX_SECONDS
+    assert b.check() is Verdict.PROBE
+    clock.now += 10
+    assert b.check() is Verdict.PROBE
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("https://user:secret@vault.example:8200", "https://vault.example:8200"),
+        ("https://a@b@vault.example/vault/", "https://vault.example/vault"),
+        ("http://vault:8200/", "http://vault:8200"),
+        ("unix:///run/vault.sock", "unix:///run/vault.sock"),
+    ],
+    ids=["userinfo", "at-in-userinfo", "trailing-slash", "unix"],
+)
+def test_endpoint_keys_never_hold_credentials(address: str, expected: str) -> None:
+    assert EndpointKey.of(address).address == expected
+
+
+def test_the_registry_is_bounded_and_forgets_closed_breakers_first() -> None:
+    forgotten: list[EndpointKey] = []
+    breakers = Breakers(max_breakers=3, on_forget=forgotten.append)
+    down = breakers.get(EndpointKey(address="http://down"))
+    fail(down, FAILURES_TO_OPEN)
+    for i in range(5):
+        breakers.get(EndpointKey(address=f"http://up{i}"))
+    assert len(breakers) == 3
+    assert breakers.get(EndpointKey(address="http://down")) is down  # the open one was kept
+    assert EndpointKey(address="http://down") not in forgotten and len(forgotten) >= 2

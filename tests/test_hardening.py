@@ -1,0 +1,335 @@
+"""Defects found in a review of the Mount path, each pinned by a test that failed before
+its fix. Real OpenBao throughout; an HTTP proxy in front of it only where a misbehaving
+Vault (or a gateway) is the point."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from provider.config import TLSConfig, VaultSettings
+from provider.transport import MAX_POOLS, Pools, Target
+from tests.conftest import ProviderClient, VaultWorld, connect, files_of, http_get, spawn_provider, start_provider
+from tests.fault_proxy import FaultProxy, Rule
+
+# 3. The deadline holds against a reply that drips in.
+
+
+@pytest.mark.parametrize("headers_too", [False, True], ids=["body", "headers"])
+def test_a_reply_dripping_one_byte_a_second_is_cut_at_the_deadline(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, headers_too: bool
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    proxied.mount(pod, objects, role=unique)  # logged in; now the read drips
+    body = b'{"data":{"k":"dripped"},"lease_duration":0,"padding":"' + b"x" * 40 + b'"}'
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=200, body=body, drip_seconds=1.0, drip_headers=headers_too))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        proxied.mount(pod, objects, role=unique, timeout=3)
+    elapsed = time.monotonic() - started
+    assert error.value.code() == grpc.StatusCode.UNKNOWN, error.value.details()
+    assert "did not answer within" in error.value.details()
+    assert elapsed < 3
+    # The thread is free again right after the deadline, not when the drip ends.
+    give_up = time.monotonic() + 2
+    while proxied.app.admission.running:
+        assert time.monotonic() < give_up, "the Mount thread is still held by the drip"
+        time.sleep(0.05)
+    proxy.clear()
+    assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
+
+
+# 4. Connection pools: keyed by what a connection is, bounded, redirects contained.
+
+
+def test_pools_are_keyed_by_scheme_host_port_and_tls_not_by_spelling() -> None:
+    pools = Pools()
+    try:
+        for i in range(100):
+            pools.get(Target.parse(f"http://127.0.0.1:8200/{i}"), TLSConfig())
+            pools.get(Target.parse(f"http://u{i}:p@127.0.0.1:8200"), TLSConfig(ca_cert=f"/ca{i}"))  # TLS: https only
+        assert len(pools) == 1
+        pools.get(Target.parse("https://127.0.0.1:8200"), TLSConfig())
+        pools.get(Target.parse("https://127.0.0.1:8200"), TLSConfig(server_name="vault"))
+        assert len(pools) == 3
+        for port in range(1000, 1000 + 3 * MAX_POOLS):
+            pools.get(Target.parse(f"http://127.0.0.1:{port}"), TLSConfig())
+        assert len(pools) == MAX_POOLS
+    finally:
+        pools.close()
+
+
+@pytest.mark.parametrize(
+    ("location", "followed"),
+    [
+        ("http://u{i}@127.0.0.1:{port}/v1/kv1/{name}", True),
+        ("https://127.0.0.1:{port}/v1/kv1/{name}", False),
+        ("ftp://127.0.0.1:{port}/v1/kv1/{name}", False),
+    ],
+    ids=["same-scheme-with-userinfo", "scheme-change", "not-http"],
+)
+def test_redirects_stay_on_the_scheme_and_make_no_new_pools(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, location: str, followed: bool
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    proxied.mount(pod, objects, role=unique)
+    pools = len(proxied.app.vault._pools)
+    for i in range(20):
+        target = location.format(i=i, port=world.bao.port, name=unique)
+        proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=307, headers={"Location": target}, times=1))
+        if followed:
+            assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
+        else:
+            with pytest.raises(grpc.RpcError) as error:
+                proxied.mount(pod, objects, role=unique)
+            assert "Vault answered 307" in error.value.details()
+    assert len(proxied.app.vault._pools) <= pools + 1
+
+
+# 6. A path and user info in vaultAddress are kept, as the reference keeps them.
+
+
+@pytest.fixture
+def gateway(world: VaultWorld) -> Iterator[FaultProxy]:
+    """OpenBao behind a gateway that serves it under /vault."""
+    proxy = FaultProxy(world.bao.port, prefix="/vault")
+    yield proxy
+    proxy.close()
+
+
+def test_a_vault_address_with_a_path_and_credentials_reaches_vault_through_a_gateway(
+    provider: ProviderClient, gateway: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    address = gateway.url.replace("http://", "http://gw-user:s%40cret@") + "/vault/"
+    assert files_of(provider.mount(pod, objects, role=unique, vaultAddress=address)) == {"k": b"v"}
+    assert set(gateway.authorizations) == {"Basic Z3ctdXNlcjpzQGNyZXQ="}  # gw-user:s@cret
+    assert "s%40cret" not in str(provider.app.metrics.registry.collect())  # never in a label
+
+
+# 5. A KV secret with a numeric `expiration` is not a certificate: changes show at once.
+
+
+def test_a_kv_secret_with_an_expiration_field_is_read_again_on_every_mount(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    expires = int(time.time()) + 30 * 86400
+    world.bao.api("POST", f"kv1/{unique}", {"api_key": "old", "expiration": expires})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    objects = [{"objectName": "key", "secretPath": f"kv1/{unique}", "secretKey": "api_key"}]
+    assert files_of(provider.mount(pod, objects, role=unique)) == {"key": b"old"}
+    world.bao.api("POST", f"kv1/{unique}", {"api_key": "new", "expiration": expires})
+    assert files_of(provider.mount(pod, objects, role=unique)) == {"key": b"new"}
+
+
+# 7. A stalled Vault neither starves other pods' parallel fetches nor the readiness probe.
+
+
+def test_stalled_many_object_mounts_leave_other_pods_and_readiness_alone(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str
+) -> None:
+    client = start_provider(tmp_path, world, vault=VaultSettings(address=world.bao.url))
+    try:
+        for i in range(10):
+            world.bao.api("POST", f"kv1/{unique}-{i}", {"k": f"v{i}"})
+        pod = world.grant(unique, [f"kv1/{unique}-*"])
+        ten = [{"objectName": f"o{i}", "secretPath": f"kv1/{unique}-{i}", "secretKey": "k"} for i in range(10)]
+        two = ten[:2]
+        proxy.add(Rule("GET", "/v1/kv1/", delay_seconds=6))  # reads through the proxy stall
+
+        def stall() -> None:
+            with pytest.raises(grpc.RpcError):
+                client.mount(pod, ten, role=unique, timeout=5, vaultAddress=proxy.url)
+
+        stalled = [threading.Thread(target=stall) for _ in range(2)]
+        for thread in stalled:
+            thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert files_of(client.mount(pod, two, role=unique, timeout=5)) == {"o0": b"v0", "o1": b"v1"}
+        assert time.monotonic() - started < 1
+        assert http_get(f"http://{client.app.health_address}/health/ready")[0] == 200
+        for thread in stalled:
+            thread.join(10)
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+# 2. No class or reply can make one Mount cost the node its memory or its CPU.
+
+
+@pytest.fixture
+def spawned(tmp_path: Path, world: VaultWorld, proxy: FaultProxy) -> Iterator[tuple[ProviderClient, int]]:
+    """The provider in its own process (reaching OpenBao through `proxy`), so its peak
+    memory and CPU are its own: a client and the process id."""
+    process = spawn_provider(tmp_path, world, "-log-level=warn", vault_addr=proxy.url)
+    client = connect(tmp_path / "vault.sock", world.kube)
+    try:
+        grpc.channel_ready_future(client.channel).result(timeout=20)
+        yield client, process.pid
+    finally:
+        client.channel.close()
+        process.terminate()
+        process.wait(15)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def big_map_aliased(keys: int, uses: int) -> str:
+    big = "{" + ", ".join(f"k{i}: v" for i in range(keys)) + "}"
+    head = f"- objectName: o0\n  secretPath: kv1/x\n  secretArgs: &big {big}\n"
+    return head + "".join(f"- objectName: o{i}\n  secretPath: kv1/x\n  secretArgs: *big\n" for i in range(1, uses))
+
+
+AMPLIFIERS = {
+    "objects-flow-list": "[" + ",".join(["a"] * 499_000) + "]",
+    "secretArgs-flow-list": "- objectName: o\n  secretPath: kv1/x\n  secretArgs: {k: ["
+    + ",".join(["a"] * 480_000)
+    + "]}\n",
+    "aliases-to-a-big-map": big_map_aliased(9_000, 60),
+}
+
+
+def test_hostile_classes_and_replies_stay_within_memory_and_cpu(
+    spawned: tuple[ProviderClient, int], proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    client, pid = spawned
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [f"kv1/{unique}"])
+    for name, objects in AMPLIFIERS.items():
+        assert len(objects) < 1024 * 1024, name
+        before = cpu_seconds(pid)
+        with pytest.raises(grpc.RpcError) as error:
+            client.mount(pod, objects, role=unique, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.value.details())
+        assert "values (an alias counts as what it repeats)" in error.value.details()
+        assert cpu_seconds(pid) - before < 1.0, name
+    # A reply of four million zeros within the 8 MiB body limit.
+    body = b'{"data":[' + b"0," * 4_000_000 + b'0],"lease_duration":0}'
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=200, body=body))
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    before = cpu_seconds(pid)
+    with pytest.raises(grpc.RpcError) as error:
+        client.mount(pod, objects, role=unique, timeout=30)
+    assert "reply holds more than 100000 values" in error.value.details()
+    assert cpu_seconds(pid) - before < 1.0
+    proxy.clear()
+    assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
+    assert peak_rss_mib(pid) < 100
+
+
+# 8. A reply without Vault's envelope: the whole map is the data, as in the reference.
+
+
+def test_a_reply_without_the_envelope_is_looked_into_as_data(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    pod, _ = world.kv_pod(unique)
+    objects = [
+        {"objectName": "jwks", "secretPath": "identity/oidc/.well-known/keys", "secretKey": "keys"},
+        {"objectName": "whole", "secretPath": "identity/oidc/.well-known/keys"},
+    ]
+    files = files_of(provider.mount(pod, objects, role=unique))
+    keys = json.loads(files["jwks"])
+    assert isinstance(keys, list)
+    assert json.loads(files["whole"])["data"] == {"keys": keys}
+
+
+# 9. encoding is ignored without secretKey, as the reference ignores it.
+
+
+def test_an_unknown_encoding_without_a_secret_key_is_ignored(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    pod, _ = world.kv_pod(unique)
+    whole = [{"objectName": "all", "secretPath": f"kv1/{unique}", "encoding": "bogus"}]
+    assert json.loads(files_of(provider.mount(pod, whole, role=unique))["all"])["data"] == {"k": "v"}
+    keyed = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k", "encoding": "bogus"}]
+    with pytest.raises(grpc.RpcError) as error:
+        provider.mount(pod, keyed, role=unique)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "encoding 'bogus' is not supported" in error.value.details()
+
+
+# 10. The HMAC key: never fetched for a failing Mount, never fetched behind a lock.
+
+
+def test_the_hmac_key_is_not_fetched_for_a_failing_mount_nor_waited_for_behind_a_lock(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    pod, objects = world.kv_pod(unique)
+    client = start_provider(tmp_path, world, hmac_secret_name=f"hmac-{unique}", hmac_key_ttl=1.0)
+    try:
+        before = world.kube.calls["secret.get"]
+        missing = [{"objectName": "k", "secretPath": f"kv1/{unique}-missing", "secretKey": "k"}]
+        with pytest.raises(grpc.RpcError):
+            client.mount(pod, missing, role=unique)
+        assert world.kube.calls["secret.get"] == before  # no API call for a Mount that failed
+        client.mount(pod, objects, role=unique)  # the key is now cached
+        time.sleep(1.1)  # the key expires...
+        world.kube.delay_seconds = 2.0  # ...and the API turns slow
+        results: list[float] = []
+
+        def timed_mount() -> None:
+            started = time.monotonic()
+            client.mount(pod, objects, role=unique)
+            results.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=timed_mount) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        # One Mount waited for the slow API; the others went on with the key they had.
+        assert len(results) == 6 and sorted(results)[-2] < 1.0, sorted(results)
+    finally:
+        world.kube.delay_seconds = 0.0
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+# 13. -allowed-vault-addresses: the provider is no egress path around NetworkPolicy.
+
+
+def test_vault_addresses_outside_the_allow_list_are_refused(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str
+) -> None:
+    pod, objects = world.kv_pod(unique)
+    vault = VaultSettings(address=world.bao.url, allowed_addresses=(proxy.url + "/",))
+    client = start_provider(tmp_path, world, vault=vault)
+    try:
+        assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}  # the default address
+        assert files_of(client.mount(pod, objects, role=unique, vaultAddress=proxy.url)) == {"k": b"v"}
+        for elsewhere in ("http://169.254.169.254", f"http://127.0.0.2:{world.bao.port}", proxy.url + "/other"):
+            with pytest.raises(grpc.RpcError) as error:
+                client.mount(pod, objects, role=unique, vaultAddress=elsewhere)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not allowed on this node" in error.value.details()
+            assert "-allowed-vault-addresses" in error.value.details()
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)

@@ -1,0 +1,74 @@
+"""The lease cache on its own: real threads, an injected clock, no Vault."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from provider import gojson
+from provider.leases import PURGE_INTERVAL_SECONDS, LeaseCache, LeaseKey
+from provider.metrics import Metrics
+from provider.vault import Secret
+
+
+class JumpingClock:
+    """Every reading is a purge interval later: each fetch also purges."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += PURGE_INTERVAL_SECONDS + 1
+            return self.now
+
+
+def leased(n: int) -> Secret:
+    return Secret(body={"lease_id": f"db/creds/app/{n}", "lease_duration": gojson.Number("1000000"), "data": {}})
+
+
+def key(pod: str) -> LeaseKey:
+    return LeaseKey(pod_uid=pod, pod_namespace="team", pod_name=pod, target_path="/t", identity="id", request="req")
+
+
+def issues_in_a_race(pod: str, threads: int = 8) -> int:
+    """How many times `threads` concurrent fetches of one key issued, each also purging."""
+    cache = LeaseCache(metrics=Metrics(), clock=JumpingClock())
+    issued: list[int] = []
+    start = threading.Barrier(threads)
+
+    def issue() -> Secret:
+        issued.append(1)
+        time.sleep(0.01)
+        return leased(len(issued))
+
+    def fetch() -> None:
+        start.wait()
+        cache.fetch(key(pod), issue=issue, renew=lambda lease, inc: leased(0), deadline=1e9)
+
+    workers = [threading.Thread(target=fetch) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(5)
+    return len(issued)
+
+
+def test_a_purge_racing_concurrent_fetches_never_issues_twice() -> None:
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: widen every race window
+    try:
+        for round_ in range(100):
+            assert issues_in_a_race(f"pod-{round_}") == 1, f"round {round_}: one pod's one request issued twice"
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_unkept_replies_leave_no_slot_behind() -> None:
+    cache = LeaseCache(metrics=Metrics(), max_entries=2)
+    kv = Secret(body={"data": {"k": "v"}, "lease_duration": gojson.Number("0")})
+    for i in range(100):
+        cache.fetch(key(f"kv-{i}"), issue=lambda: kv, renew=lambda lease, inc: kv, deadline=float("inf"))
+    assert len(cache) == 0 and cache.pods() == set()

@@ -1,0 +1,293 @@
+"""One node, many tenants: a dead, slow or refusing Vault for one class costs that class's
+pods, never another's; every answer is final and comes before the caller's deadline.
+
+Real OpenBao, real gRPC over the unix socket; "dead" is a loopback port nothing listens
+on, "slow" an HTTP proxy holding each request 5 s, "killed" a TCP forwarder in front of
+OpenBao closed and reopened on the same port.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from provider.admission import PER_CLASS, Admission
+from provider.breaker import EndpointKey, State
+from provider.config import VaultSettings
+from tests.conftest import ProviderClient, VaultWorld, start_provider
+from tests.fault_proxy import FaultProxy, Rule
+from tests.kube_fake import FakePod
+from tests.openbao import free_port
+from tests.proxy import Forwarder
+
+NOT_FINAL = {
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+@dataclass
+class Outcome:
+    code: grpc.StatusCode
+    details: str
+    elapsed: float
+    timeout: float
+    started: float
+
+
+@dataclass
+class Call:
+    request: object
+    timeout: float
+
+
+def burst(client: ProviderClient, calls: list[Call]) -> list[Outcome]:
+    """Send every call at once (asynchronously, on one channel, like the driver) and wait for all."""
+    outcomes: list[Outcome | None] = [None] * len(calls)
+    done = threading.Semaphore(0)
+
+    def record(i: int, started: float, timeout: float, future: grpc.Future) -> None:  # type: ignore[type-arg]
+        elapsed = time.monotonic() - started
+        error = future.exception()
+        code = grpc.StatusCode.OK if error is None else error.code()  # type: ignore[attr-defined]
+        details = "" if error is None else error.details()  # type: ignore[attr-defined]
+        outcomes[i] = Outcome(code, details, elapsed, timeout, started)
+        done.release()
+
+    for i, call in enumerate(calls):
+        started = time.monotonic()
+        future = client.stub.Mount.future(call.request, timeout=call.timeout)
+        future.add_done_callback(lambda f, i=i, s=started, t=call.timeout: record(i, s, t, f))
+    give_up = time.monotonic() + max(c.timeout for c in calls) + 10
+    for _ in calls:
+        assert done.acquire(timeout=max(give_up - time.monotonic(), 0)), "a Mount never answered"
+    return [o for o in outcomes if o is not None]
+
+
+def assert_all_final_and_in_time(outcomes: list[Outcome]) -> None:
+    late = [(o.code.name, round(o.elapsed, 2), o.details[:120]) for o in outcomes if o.code in NOT_FINAL]
+    assert not late, f"{len(late)} answers were not final: {late[:5]}"
+    assert all(o.elapsed < o.timeout for o in outcomes)
+
+
+@dataclass
+class Tenant:
+    pods: list[FakePod]
+    objects: list[dict[str, str]]
+    role: str
+    params: dict[str, str]
+
+    def calls(self, client: ProviderClient, timeout: float) -> list[Call]:
+        return [Call(client.request(pod, self.objects, role=self.role, **self.params), timeout) for pod in self.pods]
+
+
+@pytest.fixture
+def good(world: VaultWorld, unique: str) -> Tenant:
+    """Ten pods of a class whose Vault (the session's OpenBao) is fine."""
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    first = world.grant(unique, [f"kv1/{unique}"])
+    pods = [first] + [world.kube.add_pod("team", f"good-{unique}-{i}", "app") for i in range(9)]
+    return Tenant(pods, [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}], unique, {})
+
+
+def noisy(world: VaultWorld, unique: str, count: int, address: str) -> Tenant:
+    """`count` pods of another team's class whose Vault is at `address`."""
+    pods = [world.kube.add_pod("noisy", f"noisy-{unique}-{i}", "noisy") for i in range(count)]
+    objects = [{"objectName": "k", "secretPath": "kv1/noisy", "secretKey": "k"}]
+    return Tenant(pods, objects, "noisy", {"vaultAddress": address})
+
+
+def dead_address() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_sixty_pods_of_a_dead_vault_do_not_hold_up_ten_pods_of_a_live_one(
+    provider: ProviderClient, world: VaultWorld, good: Tenant, unique: str
+) -> None:
+    bad = noisy(world, unique, 60, dead_address())
+    calls = bad.calls(provider, 10) + good.calls(provider, 10)
+    outcomes = burst(provider, calls)
+    assert_all_final_and_in_time(outcomes)
+    for o in outcomes[60:]:
+        assert o.code == grpc.StatusCode.OK and o.elapsed < 2, (o.code, o.elapsed, o.details)
+    assert all(o.code == grpc.StatusCode.UNKNOWN for o in outcomes[:60])
+
+
+def test_sixty_pods_of_a_slow_vault_do_not_hold_up_ten_pods_of_a_live_one(
+    provider: ProviderClient, world: VaultWorld, proxy: FaultProxy, good: Tenant, unique: str
+) -> None:
+    proxy.add(Rule("*", "/", delay_seconds=5))  # every request through it is held 5 s
+    bad = noisy(world, unique, 60, proxy.url)
+    outcomes = burst(provider, bad.calls(provider, 8) + good.calls(provider, 8))
+    assert_all_final_and_in_time(outcomes)
+    for o in outcomes[60:]:
+        assert o.code == grpc.StatusCode.OK and o.elapsed < 2, (o.code, o.elapsed, o.details)
+    waited = [o for o in outcomes[:60] if "could not start" in o.details]
+    assert waited and "this SecretProviderClass already has" in waited[0].details
+
+
+def test_a_hundred_pods_against_a_dead_vault_fail_fast_once_it_is_known_down(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    bad = noisy(world, unique, 100, dead_address())
+    first = burst(provider, bad.calls(provider, 30))
+    assert_all_final_and_in_time(first)
+    # Only the Mounts already running when the breaker opened (a second in) paid for
+    # retries, riding them out to the end; everyone else was answered when it opened.
+    retried = [o for o in first if o.elapsed > 5]
+    assert 0 < len(retried) <= PER_CLASS
+    rest = [o for o in first if o.elapsed <= 5]
+    assert max(o.elapsed for o in rest) < 1.5, sorted(o.elapsed for o in rest)[-5:]
+    assert all("has been unreachable since" in o.details for o in rest)
+    second = burst(provider, bad.calls(provider, 30))
+    assert_all_final_and_in_time(second)
+    # Each is answered within 100 ms of being sent (a few at the tail of a burst sent from
+    # this same 2-core machine may wait on the client's own threads a little longer).
+    times = sorted(o.elapsed for o in second)
+    assert times[int(len(times) * 0.95)] < 0.1 and times[-1] < 0.5, times[-10:]
+    metrics = provider.app.metrics.registry
+    address = bad.params["vaultAddress"]
+    assert metrics.get_sample_value("vault_csi_provider_breaker_state", {"address": address, "namespace": ""}) in (
+        State.OPEN,
+        State.HALF_OPEN,
+    )
+    refused = metrics.get_sample_value(
+        "vault_csi_provider_mounts_refused_total", {"address": address, "reason": "vault_unreachable"}
+    )
+    assert refused is not None and refused >= 190
+
+
+@pytest.mark.parametrize("fault", ["dead", "slow", "logins-refused"])
+def test_ten_times_more_mounts_than_threads_all_get_a_final_answer_in_time(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, good: Tenant, unique: str, fault: str
+) -> None:
+    admission = Admission(total=8, per_endpoint=8, per_class=4)
+    client = start_provider(tmp_path, world, admission=admission)
+    try:
+        if fault == "slow":
+            proxy.add(Rule("*", "/", delay_seconds=5))
+        elif fault == "logins-refused":
+            proxy.add(Rule("POST", "/v1/auth/", status=403, body=b'{"errors":["permission denied"]}'))
+        bad = noisy(world, unique, 80, dead_address() if fault == "dead" else proxy.url)
+        outcomes = burst(client, bad.calls(client, 6) + good.calls(client, 6))
+        assert_all_final_and_in_time(outcomes)
+        assert all(o.code == grpc.StatusCode.OK and o.elapsed < 2 for o in outcomes[80:]), [
+            (o.code.name, round(o.elapsed, 2), o.details[:100]) for o in outcomes[80:] if o.code != grpc.StatusCode.OK
+        ]
+        if fault == "logins-refused":
+            assert {o.code for o in outcomes[:80]} == {grpc.StatusCode.UNAUTHENTICATED}
+        assert admission.waiting == 0
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@dataclass
+class Record:
+    started: float
+    ended: float
+    ok: bool
+    details: str
+
+
+@pytest.fixture
+def killable(world: VaultWorld) -> Iterator[list[Forwarder]]:
+    """A TCP forwarder to OpenBao whose port stays fixed across kills (a list: it is replaced)."""
+    holder = [Forwarder(("127.0.0.1", world.bao.port))]
+    yield holder
+    holder[0].close()
+
+
+def test_vault_killed_and_restarted_under_load_fails_fast_recovers_and_leaks_nothing(
+    tmp_path: Path, world: VaultWorld, good: Tenant, killable: list[Forwarder]
+) -> None:
+    port = killable[0].port
+    address = f"http://127.0.0.1:{port}"
+    client = start_provider(tmp_path, world, vault=VaultSettings(address=address))
+    breaker = client.app.breakers.get(EndpointKey.of(address))
+    records: list[Record] = []
+    stop = threading.Event()
+
+    def load(pod: FakePod) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                client.mount(pod, good.objects, role=good.role, timeout=5)
+                ok, details = True, ""
+            except grpc.RpcError as e:
+                ok, details = False, e.details() or ""
+                assert e.code() not in NOT_FINAL, (e.code(), details)
+            records.append(Record(started, time.monotonic(), ok, details))
+            time.sleep(0.05)
+
+    def logins() -> float:
+        return client.app.metrics.registry.get_sample_value("vault_csi_provider_logins_total", {"outcome": "ok"}) or 0
+
+    def wait_for(condition: object, seconds: float) -> float:
+        give_up = time.monotonic() + seconds
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < give_up, "timed out"
+            time.sleep(0.02)
+        return time.monotonic()
+
+    workers = [threading.Thread(target=load, args=(pod,), daemon=True) for pod in good.pods[:6]]
+    for worker in workers:
+        worker.start()
+    counts: list[tuple[int, int]] = []
+    try:
+        for _cycle in range(3):
+            wait_for(lambda: sum(r.ok for r in records) >= 20, 10)
+            logged_in = logins()
+            killable[0].close()  # Vault is gone
+            opened = wait_for(lambda: breaker.state is not State.CLOSED, 10)
+
+            # Mounts in flight ride out their retries (5 s deadline); those after fail at once.
+            def failed_after_open(opened: float = opened) -> list[Record]:
+                return [r for r in records if r.started > opened + 0.05 and not r.ok]
+
+            wait_for(lambda: len(failed_after_open()) >= 10, 10)
+            fast = failed_after_open()
+            assert all(r.ended - r.started < 0.1 for r in fast), sorted(r.ended - r.started for r in fast)[-3:]
+            assert all("unreachable since" in r.details for r in fast)
+            killable[0] = Forwarder(("127.0.0.1", world.bao.port), port=port)  # Vault is back
+            back = time.monotonic()
+            recovered = wait_for(lambda back=back: any(r.ok and r.started > back for r in records), 15)
+            time.sleep(0.5)
+            after = [r for r in records if r.started > recovered]
+            assert after and all(r.ok for r in after), [r.details for r in after if not r.ok][:3]
+            assert logins() == logged_in  # cached tokens were used: no herd of logins
+            records.clear()
+            # The Mount pool starts threads up to its high-water mark and keeps them (bounded
+            # by the admission limit); the test's own servers (forwarder, fakes) come and go
+            # with connections. Every other thread must be gone once its work is.
+            pool = [t for t in threading.enumerate() if t.name.startswith("mount")]
+            assert len(pool) <= client.app.admission.total
+            others = [
+                t
+                for t in threading.enumerate()
+                if not t.name.startswith(("mount", "forwarder")) and "process_request" not in t.name
+            ]
+            counts.append((fd_count(), len(others)))
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+        client.channel.close()
+        client.app.stop(grace=1)
+    (fds_first, threads_first), (fds_last, threads_last) = counts[0], counts[-1]
+    assert fds_last - fds_first <= 4, counts
+    assert threads_last - threads_first <= 2, counts
