@@ -6,12 +6,14 @@ the event loop*, costing nothing, and takes one only when three limits allow it:
 
 - its class (the pod's namespace and the class's parameters) runs fewer than
   PER_CLASS threads,
+- its pod's namespace (a team) fewer than PER_NAMESPACE, however many classes and
+  spellings of Vault addresses the team writes,
 - its Vault endpoint (address and namespace) fewer than PER_ENDPOINT,
 - the node fewer than TOTAL.
 
-A Vault that hangs therefore holds at most PER_CLASS threads per class and
-PER_ENDPOINT per endpoint; every other class keeps its share. When several Mounts
-wait, the next free thread goes to the one whose class runs the fewest (fair share),
+A Vault that hangs therefore holds at most PER_CLASS threads per class, PER_NAMESPACE
+per team and PER_ENDPOINT per endpoint; every other class keeps its share. When several Mounts
+wait, the next free thread goes to the one whose namespace, then class, runs the fewest (fair share),
 then to the oldest. A Mount that cannot start before its deadline is answered with
 a final error naming the limit it waited on, and one whose endpoint's breaker opens
 while it waits is answered at once; no reply is ever left to the caller's deadline.
@@ -47,6 +49,9 @@ T = TypeVar("T")
 TOTAL = 128
 # Threads one Vault endpoint may hold: a hung Vault takes at most a quarter of the node.
 PER_ENDPOINT = 32
+# Threads the pods of one namespace may hold, whatever classes they use: a team that
+# writes many classes (or many spellings of one dead address) still leaves 3/4 of the node.
+PER_NAMESPACE = 32
 # Threads one class may hold: a burst of one class's pods is served 8 at a time (tens of
 # Mounts per second on a healthy Vault) and a hung one holds 8 threads, not the node.
 PER_CLASS = 8
@@ -56,10 +61,15 @@ MIN_START_SECONDS = 0.2
 
 @dataclass(frozen=True, kw_only=True)
 class Lane:
-    """What a Mount counts against: its class and its Vault endpoint."""
+    """What a Mount counts against: its class, its pod's namespace and its Vault endpoint."""
 
-    tenant: Hashable
+    tenant: Hashable  # the class
     endpoint: EndpointKey
+    namespace: str = ""
+
+    @property
+    def team(self) -> tuple[str, str]:
+        return ("namespace", self.namespace)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -98,9 +108,11 @@ class Admission:
         total: int = TOTAL,
         per_endpoint: int = PER_ENDPOINT,
         per_class: int = PER_CLASS,
+        per_namespace: int = PER_NAMESPACE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total, self.per_endpoint, self.per_class = total, per_endpoint, per_class
+        self.per_namespace = per_namespace
         self._clock = clock
         self._lock = threading.Lock()
         self._running = 0
@@ -181,7 +193,7 @@ class Admission:
     def release(self, lane: Lane) -> None:
         with self._lock:
             self._running -= 1
-            for key in (lane.tenant, lane.endpoint):
+            for key in (lane.tenant, lane.team, lane.endpoint):
                 left = self._by_key[key] - 1
                 if left:
                     self._by_key[key] = left
@@ -201,7 +213,8 @@ class Admission:
             loop.call_soon_threadsafe(self._dispatch)
 
     def _dispatch(self) -> None:
-        """Admit whom the limits allow, fewest-running class first; refuse whom a breaker shut out."""
+        """Admit whom the limits allow, fewest-running namespace and class first; refuse whom a
+        breaker shut out."""
         verdicts: list[tuple[_Waiter, Ticket | ProviderError]] = []
         with self._lock:
             for waiter in list(self._waiters):
@@ -216,7 +229,10 @@ class Admission:
                 candidates = [w for w in self._waiters if self._fits(w.lane)]
                 if not candidates:
                     break
-                chosen = min(candidates, key=lambda w: (self._by_key.get(w.lane.tenant, 0), w.seq))
+                chosen = min(
+                    candidates,
+                    key=lambda w: (self._by_key.get(w.lane.team, 0), self._by_key.get(w.lane.tenant, 0), w.seq),
+                )
                 self._waiters.remove(chosen)
                 self._take(chosen.lane)
                 verdicts.append((chosen, Ticket(admission=self, lane=chosen.lane)))
@@ -234,12 +250,13 @@ class Admission:
         return (
             self._running < self.total
             and self._by_key.get(lane.tenant, 0) < self.per_class
+            and self._by_key.get(lane.team, 0) < self.per_namespace
             and self._by_key.get(lane.endpoint, 0) < self.per_endpoint
         )
 
     def _take(self, lane: Lane) -> None:
         self._running += 1
-        for key in (lane.tenant, lane.endpoint):
+        for key in (lane.tenant, lane.team, lane.endpoint):
             self._by_key[key] = self._by_key.get(key, 0) + 1
 
     def _why_full(self, lane: Lane, waited: float) -> str:
@@ -247,6 +264,11 @@ class Admission:
             limit = (
                 f"this SecretProviderClass already has {self._by_key[lane.tenant]} Mounts in progress "
                 f"(at most {self.per_class} per class run at once on a node)"
+            )
+        elif self._by_key.get(lane.team, 0) >= self.per_namespace:
+            limit = (
+                f"the pods of namespace {lane.namespace!r} already have {self._by_key[lane.team]} Mounts in progress "
+                f"(at most {self.per_namespace} per namespace run at once on a node)"
             )
         elif self._by_key.get(lane.endpoint, 0) >= self.per_endpoint:
             limit = (

@@ -75,7 +75,7 @@ class MountDispatcher:
         probe = verdict is Verdict.PROBE
         try:
             ticket = await self._admission.enter(
-                Lane(tenant=dispatched.route.tenant, endpoint=endpoint),
+                Lane(tenant=dispatched.route.tenant, endpoint=endpoint, namespace=dispatched.route.tenant[0]),
                 deadline=deadline,
                 refusal=(lambda: None) if probe else breaker.refusal,
             )

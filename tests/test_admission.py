@@ -17,8 +17,8 @@ VAULT_A = EndpointKey(address="http://a:8200")
 VAULT_B = EndpointKey(address="http://b:8200")
 
 
-def lane(tenant: str, endpoint: EndpointKey = VAULT_A) -> Lane:
-    return Lane(tenant=("ns", hash(tenant)), endpoint=endpoint)
+def lane(tenant: str, endpoint: EndpointKey = VAULT_A, namespace: str = "ns") -> Lane:
+    return Lane(tenant=(namespace, hash(tenant)), endpoint=endpoint, namespace=namespace)
 
 
 def run(test: Callable[[Admission], Awaitable[None]], **limits: int) -> None:
@@ -147,3 +147,18 @@ def test_parallel_fetches_borrow_only_threads_nobody_waits_for() -> None:
         assert admission.running == 0
 
     run(test, total=3, per_endpoint=3, per_class=2)
+
+
+def test_a_namespace_runs_at_most_its_share_across_its_classes_and_addresses() -> None:
+    async def test(admission: Admission) -> None:
+        held = [
+            await admission.enter(lane(f"c{i}", EndpointKey(address=f"http://dead:1/{i}"), "noisy"), deadline=soon())
+            for i in range(3)
+        ]
+        with pytest.raises(MountRejected, match=r"the pods of namespace 'noisy' already have 3 Mounts in progress"):
+            await admission.enter(lane("c9", EndpointKey(address="http://dead:1/9"), "noisy"), deadline=soon(0.4))
+        other = await asyncio.wait_for(admission.enter(lane("c0", VAULT_A, "quiet"), deadline=soon()), 1)
+        for ticket in [*held, other]:
+            ticket.release()
+
+    run(test, total=10, per_endpoint=10, per_class=10, per_namespace=3)
