@@ -35,6 +35,9 @@ FILL_PODS = 1000  # pods each holding a kept (leased) certificate: the lease cac
 NOISY_PODS = 60  # pods of another class whose Vault is dead or slow, mounting beside the good one
 NOISE_ROUNDS = 200
 NOISE_MOUNTS_PER_POD = 1000
+# Each noisy pod mounts again this soon after a failure: kubelet's first retry delay (it
+# then doubles), so the noise is as dense as a real failing rollout gets.
+NOISE_RETRY_SECONDS = 0.5
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -162,6 +165,7 @@ def beside_noise(
                 return
             with contextlib.suppress(grpc.RpcError):
                 provider.mount(pod, objects, "noisy", timeout=5, vaultAddress=address)
+            stop.wait(NOISE_RETRY_SECONDS)
 
     threads = [threading.Thread(target=noise, args=(pod,), daemon=True) for pod in noisy]
     for thread in threads:

@@ -31,7 +31,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -50,8 +50,8 @@ TOTAL = 128
 # Threads one Vault endpoint may hold: a hung Vault takes at most a quarter of the node.
 PER_ENDPOINT = 32
 # Threads the pods of one namespace may hold, whatever classes they use: a team that
-# writes many classes (or many spellings of one dead address) still leaves 3/4 of the node.
-PER_NAMESPACE = 32
+# writes many classes still leaves 7/8 of the node, and half of any one endpoint's share.
+PER_NAMESPACE = 16
 # Threads one class may hold: a burst of one class's pods is served 8 at a time (tens of
 # Mounts per second on a healthy Vault) and a hung one holds 8 threads, not the node.
 PER_CLASS = 8
@@ -295,3 +295,46 @@ def _abandon(waiter: _Waiter) -> ProviderError | None:
         future.result().release()
         return None
     return error if isinstance(error, ProviderError) else None
+
+
+# Parses of objects lists not cached yet, at once on the node, and per namespace. Parsing
+# holds the GIL (up to ~0.2 s for the largest class allowed): more at once would starve
+# the event loop, and so every other tenant's answers. Cached classes never wait here.
+PARSES_AT_ONCE = 2
+PARSES_PER_NAMESPACE = 1
+
+
+class ParseGate:
+    """Bounds concurrent uncached parses, node-wide and per namespace; waits up to a deadline."""
+
+    def __init__(self, *, total: int = PARSES_AT_ONCE, per_namespace: int = PARSES_PER_NAMESPACE) -> None:
+        self._total, self._per_namespace = total, per_namespace
+        self._running = 0
+        self._by_namespace: dict[str, int] = {}
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self, namespace: str, deadline: float) -> Iterator[None]:
+        with self._cond:
+            while self._running >= self._total or self._by_namespace.get(namespace, 0) >= self._per_namespace:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    if self._running < self._total and self._by_namespace.get(namespace, 0) < self._per_namespace:
+                        break
+                    raise MountRejected(
+                        "the Mount could not start: too many new SecretProviderClasses are being read on this node "
+                        f"(at most {self._total} at once, {self._per_namespace} per namespace); it is retried"
+                    )
+            self._running += 1
+            self._by_namespace[namespace] = self._by_namespace.get(namespace, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                left_in_namespace = self._by_namespace[namespace] - 1
+                if left_in_namespace:
+                    self._by_namespace[namespace] = left_in_namespace
+                else:
+                    del self._by_namespace[namespace]
+                self._cond.notify_all()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Coroutine
@@ -105,23 +106,46 @@ class App:
         self._grpc: grpc.aio.Server | None = None
         self._health: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
-        self._self_channel: grpc.Channel | None = None
+        self._socket_identity: tuple[int, int, int] | None = None
 
     def start(self) -> None:
         endpoint = self.settings.endpoint
-        _remove_stale_socket(endpoint)
-        self._loop.start()
-        self.admission.bind(self._loop.loop)
-        self._grpc = self._loop.run(self._start_grpc(endpoint), timeout=30)
-        os.chmod(endpoint, 0o660)
-        self._self_channel = grpc.insecure_channel(f"unix:{endpoint}")
-        self._health = create_health_server(
-            self.settings.health_addr, ready=ReadinessCheck(self._probe), metrics=self.metrics
-        )
+        # The health port first: if it cannot be had, no socket is left behind.
+        try:
+            self._health = create_health_server(
+                self.settings.health_addr, ready=ReadinessCheck(self._probe), metrics=self.metrics, live=self._live
+            )
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"-health-addr {self.settings.health_addr}: cannot listen: {_reason(e)}") from None
+        try:
+            _claim_socket(endpoint)
+            self._loop.start()
+            self.admission.bind(self._loop.loop)
+            # gRPC binds a path of its own, and unlinks that path when it stops; the socket
+            # is then renamed into place. So stopping removes nothing another instance made
+            # at -endpoint meanwhile: what is ours there, stop() removes itself.
+            staging = f"{endpoint}.{os.getpid()}.new"
+            self._grpc = self._loop.run(self._start_grpc(staging), timeout=30)
+            os.chmod(staging, 0o660)
+            os.rename(staging, endpoint)
+            self._socket_identity = _identity(os.stat(endpoint))
+        except BaseException:
+            self._health.server_close()
+            raise
         threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()
         if self.settings.revoke_deleted_pods:
             self.sweeper.start(self.settings.revocation_interval)
         logger.info("serving on unix:%s; health on %s", endpoint, self.health_address)
+
+    def _socket_is_ours(self) -> bool:
+        try:
+            st = os.stat(self.settings.endpoint)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and _identity(st) == self._socket_identity
+
+    def _live(self) -> bool:
+        return self._socket_is_ours()
 
     async def _start_grpc(self, endpoint: str) -> grpc.aio.Server:
         server = create_server(
@@ -143,6 +167,8 @@ class App:
     def _breaker_forgotten(self, key: EndpointKey) -> None:
         with contextlib.suppress(KeyError):
             self.metrics.breaker_state.remove(key.address, key.namespace)
+        with contextlib.suppress(KeyError):
+            self.metrics.mounts_refused.remove(key.address, "vault_unreachable")
 
     @property
     def health_address(self) -> str:
@@ -151,9 +177,12 @@ class App:
         return f"{host!s}:{port}"
 
     def _probe(self) -> bool:
-        assert self._self_channel is not None
-        stub = service_pb2_grpc.CSIDriverProviderStub(self._self_channel)  # type: ignore[no-untyped-call]
-        stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=1.0)
+        """A fresh connection to the path the driver dials, answered by this process."""
+        if not self._socket_is_ours():
+            return False
+        with grpc.insecure_channel(f"unix:{self.settings.endpoint}") as channel:
+            stub = service_pb2_grpc.CSIDriverProviderStub(channel)  # type: ignore[no-untyped-call]
+            stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=1.0)
         return True
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -169,13 +198,12 @@ class App:
         if self._health is not None:
             self._health.shutdown()
             self._health.server_close()
-        if self._self_channel is not None:
-            self._self_channel.close()
         self.admission.close()
         self.vault.close()
         self.kube.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.settings.endpoint)
+        if self._socket_is_ours():  # never another instance's socket that replaced ours
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.settings.endpoint)
         logger.info("stopped")
 
     def wait(self) -> None:
@@ -209,7 +237,8 @@ class _LoopThread:
             self.loop.close()
 
 
-def _remove_stale_socket(path: str) -> None:
+def _claim_socket(path: str) -> None:
+    """Make way for our socket: remove one left by a dead process, never a live one."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise SystemExit(f"-endpoint {path}: directory {parent} does not exist")
@@ -219,8 +248,28 @@ def _remove_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise SystemExit(f"-endpoint {path} exists and is not a socket; refusing to replace it")
-    logger.info("removing stale socket %s", path)
-    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            logger.info("removing stale socket %s (nothing answers on it)", path)
+            os.unlink(path)
+            return
+    raise SystemExit(
+        f"-endpoint {path}: another process is serving on this socket (a second provider on this node, or the "
+        "one being replaced); refusing to take it over. Stop it first, or give this one another -endpoint"
+    )
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells our socket file from another made at the same path later: an inode
+    number alone may be reused at once, so its change time is part of it."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _reason(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def run(settings: Settings) -> int:

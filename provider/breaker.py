@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from provider.address import Target
 from provider.errors import VaultCircuitOpen, truncate
 
 logger = logging.getLogger(__name__)
@@ -80,13 +81,10 @@ class EndpointKey:
 
     @classmethod
     def of(cls, address: str, namespace: str = "") -> EndpointKey:
-        """The key for a Vault address as a class wrote it: user info (credentials) is
-        dropped, so it can appear in logs and metric labels."""
-        scheme, sep, rest = address.partition("://")
-        authority, slash, path = rest.partition("/")
-        if sep and "@" in authority:
-            address = f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
-        return cls(address=address.rstrip("/"), namespace=namespace)
+        """The key for a Vault address as a class wrote it: its canonical form (no
+        credentials, explicit port), the same one its connections are made from.
+        Raises ValueError for an address that does not parse."""
+        return cls(address=Target.parse(address).key(), namespace=namespace)
 
     def describe(self) -> str:
         return self.address + (f" (namespace {self.namespace})" if self.namespace else "")
@@ -217,6 +215,11 @@ class Breakers:
         self._max = max_breakers
         self._breakers: OrderedDict[Hashable, Breaker] = OrderedDict()
         self._lock = threading.Lock()
+
+    def peek(self, key: EndpointKey) -> Breaker | None:
+        """The endpoint's breaker if it ever saw a failure; none is made for looking."""
+        with self._lock:
+            return self._breakers.get(key)
 
     def get(self, key: EndpointKey) -> Breaker:
         forgotten: list[EndpointKey] = []

@@ -21,6 +21,8 @@ from provider.config import Settings, TLSConfig, VaultSettings, parse_bool
 from provider.errors import ConfigError
 
 TRACE = 5
+# The oldest Secrets Store CSI driver the provider works with, as the reference states it.
+MIN_DRIVER_VERSION = "v0.0.21"
 LOG_LEVELS = {
     "trace": TRACE,
     "debug": logging.DEBUG,
@@ -65,6 +67,37 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _cache_size(text: str) -> int:
+    """Any integer, as Go's flag.IntVar takes it; zero or less disables the cache."""
+    try:
+        return max(int(text), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+def _log_level(text: str) -> str:
+    """As hclog.LevelFromString reads it: any case, surrounding spaces ignored; an unknown
+    level is info (the reference starts rather than fails; we also say so)."""
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        print(f"vault-csi-provider: unknown -log-level {text!r}; using info", file=sys.stderr)
+        return "info"
+    return level
+
+
+def _output(text: str) -> str:
+    return text or "json"
+
+
+def _endpoint(text: str) -> str:
+    """A socket path; unix:///path (the form gRPC targets use) is accepted too."""
+    if text.startswith("unix://"):
+        return text[len("unix://") :]
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"must be a unix socket path (or unix:///path), got {text!r}")
+    return text
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -85,16 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     def switch(name: str, help: str) -> None:
         flag(name, nargs="?", const=True, default=None, type=_bool, metavar="BOOL", help=help)
 
-    flag("endpoint", default="/tmp/vault.sock", help="path of the unix socket to serve gRPC on")
-    flag("log-level", default=None, choices=sorted(LOG_LEVELS), help="trace, debug, info, warn, error or off")
+    flag("endpoint", default="/tmp/vault.sock", type=_endpoint, help="path of the unix socket to serve gRPC on")
+    flag("log-level", default=None, type=_log_level, help="trace, debug, info, warn, error or off (any case)")
     switch("debug", "deprecated: same as -log-level=debug")
     flag("log-format", default="text", choices=["text", "json"], help="log line format")
     switch("version", "print the version and exit")
-    flag("output", default="json", choices=["json", "yaml", "json-pretty"], help="format of -version")
+    flag("output", default="json", type=_output, choices=["json", "yaml", "json-pretty"], help="format of -version")
     flag("health-addr", default=":8080", help="address of /health/live, /health/ready and /metrics")
     flag("hmac-secret-name", default="vault-csi-provider-hmac-key", help="Secret holding the HMAC key")
     flag("hmac-key-ttl", default=60.0, type=parse_duration, help="how long the HMAC key is kept in memory")
-    flag("cache-size", default=1000, type=_non_negative_int, help="Vault tokens cached; 0 disables the cache")
+    flag("cache-size", default=1000, type=_cache_size, help="Vault tokens cached; 0 or less disables the cache")
     flag("max-response-bytes", default=4 * 1024 * 1024, type=_non_negative_int, help="largest Mount reply")
     flag("lease-cache-size", default=5000, type=_non_negative_int, help="leased replies kept; 0 disables reuse")
     flag("lease-renew-fraction", default=2 / 3, type=_fraction, help="share of a lease's life before renewal")
@@ -190,8 +223,13 @@ def setup_logging(level: str, log_format: str) -> None:
 
 
 def version_text(output: str) -> str:
+    # The reference's keys first (internal/version: version, buildDate, goVersion,
+    # minDriverVersion), so tooling that reads them keeps working; then our runtime's.
     info = {
         "version": __version__,
+        "buildDate": "",
+        "goVersion": "",
+        "minDriverVersion": MIN_DRIVER_VERSION,
         "runtime": "python",
         "runtimeVersion": platform.python_version(),
         "platform": f"{sys.platform}/{platform.machine()}",

@@ -7,18 +7,23 @@ the provider sees frozen dataclasses.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import threading
 import unicodedata
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from provider import gojson, goyaml
+from provider.address import MAX_ADDRESS_LENGTH, Target, safe_describe
 from provider.errors import ConfigError, quote, truncate
 
 # The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
@@ -26,13 +31,20 @@ from provider.errors import ConfigError, quote, truncate
 MAX_ATTRIBUTES_BYTES = 2 * 1024 * 1024
 # The objects YAML is one parameter of that class.
 MAX_OBJECTS_YAML_BYTES = 1024 * 1024
+# A Vault namespace path; longer is a mistake or an attack, refused before it is kept.
+MAX_NAMESPACE_LENGTH = 256
+# Kubernetes names are at most 253 characters.
+MAX_NAME_LENGTH = 253
 # Far more objects than any real class mounts; bounds the work one request can cause.
 MAX_OBJECTS = 1000
 # Values (scalars, list items, map entries) in one object's secretArgs after aliases are
 # expanded: a request body for Vault, not a data set.
 MAX_SECRET_ARGS_VALUES = 10_000
-# Distinct objects lists whose parse is kept: a node's classes, with room to spare.
-OBJECTS_CACHE_SIZE = 512
+# Distinct objects lists whose parse (or error) is kept: a node's classes, with room to
+# spare; and the total size of the texts whose parse is kept (a parse costs a few times
+# its text in memory, so this bounds the cache to a few tens of MiB at worst).
+OBJECTS_CACHE_SIZE = 1024
+OBJECTS_CACHE_BYTES = 4 * 1024 * 1024
 # The largest file mode a File may carry (0777).
 MAX_MODE = 0o777
 ENCODINGS = ("utf-8", "base64", "hex")
@@ -153,8 +165,16 @@ class MountConfig:
     permission: int
 
 
-def parse_mount(*, attributes: str, target_path: str, permission: str, defaults: VaultSettings) -> MountConfig:
-    """Validate a Mount request's fields; raise ConfigError naming what to fix."""
+def parse_mount(
+    *,
+    attributes: str,
+    target_path: str,
+    permission: str,
+    defaults: VaultSettings,
+    gate: Callable[[], AbstractContextManager[object]] | None = None,
+) -> MountConfig:
+    """Validate a Mount request's fields; raise ConfigError naming what to fix. `gate`
+    bounds concurrent parses of objects lists not yet cached (see parse_objects)."""
     params = _parse_attributes(attributes)
     problems: list[str] = []
     if not target_path:
@@ -176,7 +196,7 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
         problems.append(str(e))
     objects: tuple[SecretObject, ...] = ()
     try:
-        objects = parse_objects(params.get("objects", ""))
+        objects = parse_objects(params.get("objects", ""), gate=gate)
     except ConfigError as e:
         problems.append(str(e))
     if problems:
@@ -190,11 +210,18 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
         token=_token_for_audience(params.get(SERVICE_ACCOUNT_TOKENS, ""), audience or DEFAULT_AUDIENCE),
     )
     vault_address, vault_namespace = vault_target(params, defaults)
+    source = "'vaultAddress' in SecretProviderClass parameters" if params.get("vaultAddress") else "-vault-addr"
+    try:
+        Target.parse(vault_address)
+    except ValueError as e:
+        raise ConfigError(f"{source} is not a valid Vault address: {e}") from None
+    if len(vault_namespace) > MAX_NAMESPACE_LENGTH:
+        raise ConfigError(f"'vaultNamespace' is longer than {MAX_NAMESPACE_LENGTH} characters")
     if defaults.allowed_addresses and not address_allowed(vault_address, defaults):
+        allowed = ", ".join(safe_describe(a) for a in defaults.allowed_addresses)
         raise ConfigError(
-            f"vaultAddress {quote(truncate(vault_address, 200))} is not allowed on this node: the provider only "
-            f"reaches the addresses in its -allowed-vault-addresses ({', '.join(defaults.allowed_addresses)}) "
-            "and its default address"
+            f"vaultAddress {quote(safe_describe(vault_address))} is not allowed on this node: the provider only "
+            f"reaches the addresses in its -allowed-vault-addresses ({allowed}) and its default address"
         )
     return MountConfig(
         role_name=role,
@@ -211,21 +238,17 @@ def parse_mount(*, attributes: str, target_path: str, permission: str, defaults:
 
 
 def address_allowed(address: str, defaults: VaultSettings) -> bool:
-    """Whether address is the default or one of the allowed ones, compared by scheme, host,
-    port and path (credentials and a trailing slash aside)."""
-    wanted = _origin(address)
-    return wanted is not None and wanted in {_origin(a) for a in (defaults.address, *defaults.allowed_addresses)}
+    """Whether address is the default or one of the allowed ones, compared in canonical
+    form (scheme, host, port and path; credentials and a trailing slash aside)."""
+    wanted = _canonical(address)
+    return wanted is not None and wanted in {_canonical(a) for a in (defaults.address, *defaults.allowed_addresses)}
 
 
-def _origin(address: str) -> tuple[str, str, int | None, str] | None:
-    if address.startswith("unix://"):
-        return ("unix", "", None, address[len("unix://") :])
+def _canonical(address: str) -> str | None:
     try:
-        parts = urlsplit(address)
-        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+        return Target.parse(address).key()
     except ValueError:
         return None
-    return (parts.scheme.lower(), (parts.hostname or "").lower(), port, parts.path.rstrip("/"))
 
 
 def vault_target(params: Mapping[str, str], defaults: VaultSettings) -> tuple[str, str]:
@@ -256,7 +279,9 @@ def peek_route(attributes: str, defaults: VaultSettings) -> Route:
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         params = {}
     address, namespace = vault_target(params, defaults)
-    pod_namespace = params.get(POD_NAMESPACE, "")
+    if len(address) > MAX_ADDRESS_LENGTH or len(namespace) > MAX_NAMESPACE_LENGTH:
+        address, namespace = "", ""  # refused by the parse; nothing of it is kept meanwhile
+    pod_namespace = params.get(POD_NAMESPACE, "")[:MAX_NAME_LENGTH]
     # The class is not named in a Mount: its parameters, less the pod's own, stand for it.
     class_params = frozenset((k, v) for k, v in params.items() if not k.startswith(_POD_ATTRIBUTE_PREFIX))
     return Route(
@@ -358,14 +383,72 @@ def _token_for_audience(tokens_json: str, audience: str) -> str:
     return token
 
 
-@functools.lru_cache(maxsize=OBJECTS_CACHE_SIZE)
-def parse_objects(text: str) -> tuple[SecretObject, ...]:
+class _ParsedObjects:
+    """Parsed objects lists by the digest of their text, failures included: a class is
+    parsed once however often it is mounted, and a broken one too. Bounded by count and
+    by the total size of the texts whose parse is kept (a parse is a few times its text)."""
+
+    def __init__(self, *, entries: int = OBJECTS_CACHE_SIZE, text_bytes: int = OBJECTS_CACHE_BYTES) -> None:
+        self._entries, self._text_bytes = entries, text_bytes
+        self._cache: OrderedDict[bytes, tuple[tuple[SecretObject, ...] | ConfigError, int]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> tuple[SecretObject, ...] | ConfigError | None:
+        with self._lock:
+            found = self._cache.get(digest)
+            if found is None:
+                return None
+            self._cache.move_to_end(digest)
+            return found[0]
+
+    def put(self, digest: bytes, value: tuple[SecretObject, ...] | ConfigError, text_size: int) -> None:
+        size = 0 if isinstance(value, ConfigError) else text_size
+        if size > self._text_bytes // 4:
+            return  # too big to keep: parsed again when mounted again
+        with self._lock:
+            if digest in self._cache:
+                return
+            self._cache[digest] = (value, size)
+            self._size += size
+            while len(self._cache) > self._entries or self._size > self._text_bytes:
+                self._size -= self._cache.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._size = 0
+
+
+_PARSED = _ParsedObjects()
+
+
+def parse_objects(
+    text: str, *, gate: Callable[[], AbstractContextManager[object]] | None = None
+) -> tuple[SecretObject, ...]:
     """Parse the ``objects`` parameter: a YAML list of secret objects.
 
-    The same class is mounted again and again, so results are cached by the YAML text
-    (errors are not cached); the objects are immutable and safe to share.
+    The same class is mounted again and again, so results (and errors) are cached by
+    the text's digest; the objects are immutable and safe to share. A parse that is not
+    cached runs inside `gate`, which bounds how many run at once (parsing holds the GIL).
     """
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_OBJECTS_YAML_BYTES:
+    encoded = text.encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(encoded, digest_size=16).digest()
+    cached = _PARSED.get(digest)
+    if cached is None:
+        with gate() if gate is not None else contextlib.nullcontext():
+            try:
+                cached = _parse_objects(text, len(encoded))
+            except ConfigError as e:
+                cached = e
+        _PARSED.put(digest, cached, len(encoded))
+    if isinstance(cached, ConfigError):
+        raise ConfigError(str(cached))
+    return cached
+
+
+def _parse_objects(text: str, size: int) -> tuple[SecretObject, ...]:
+    if size > MAX_OBJECTS_YAML_BYTES:
         raise ConfigError(f"'objects' is larger than {MAX_OBJECTS_YAML_BYTES} bytes")
     try:
         loader, root = goyaml.compose(text)
@@ -455,7 +538,10 @@ def _scalar_text(where: str, key: str, node: goyaml.Node) -> str:
 def _file_permission(loader: goyaml.GoLoader, where: str, node: goyaml.Node) -> int:
     value = None
     if isinstance(node, goyaml.ScalarNode) and node.tag.endswith((":int", ":null")):
-        value = loader.construct_object(node) or 0
+        try:
+            value = loader.construct_object(node) or 0
+        except (ValueError, OverflowError, yaml.YAMLError):  # "0x_", 5,000 digits: not a mode
+            value = None
     if not isinstance(value, int) or not 0 <= value <= MAX_MODE:
         text = node.value if isinstance(node, goyaml.ScalarNode) else "a collection"
         raise ConfigError(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from provider.admission import Admission, Lane, Ticket
+from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
 from provider.config import MountConfig, Route, VaultSettings, peek_route
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
@@ -50,8 +50,10 @@ class MountDispatcher:
         vault: VaultClient,
         metrics: Metrics,
         defaults: VaultSettings,
+        parse_gate: ParseGate | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._parse_gate = parse_gate or ParseGate()
         self._mounter = mounter
         self._admission = admission
         self._breakers = breakers
@@ -62,13 +64,17 @@ class MountDispatcher:
 
     def route(self, request: MountRequest) -> Dispatched:
         route = peek_route(request.attributes, self._defaults)
-        return Dispatched(route=route, endpoint=EndpointKey.of(route.vault_address, route.vault_namespace))
+        try:
+            endpoint = EndpointKey.of(route.vault_address, route.vault_namespace)
+        except ValueError:  # the parse will say what is wrong; meanwhile it counts as no endpoint
+            endpoint = EndpointKey(address="(invalid)")
+        return Dispatched(route=route, endpoint=endpoint)
 
     async def mount(self, request: MountRequest, dispatched: Dispatched, *, deadline: float) -> MountResult:
         endpoint = dispatched.endpoint
-        breaker = self._breakers.get(endpoint)
+        breaker = self._breakers.peek(endpoint)  # none until the endpoint has failed
         try:
-            verdict = breaker.check()
+            verdict = breaker.check() if breaker is not None else Verdict.ALLOW
         except VaultCircuitOpen:
             self._metrics.mounts_refused.labels(endpoint.address, "vault_unreachable").inc()
             raise
@@ -77,15 +83,25 @@ class MountDispatcher:
             ticket = await self._admission.enter(
                 Lane(tenant=dispatched.route.tenant, endpoint=endpoint, namespace=dispatched.route.tenant[0]),
                 deadline=deadline,
-                refusal=(lambda: None) if probe else breaker.refusal,
+                refusal=(lambda: None) if probe else self._refusal(endpoint),
             )
         except (MountRejected, VaultCircuitOpen) as e:
-            reason = "vault_unreachable" if isinstance(e, VaultCircuitOpen) else "busy"
-            self._metrics.mounts_refused.labels(endpoint.address, reason).inc()
+            if isinstance(e, VaultCircuitOpen):
+                self._metrics.mounts_refused.labels(endpoint.address, "vault_unreachable").inc()
+            else:  # not by address: any class can make a bulkhead full, and labels must stay few
+                self._metrics.mounts_refused.labels("", "busy").inc()
             raise
         loop = asyncio.get_running_loop()
         try:
-            job = loop.run_in_executor(self._admission.executor, self._run, request, deadline, ticket, breaker, probe)
+            job = loop.run_in_executor(
+                self._admission.executor,
+                self._run,
+                request,
+                dispatched.route.tenant[0],
+                deadline,
+                ticket,
+                breaker if probe else None,
+            )
         except RuntimeError:  # shutting down
             ticket.release()
             raise MountRejected("the provider is shutting down; the driver will retry") from None
@@ -99,13 +115,22 @@ class MountDispatcher:
                 f"the Mount did not finish before its deadline: Vault at {endpoint.describe()} is answering slowly"
             ) from None
 
+    def _refusal(self, endpoint: EndpointKey) -> Callable[[], VaultCircuitOpen | None]:
+        """For a waiting Mount: the breaker's refusal, should its endpoint go down meanwhile."""
+
+        def refusal() -> VaultCircuitOpen | None:
+            breaker = self._breakers.peek(endpoint)
+            return breaker.refusal() if breaker is not None else None
+
+        return refusal
+
     def _run(
-        self, request: MountRequest, deadline: float, ticket: Ticket, breaker: Breaker, probe: bool
+        self, request: MountRequest, namespace: str, deadline: float, ticket: Ticket, probe: Breaker | None
     ) -> MountResult:
         try:
-            config = self._mounter.parse(request)
-            if probe:
-                self._probe(config, breaker, deadline)
+            config = self._mounter.parse(request, gate=lambda: self._parse_gate.slot(namespace, deadline))
+            if probe is not None:
+                self._probe(config, probe, deadline)
             return self._mounter.mount_config(config, deadline=deadline, lanes=ticket)
         finally:
             ticket.release()

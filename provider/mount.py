@@ -12,6 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl
@@ -137,12 +138,15 @@ class Mounter:
         self._metrics = metrics
         self._leases = leases
 
-    def parse(self, request: MountRequest) -> MountConfig:
+    def parse(
+        self, request: MountRequest, *, gate: Callable[[], AbstractContextManager[object]] | None = None
+    ) -> MountConfig:
         return parse_mount(
             attributes=request.attributes,
             target_path=request.target_path,
             permission=request.permission,
             defaults=self._settings.vault,
+            gate=gate,
         )
 
     def mount(self, request: MountRequest, *, deadline: float, lanes: Lanes | None = None) -> MountResult:

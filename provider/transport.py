@@ -1,8 +1,7 @@
 """HTTP connections to Vault: pooled, bounded, and held to the Mount's deadline.
 
-- A Vault address is parsed once into a Target: scheme, host, port (or unix socket),
-  a path prefix (``https://gw.example.com/vault`` sends to ``/vault/v1/...``, as the
-  reference does) and user info (sent as basic auth, as Go's net/http does).
+- A Vault address arrives parsed (address.Target): scheme, host, port or socket, path
+  prefix, basic auth.
 - Connection pools are keyed by what a connection is: scheme, host, port or socket, and
   TLS settings. Paths, user info and spelling do not make new pools, and at most
   MAX_POOLS are kept, the least recently used closed first, so no class can make the
@@ -15,7 +14,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import heapq
 import itertools
@@ -27,11 +25,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import urllib3
 import urllib3.connection
 
+from provider.address import Target
 from provider.config import TLSConfig
 
 logger = logging.getLogger(__name__)
@@ -41,53 +39,6 @@ POOL_SIZE = 32
 # Pools kept at most: a node talks to a handful of Vaults; standby redirects add one per
 # cluster node. Beyond this the least recently used pool is closed.
 MAX_POOLS = 64
-
-
-@dataclass(frozen=True, kw_only=True)
-class Target:
-    """Where an address points, split into what makes a connection and what rides on requests."""
-
-    scheme: str  # http, https or unix
-    host: str
-    port: int
-    socket_path: str = ""
-    prefix: str = ""  # path before /v1, without a trailing slash
-    authorization: str = ""  # "Basic …" from user info, or empty
-
-    @classmethod
-    def parse(cls, address: str) -> Target:
-        """Raise ValueError naming what is wrong with an address."""
-        if address.startswith("unix://"):
-            path = address[len("unix://") :]
-            if not path:
-                raise ValueError("a unix:// address needs a socket path")
-            return cls(scheme="unix", host="localhost", port=0, socket_path=path)
-        parts = urlsplit(address)
-        if parts.scheme not in ("http", "https"):
-            raise ValueError("the address must start with https://, http:// or unix://")
-        if not parts.hostname:
-            raise ValueError("the address has no host")
-        port = parts.port or (443 if parts.scheme == "https" else 80)  # port raises ValueError if invalid
-        authorization = ""
-        if parts.username is not None:
-            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
-        return cls(
-            scheme=parts.scheme,
-            host=parts.hostname,
-            port=port,
-            prefix=parts.path.rstrip("/"),
-            authorization=authorization,
-        )
-
-    def describe(self) -> str:
-        """The address without credentials, for messages."""
-        if self.scheme == "unix":
-            return f"unix://{self.socket_path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        port = "" if self.port == default else f":{self.port}"
-        return f"{self.scheme}://{host}{port}{self.prefix}"
 
 
 @dataclass(frozen=True)

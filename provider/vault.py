@@ -27,6 +27,7 @@ import urllib3
 import urllib3.connection
 
 from provider import gojson
+from provider.address import Target
 from provider.breaker import Breaker, Breakers, EndpointKey
 from provider.config import TLSConfig
 from provider.errors import (
@@ -39,7 +40,7 @@ from provider.errors import (
     truncate,
 )
 from provider.metrics import Metrics
-from provider.transport import Pools, Target, Watchdog
+from provider.transport import Pools, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +85,13 @@ class Endpoint:
         """The parsed address; raises VaultUnreachable naming what is wrong with it."""
         try:
             return Target.parse(self.address)
-        except ValueError as e:
-            raise VaultUnreachable(f"invalid Vault address {self.address!r}: {e}") from None
+        except ValueError as e:  # parse_mount refuses these first; this is the last guard
+            raise VaultBadResponse(f"the Vault address is invalid: {e}") from None
 
     @functools.cached_property
     def key(self) -> EndpointKey:
-        """Its breaker's and bulkhead's key."""
-        return EndpointKey.of(self.address, self.namespace)
+        """Its breaker's and bulkhead's key: from the same parse its connections use."""
+        return EndpointKey(address=self.target.key(), namespace=self.namespace)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,11 +252,16 @@ class VaultClient:
         except _NotSent:
             raise  # counted by _attempt
         except VaultUnreachable as e:
-            self._breaker(endpoint).record_failure(str(e))  # connected, but no answer in time
+            self._breaker(endpoint, failed=True).record_failure(str(e))  # connected, but no answer in time
             raise
 
-    def _breaker(self, endpoint: Endpoint) -> Breaker | _NoBreaker:
-        return _NO_BREAKER if self._breakers is None else self._breakers.get(endpoint.key)
+    def _breaker(self, endpoint: Endpoint, *, failed: bool = False) -> Breaker | _NoBreaker:
+        """The endpoint's breaker; made only to record a failure (an endpoint that never
+        failed needs none, and a lookup must not let a class fill the registry)."""
+        if self._breakers is None:
+            return _NO_BREAKER
+        breaker = self._breakers.get(endpoint.key) if failed else self._breakers.peek(endpoint.key)
+        return _NO_BREAKER if breaker is None else breaker
 
     def _attempt(self, endpoint: Endpoint, method: str, path: str, **request: Any) -> _Reply:
         """One exchange (the keyword arguments of _exchange), its outcome told to the
@@ -266,7 +272,7 @@ class VaultClient:
             self._breaker(endpoint).record_success()  # a standby answered; its leader is gone
             raise
         except _NotSent as e:
-            self._breaker(endpoint).record_failure(str(e))
+            self._breaker(endpoint, failed=True).record_failure(str(e))
             raise
         self._breaker(endpoint).record_success()
         return reply

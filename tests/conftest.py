@@ -210,7 +210,8 @@ def versions_of(response: service_pb2.MountResponse) -> dict[str, str]:
 
 def make_settings(tmp_path: Path, world: VaultWorld, **overrides: Any) -> Settings:
     vault = overrides.pop("vault", VaultSettings(address=world.bao.url))
-    return Settings(endpoint=str(tmp_path / "vault.sock"), health_addr="127.0.0.1:0", vault=vault, **overrides)
+    overrides.setdefault("health_addr", "127.0.0.1:0")
+    return Settings(endpoint=str(tmp_path / "vault.sock"), vault=vault, **overrides)
 
 
 def start_provider(

@@ -149,7 +149,7 @@ def test_a_probe_that_never_reports_back_lets_another_try() -> None:
     ("address", "expected"),
     [
         ("https://user:secret@vault.example:8200", "https://vault.example:8200"),
-        ("https://a@b@vault.example/vault/", "https://vault.example/vault"),
+        ("https://a@b@Vault.Example/vault/", "https://vault.example:443/vault"),
         ("http://vault:8200/", "http://vault:8200"),
         ("unix:///run/vault.sock", "unix:///run/vault.sock"),
     ],
@@ -169,3 +169,18 @@ def test_the_registry_is_bounded_and_forgets_closed_breakers_first() -> None:
     assert len(breakers) == 3
     assert breakers.get(EndpointKey(address="http://down")) is down  # the open one was kept
     assert EndpointKey(address="http://down") not in forgotten and len(forgotten) >= 2
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://127.0.0.1:1?@vault.example:8200",
+        "http://127.0.0.1:1#@vault.example:8200",
+        "http://vault:99999",
+        "vault:8200",
+    ],
+    ids=["query-hiding-a-host", "fragment-hiding-a-host", "port-out-of-range", "no-scheme"],
+)
+def test_addresses_that_could_mean_two_places_have_no_key(address: str) -> None:
+    with pytest.raises(ValueError):
+        EndpointKey.of(address)

@@ -91,7 +91,7 @@ def test_environment_is_overridden_by_flags() -> None:
 
 
 def test_unknown_flags_and_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["-no-such-flag"], ["-cache-size=-1"], ["-log-level=loud"], ["-hmac-key-ttl=soon"]):
+    for argv in (["-no-such-flag"], ["-cache-size=many"], ["-output=xml"], ["-hmac-key-ttl=soon"]):
         with pytest.raises(SystemExit) as error:
             build_parser().parse_args(argv)
         assert error.value.code == 2
@@ -190,3 +190,128 @@ def test_endpoint_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> Non
     )
     assert result.returncode != 0
     assert f"directory {tmp_path}/missing does not exist" in result.stderr
+
+
+# Drop-in flag parity: what an existing DaemonSet passes must keep working.
+
+
+@pytest.mark.parametrize(
+    ("argv", "attribute", "expected"),
+    [
+        (["-cache-size=-1"], "cache_size", 0),
+        (["-cache-size=-100"], "cache_size", 0),
+        (["-log-level=INFO"], "log_level", "info"),
+        (["-log-level=Debug"], "log_level", "debug"),
+        (["-log-level=verbose"], "log_level", "info"),
+        (["-endpoint=unix:///run/csi/vault.sock"], "endpoint", "/run/csi/vault.sock"),
+    ],
+    ids=["cache-minus-one", "cache-negative", "level-upper", "level-mixed", "level-unknown", "endpoint-unix-url"],
+)
+def test_flags_as_the_reference_parses_them(argv: list[str], attribute: str, expected: object) -> None:
+    assert getattr(settings(argv), attribute) == expected
+
+
+def test_an_endpoint_that_is_not_a_socket_path_is_refused_clearly() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "provider", "-endpoint=tcp://127.0.0.1:9000"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "must be a unix socket path (or unix:///path)" in result.stderr
+
+
+def test_version_carries_the_reference_keys_and_an_empty_output_flag_works() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "provider", "-version", "-output="], capture_output=True, text=True, timeout=30
+    )
+    info = json.loads(result.stdout)
+    assert {"version", "buildDate", "goVersion", "minDriverVersion"} <= info.keys()
+    assert info["version"] == __version__
+
+
+# The socket: never take over a live one, never remove another's.
+
+
+def wait_serving(endpoint: Path, process: subprocess.Popen, seconds: float = 20) -> None:  # type: ignore[type-arg]
+    give_up = time.monotonic() + seconds
+    while True:
+        try:
+            with grpc.insecure_channel(f"unix:{endpoint}") as channel:
+                service_pb2_grpc.CSIDriverProviderStub(channel).Version(service_pb2.VersionRequest(), timeout=0.5)
+            return
+        except grpc.RpcError:
+            assert process.poll() is None and time.monotonic() < give_up, "the provider did not serve"
+            time.sleep(0.05)
+
+
+def test_a_second_instance_refuses_a_live_socket_and_never_removes_anothers(tmp_path: Path, world: VaultWorld) -> None:
+    endpoint = tmp_path / "vault.sock"
+    first = spawn_provider(tmp_path, world, "-log-level=warn")
+    try:
+        wait_serving(endpoint, first)
+        second = spawn_provider(tmp_path, world, "-log-level=warn", stderr=subprocess.PIPE, text=True)
+        _, err = second.communicate(timeout=30)
+        assert second.returncode != 0
+        assert "another process is serving on this socket" in err and "refusing to take it over" in err
+        wait_serving(endpoint, first, 2)  # the first one still serves
+
+        endpoint.unlink()  # an operator (or a rollout) removes the first one's socket...
+        third = spawn_provider(tmp_path, world, "-log-level=warn")  # ...and another instance takes the path
+        try:
+            wait_serving(endpoint, third)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(15) == 0
+            assert endpoint.exists()  # the first one left the new socket alone
+            wait_serving(endpoint, third, 2)
+        finally:
+            third.terminate()
+            third.wait(15)
+        assert not endpoint.exists()  # its own socket it removes
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(5)
+
+
+def test_liveness_and_readiness_follow_the_socket_file(tmp_path: Path, world: VaultWorld) -> None:
+    client = start_provider(tmp_path, world)
+    try:
+        base = f"http://{client.app.health_address}"
+        assert http_get(f"{base}/health/live")[0] == 200 and http_get(f"{base}/health/ready")[0] == 200
+        Path(client.app.settings.endpoint).unlink()  # the driver can no longer dial us
+        time.sleep(1.1)  # past the readiness cache
+        assert http_get(f"{base}/health/live")[0] == 503
+        assert http_get(f"{base}/health/ready")[0] == 503
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+@pytest.mark.parametrize(
+    ("address", "reach"),
+    [(":{port}", ("127.0.0.1", "[::1]")), ("[::1]:{port}", ("[::1]",)), ("127.0.0.1:{port}", ("127.0.0.1",))],
+    ids=["any-address-both-families", "ipv6-loopback", "ipv4-loopback"],
+)
+def test_the_health_server_listens_on_ipv4_and_ipv6(
+    tmp_path: Path, world: VaultWorld, address: str, reach: tuple[str, ...]
+) -> None:
+    port = free_port()
+    client = start_provider(tmp_path, world, health_addr=address.format(port=port))
+    try:
+        for host in reach:
+            assert http_get(f"http://{host}:{port}/health/live") == (200, "ok\n")
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+def test_a_health_port_in_use_is_one_clear_line_and_leaves_no_socket(tmp_path: Path, world: VaultWorld) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = spawn_provider(tmp_path, world, f"-health-addr=127.0.0.1:{port}", stderr=subprocess.PIPE, text=True)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert f"-health-addr 127.0.0.1:{port}: cannot listen: Address already in use" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "vault.sock").exists()

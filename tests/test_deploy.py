@@ -152,3 +152,33 @@ def test_dockerfile_runs_the_console_script() -> None:
     assert 'ENTRYPOINT ["vault-csi-provider"]' in dockerfile
     assert "slim" in dockerfile
     assert 'vault-csi-provider = "provider.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_base_moves_to_another_namespace_with_every_binding() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "tests" / "overlays" / "renamespaced")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    namespaced = [o for o in objects if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "Namespace")]
+    assert {o["metadata"].get("namespace") for o in namespaced} == {"csi"}
+    assert only(objects, "Namespace")["metadata"]["name"] == "csi"
+    bindings = [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert len(bindings) == 3
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vault-csi-provider", "namespace": "csi"}]
+    (container,) = only(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/platform/vault-csi-provider:0.1.0"
+
+
+def test_the_daemonset_is_node_critical_with_probe_timeouts_and_a_namespace_that_admits_it(
+    base: list[dict[str, Any]],
+) -> None:
+    pod = only(base, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["timeoutSeconds"] > 1 and container["readinessProbe"]["timeoutSeconds"] > 1
+    labels = only(base, "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # hostPath needs it

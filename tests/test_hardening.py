@@ -4,6 +4,7 @@ Vault (or a gateway) is the point."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -333,3 +334,65 @@ def test_vault_addresses_outside_the_allow_list_are_refused(
     finally:
         client.channel.close()
         client.app.stop(grace=1)
+
+
+# Found by attacking the above: a few more ways in, each closed.
+
+
+@pytest.mark.parametrize("mode", ["0x_", "0o_", "0b_", "1" * 5000], ids=["hex-empty", "oct-empty", "bin-empty", "huge"])
+def test_file_permissions_that_are_no_number_are_invalid_not_internal(
+    provider: ProviderClient, world: VaultWorld, unique: str, mode: str
+) -> None:
+    pod, _ = world.kv_pod(unique)
+    with pytest.raises(grpc.RpcError) as error:
+        provider.mount(pod, f"- objectName: a\n  secretPath: kv1/x\n  filePermission: {mode}\n", role=unique)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "filePermission must be a file mode" in error.value.details()
+
+
+def test_an_invalid_address_is_refused_at_once_not_retried(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    pod, objects = world.kv_pod(unique)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        provider.mount(pod, objects, role=unique, vaultAddress="http://127.0.0.1:99999", timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'vaultAddress' in SecretProviderClass parameters is not a valid Vault address" in error.value.details()
+    assert time.monotonic() - started < 1
+
+
+def test_a_broken_class_is_parsed_once_and_parses_never_starve_others(
+    spawned: tuple[ProviderClient, int], world: VaultWorld, unique: str
+) -> None:
+    client, pid = spawned
+    pairs = ", ".join(f"k{i}: v" for i in range(9_990))
+    heavy = f"- objectName: a\n  secretPath: b\n  secretArgs: {{{pairs}}}\n- objectName: a\n  secretPath: b\n"
+    pod, objects = world.kv_pod(unique)
+    client.mount(pod, objects, role=unique)  # warm
+    evil = [world.kube.add_pod("evil", f"evil-{unique}-{i}", "evil") for i in range(16)]
+    before = cpu_seconds(pid)
+    stop = time.monotonic() + 6
+
+    def attack(i: int) -> None:
+        n = 0
+        while time.monotonic() < stop and n < 200:
+            n += 1
+            text = heavy if i % 2 else f"# {i}-{n}\n" + heavy  # the same broken class, and new ones
+            with contextlib.suppress(grpc.RpcError):
+                client.mount(evil[i], text, role=f"r{i % 4}", timeout=5)
+
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    latencies = []
+    while time.monotonic() < stop:
+        started = time.monotonic()
+        assert files_of(client.mount(pod, objects, role=unique, timeout=5)) == {"k": b"v"}
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(15)
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 2, latencies[-5:]
+    assert cpu_seconds(pid) - before < 6 * 2  # bounded by the parse gate, not by the attackers

@@ -8,7 +8,9 @@ OpenBao closed and reopened on the same port.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ import pytest
 from provider.admission import PER_CLASS, Admission
 from provider.breaker import EndpointKey, State
 from provider.config import VaultSettings
-from tests.conftest import ProviderClient, VaultWorld, start_provider
+from tests.conftest import ProviderClient, VaultWorld, http_get, start_provider
 from tests.fault_proxy import FaultProxy, Rule
 from tests.kube_fake import FakePod
 from tests.openbao import free_port
@@ -149,12 +151,16 @@ def test_a_hundred_pods_against_a_dead_vault_fail_fast_once_it_is_known_down(
     rest = [o for o in first if o.elapsed <= 5]
     assert max(o.elapsed for o in rest) < 1.5, sorted(o.elapsed for o in rest)[-5:]
     assert all("has been unreachable since" in o.details for o in rest)
-    second = burst(provider, bad.calls(provider, 30))
-    assert_all_final_and_in_time(second)
-    # Each is answered within 100 ms of being sent (a few at the tail of a burst sent from
-    # this same 2-core machine may wait on the client's own threads a little longer).
-    times = sorted(o.elapsed for o in second)
-    assert times[int(len(times) * 0.95)] < 0.1 and times[-1] < 0.5, times[-10:]
+    # Later Mounts of those pods, one after another as kubelet retries them: each is
+    # answered within 100 ms.
+    times = []
+    for call in bad.calls(provider, 30):
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            provider.raw_mount(call.request, timeout=30)  # type: ignore[arg-type]
+        times.append(time.monotonic() - started)
+        assert refused.value.code() == grpc.StatusCode.UNKNOWN
+    assert max(times) < 0.1, sorted(times)[-5:]
     metrics = provider.app.metrics.registry
     address = bad.params["vaultAddress"]
     assert metrics.get_sample_value("vault_csi_provider_breaker_state", {"address": address, "namespace": ""}) in (
@@ -291,3 +297,93 @@ def test_vault_killed_and_restarted_under_load_fails_fast_recovers_and_leaks_not
     (fds_first, threads_first), (fds_last, threads_last) = counts[0], counts[-1]
     assert fds_last - fds_first <= 4, counts
     assert threads_last - threads_first <= 2, counts
+
+
+# Found by attacking the above as a hostile tenant: each of these once got through.
+
+
+def test_an_address_that_names_the_shared_vault_but_connects_elsewhere_is_refused(
+    provider: ProviderClient, world: VaultWorld, good: Tenant, unique: str
+) -> None:
+    shared = world.bao.url.split("://", 1)[1]
+    for trick in (f"http://127.0.0.1:{free_port()}?@{shared}", f"http://127.0.0.1:{free_port()}#@{shared}"):
+        pod = world.kube.add_pod("evil", f"evil-{unique}-{len(trick)}", "evil")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            provider.mount(pod, [{"objectName": "k", "secretPath": "kv1/x"}], role="x", vaultAddress=trick)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no query (?) or fragment (#)" in error.value.details()
+        assert time.monotonic() - started < 1
+    outcomes = burst(provider, good.calls(provider, 5))
+    assert all(o.code == grpc.StatusCode.OK for o in outcomes)
+    assert provider.app.breakers.peek(EndpointKey.of(world.bao.url)) is None  # nothing was counted against it
+
+
+def test_one_namespace_cannot_fill_a_shared_vaults_share(
+    provider: ProviderClient, world: VaultWorld, good: Tenant, unique: str
+) -> None:
+    hole = socket.socket()  # the shared Vault's address, but a path of it that never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(1024)
+    try:
+        address = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        calls = [
+            Call(
+                provider.request(
+                    world.kube.add_pod("evil", f"evil-{unique}-{c}-{i}", "evil"),
+                    [{"objectName": "k", "secretPath": "kv1/x"}],
+                    role=f"r{c}",
+                    vaultAddress=address + f"/{c}",
+                ),
+                6,
+            )
+            for c in range(6)
+            for i in range(8)
+        ]
+        futures = [provider.stub.Mount.future(c.request, timeout=c.timeout) for c in calls]
+        time.sleep(1.0)
+        assert provider.app.admission.running <= 16  # the namespace's share, whatever it spreads over
+        outcomes = burst(provider, good.calls(provider, 5))
+        assert all(o.code == grpc.StatusCode.OK and o.elapsed < 2 for o in outcomes)
+        for future in futures:
+            with contextlib.suppress(grpc.RpcError):
+                future.result()
+    finally:
+        hole.close()
+
+
+def test_long_addresses_are_refused_before_anything_is_kept(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    pod = world.kube.add_pod("evil", f"evil-{unique}", "evil")
+    for i in range(20):
+        address = f"http://127.0.0.1:1/{i}-" + "a" * 100_000
+        with pytest.raises(grpc.RpcError) as error:
+            provider.mount(pod, [{"objectName": "k", "secretPath": "kv1/x"}], role="x", vaultAddress=address)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "longer than 512 characters" in error.value.details()
+    assert len(provider.app.breakers) == 0
+    metrics = http_get(f"http://{provider.app.health_address}/metrics")[1]
+    assert len(metrics) < 20_000 and "aaaaaaaaaa" not in metrics
+
+
+def test_credentials_in_addresses_never_reach_a_message(
+    tmp_path: Path, world: VaultWorld, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    vault = VaultSettings(address=world.bao.url, allowed_addresses=("https://gwuser:GWPASSWORD@gw.example/vault",))
+    client = start_provider(tmp_path, world, vault=vault)
+    pod = world.kube.add_pod("evil", f"evil-{unique}", "evil")
+    try:
+        details = []
+        for address in ("https://bob:hunter2@other.example", "http://admin:TOPSECRETPW@127.0.0.1:99999"):
+            with pytest.raises(grpc.RpcError) as error:
+                client.mount(pod, [{"objectName": "k", "secretPath": "kv1/x"}], role="x", vaultAddress=address)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details.append(error.value.details())
+        text = " ".join(details) + caplog.text
+        for secret in ("GWPASSWORD", "gwuser", "hunter2", "TOPSECRETPW"):
+            assert secret not in text
+        assert "https://gw.example/vault" in details[0]
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
