@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import difflib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from provider import goyaml
 from provider import kube as kube_module
 from provider.cache import HmacKeySource, TokenCache
 from provider.config import (
@@ -90,7 +92,8 @@ def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassRe
         )
     except ConfigError as e:
         report.errors.append(str(e))
-    names = {obj.object_name for obj in report.config.objects} if report.config else None
+    report.warnings.extend(lint_parameters(report.parameters))
+    names = {obj.object_name for obj in report.config.objects} if report.config else _object_names(report.parameters)
     raw_objects = spec.get("secretObjects") or []
     if not isinstance(raw_objects, list):
         report.errors.append("spec.secretObjects must be a list")
@@ -99,6 +102,93 @@ def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassRe
     for index, secret_object in enumerate(raw_objects):
         report.errors.extend(_check_secret_object(index, secret_object, names))
     return report
+
+
+# What a class may set, as the reference reads it; anything else is ignored by a Mount,
+# which is how a typo ("secretkey") silently writes a whole JSON reply instead of a key.
+KNOWN_PARAMETERS = (
+    "roleName",
+    "vaultAddress",
+    "vaultNamespace",
+    "vaultKubernetesMountPath",
+    "vaultAuthMountPath",
+    "audience",
+    "vaultSkipTLSVerify",
+    "vaultCACertPath",
+    "vaultCADirectory",
+    "vaultTLSServerName",
+    "vaultTLSClientCertPath",
+    "vaultTLSClientKeyPath",
+    "objects",
+)
+KNOWN_OBJECT_KEYS = ("objectName", "secretPath", "secretKey", "method", "secretArgs", "filePermission", "encoding")
+# What users of the reference write that it never read, and what to write instead.
+_HINTS = {
+    "vaultCAPem": "the CA must be a file on the provider's node: use vaultCACertPath (or -vault-tls-ca-cert)",
+    "array": "that is the pre-0.1 'objects' format; list the objects directly (- objectName: …, secretPath: …)",
+    "objectPath": "that is the pre-0.1 format; use secretPath (and secretKey for one key)",
+}
+
+
+def _object_names(parameters: Mapping[str, str]) -> set[str] | None:
+    """The objectNames a class lists, read leniently when the class has errors, so that
+    secretObjects are still checked against them; None when they cannot be read at all."""
+    entries = _load_objects(parameters.get("objects", ""))
+    if not isinstance(entries, list):
+        return None
+    return {str(e["objectName"]) for e in entries if isinstance(e, Mapping) and e.get("objectName") is not None}
+
+
+def _load_objects(text: str) -> Any:
+    if not text or len(text) > 1024 * 1024:
+        return None
+    try:
+        goyaml.compose(text)  # the same cost bounds as a Mount's parse, before building values
+        return yaml.load(text, Loader=goyaml.GoLoader)  # GoLoader is a safe loader
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return None
+
+
+def did_you_mean(key: str, known: Sequence[str]) -> str:
+    """' (did you mean "x"?)' for a near miss of a known key, else ''."""
+    by_case = {k.lower(): k for k in known}
+    match = by_case.get(key.lower()) or next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.75)), None)
+    return f" (did you mean {quote(match)}?)" if match else ""
+
+
+def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
+    """Warnings for keys a Mount would ignore, and for what users commonly get wrong."""
+    warnings = []
+    for key in parameters:
+        if key in KNOWN_PARAMETERS or key.startswith("csi.storage.k8s.io/"):
+            continue
+        hint = f": {_HINTS[key]}" if key in _HINTS else did_you_mean(key, KNOWN_PARAMETERS)
+        warnings.append(f"unknown parameter {quote(key)} is ignored{hint}")
+    mount = parameters.get("vaultAuthMountPath") or parameters.get("vaultKubernetesMountPath") or ""
+    if mount.strip("/").startswith("auth/"):
+        warnings.append(
+            f"the auth mount {quote(mount)} starts with auth/: give the mount's path without it "
+            f"({quote(mount.strip('/')[5:])}); logins go to auth/<mount>/login"
+        )
+    entries = _load_objects(parameters.get("objects", ""))  # unreadable: the Mount's own error says why
+    if isinstance(entries, Mapping) and "array" in entries:
+        warnings.append(f"'objects': {_HINTS['array']}")
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, Mapping):
+            continue
+        where = f"object {quote(str(entry.get('objectName') or index))}"
+        for key in entry:
+            if str(key) not in KNOWN_OBJECT_KEYS:
+                hint = f": {_HINTS[str(key)]}" if str(key) in _HINTS else did_you_mean(str(key), KNOWN_OBJECT_KEYS)
+                warnings.append(f"{where}: unknown key {quote(str(key))} is ignored{hint}")
+        path = str(entry.get("secretPath") or "")
+        if entry.get("secretArgs") and str(entry.get("method") or "GET").upper() == "GET":
+            warnings.append(
+                f"{where}: secretArgs are sent only with method PUT or POST (e.g. method: PUT for {quote(path)})"
+            )
+        elif "/issue/" in path and str(entry.get("method") or "GET").upper() == "GET":
+            warnings.append(f"{where}: {quote(path)} issues certificates on PUT or POST; add method: PUT")
+    return warnings
 
 
 def _check_secret_object(index: int, secret_object: Any, names: set[str] | None) -> list[str]:
@@ -150,8 +240,9 @@ def _check_secret_object(index: int, secret_object: Any, names: set[str] | None)
             or (kind == "one of" and not present & required)
             or (kind == "requires" and not required <= present)
         ):
+            wanted = {"exactly": "exactly the keys", "one of": "one of the keys", "requires": "the keys"}[kind]
             errors.append(
-                f"{where}: a {secret_type} Secret needs {kind} the keys "
+                f"{where}: a {secret_type} Secret needs {wanted} "
                 f"{', '.join(map(quote, sorted(required)))}; it has {', '.join(map(quote, keys)) or 'none'}"
             )
     return errors
@@ -184,18 +275,23 @@ def synced_secrets(report: ClassReport, files: Sequence[MountedFile], namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vault-csi-provider check", description=__doc__.split("\n\n")[0])
+
+    def flag(name: str, **kwargs: Any) -> None:  # Go-style -flag as well as --flag, like the daemon
+        parser.add_argument(f"--{name}", f"-{name}", **kwargs)
+
     parser.add_argument("file", help="SecretProviderClass manifest (several documents allowed); - for stdin")
-    parser.add_argument("--mount", action="store_true", help="log in and read for real, through the Mount code")
-    parser.add_argument("--vault-addr", default=os.environ.get("VAULT_ADDR", "https://127.0.0.1:8200"))
-    parser.add_argument("--vault-namespace", default=os.environ.get("VAULT_NAMESPACE", ""))
-    parser.add_argument("--vault-mount", default="kubernetes", help="default auth mount")
-    parser.add_argument("--vault-ca-cert", default=os.environ.get("VAULT_CACERT", ""))
-    parser.add_argument("--vault-skip-verify", action="store_true")
-    parser.add_argument("--jwt-file", help="the pod's service-account token (e.g. from `kubectl create token`)")
-    parser.add_argument("--namespace", default="default", help="the pod's namespace")
-    parser.add_argument("--service-account", default="default", help="the pod's service account")
-    parser.add_argument("--pod-name", default="check", help="the pod's name (for messages)")
-    parser.add_argument("--show-values", action="store_true", help="print secret values (careful)")
+    flag("mount", action="store_true", help="log in and read for real, through the Mount code")
+    flag("strict", action="store_true", help="warnings (unknown keys, likely mistakes) fail too: for CI")
+    flag("vault-addr", default=os.environ.get("VAULT_ADDR", "https://127.0.0.1:8200"))
+    flag("vault-namespace", default=os.environ.get("VAULT_NAMESPACE", ""))
+    flag("vault-mount", default="kubernetes", help="default auth mount")
+    flag("vault-ca-cert", default=os.environ.get("VAULT_CACERT", ""))
+    flag("vault-skip-verify", action="store_true")
+    flag("jwt-file", help="the pod's service-account token (e.g. from `kubectl create token`)")
+    flag("namespace", default="default", help="the pod's namespace")
+    flag("service-account", default="default", help="the pod's service account")
+    flag("pod-name", default="check", help="the pod's name (for messages)")
+    flag("show-values", action="store_true", help="print secret values (careful)")
     return parser
 
 
@@ -224,8 +320,8 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
         for message in report.errors:
             print(f"error: {report.name}: {message}", file=out)
         for message in report.warnings:
-            print(f"warning: {report.name}: {message}", file=out)
-        if report.errors:
+            print(f"{'error' if args.strict else 'warning'}: {report.name}: {message}", file=out)
+        if report.errors or (args.strict and report.warnings):
             failed = True
             continue
         assert report.config is not None

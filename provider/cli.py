@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vault-csi-provider",
         description="HashiCorp Vault provider for the Secrets Store CSI driver.",
+        epilog="Also: vault-csi-provider check SPC.yaml [-mount ...] [-strict]: lint a SecretProviderClass "
+        "offline, or dry-run its Mount (check -h for its flags).",
         allow_abbrev=False,
     )
 

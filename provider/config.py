@@ -522,7 +522,7 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
         raise ConfigError(f"{where}: encoding {truncate(encoding, 40)!r} is not supported; use utf-8, base64 or hex")
     method = values.get("method", "")
     if method and method.upper() not in METHODS:
-        raise ConfigError(f"{where}: method {truncate(method, 40)!r} is not supported; use GET, POST or PUT")
+        raise ConfigError(f"{where}: method {truncate(method, 40)!r} is not supported; use GET, POST, PUT or LIST")
     return SecretObject(**values)
 
 

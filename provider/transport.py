@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 # Connections kept per pool: one per concurrent request we allow to one Vault.
 POOL_SIZE = 32
+# How late the watchdog may cut an exchange past its deadline, at most: Mount deadlines
+# keep a 0.5 s margin to the caller's, so 50 ms of slack costs nothing.
+WATCHDOG_TICK_SECONDS = 0.05
 # Pools kept at most: a node talks to a handful of Vaults; standby redirects add one per
 # cluster node. Beyond this the least recently used pool is closed.
 MAX_POOLS = 64
@@ -148,7 +151,10 @@ class Watchdog:
                     _, _, guard = heapq.heappop(self._heap)
                     if not guard.done:
                         guard.expire()
-                timeout = self._heap[0][0] - now if self._heap else None
+                # Sleep until the earliest deadline, but never less than a tick: most guards
+                # end long before their deadline, and waking for each would cost a thread
+                # switch per Vault request.
+                timeout = max(self._heap[0][0] - now, WATCHDOG_TICK_SECONDS) if self._heap else None
                 self._cond.wait(timeout)
 
 

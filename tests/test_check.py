@@ -173,3 +173,54 @@ def test_dry_run_reports_a_refused_login(world: VaultWorld, tmp_path: Path, uniq
         f'mount failed: vault login failed for role "{unique}" at auth/kubernetes as service account app/intruder'
         in output
     )
+
+
+TYPOS = Path(__file__).resolve().parent / "corpus" / "classes-with-typos.yaml"
+
+
+def test_typos_and_common_mistakes_are_named_with_what_to_write(tmp_path: Path) -> None:
+    for document in yaml.safe_load_all(TYPOS.read_text()):
+        single = tmp_path / f"{document['metadata']['name']}.yaml"
+        single.write_text(yaml.safe_dump(document))
+        _, output = run(str(single))
+        for expected in document["metadata"]["annotations"]["expect"].strip().splitlines():
+            assert f"warning: app/{document['metadata']['name']}: {expected}" in output, output
+        strict_status, strict_output = run("-strict", str(single))  # Go-style flag, as the daemon's
+        assert strict_status == 1 and "error: app/" in strict_output
+
+
+def test_a_clean_class_has_no_warnings_even_with_strict() -> None:
+    status, output = run("--strict", str(EXAMPLES / "spc-kv.yaml"))
+    assert status == 0 and "warning" not in output, output
+
+
+def test_secret_objects_are_checked_even_when_the_class_has_other_errors(tmp_path: Path) -> None:
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(
+        """\
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata: {name: both, namespace: app}
+spec:
+  provider: vault
+  secretObjects:
+    - secretName: creds
+      type: Opaque
+      data: [{objectName: passwrd, key: password}]
+  parameters:
+    objects: |
+      - objectName: password
+        secretPath: secret/data/app
+        secretKey: password
+"""
+    )
+    status, output = run(str(spc))
+    assert status == 1
+    assert "missing 'roleName'" in output
+    assert 'data[0].objectName "passwrd" names no object' in output
+
+
+def test_help_lists_the_check_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["-h"])
+    assert "vault-csi-provider check" in capsys.readouterr().out

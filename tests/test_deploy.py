@@ -4,10 +4,13 @@ the code (socket, health port and paths, every argument a real flag)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +185,54 @@ def test_the_daemonset_is_node_critical_with_probe_timeouts_and_a_namespace_that
     assert container["livenessProbe"]["timeoutSeconds"] > 1 and container["readinessProbe"]["timeoutSeconds"] > 1
     labels = only(base, "Namespace")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # hostPath needs it
+
+
+def test_the_wheel_the_image_installs_holds_the_daemon_and_its_entrypoint(tmp_path: Path) -> None:
+    # The Dockerfile builds this wheel and runs its console script; CI cannot build images,
+    # so build the wheel the same way and run what it holds, away from the source tree.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    unpacked = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+        names = set(archive.namelist())
+    sources = {f"provider/{p.relative_to(ROOT / 'provider')}" for p in (ROOT / "provider").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
+    (entry_points,) = unpacked.glob("*.dist-info/entry_points.txt")
+    assert "vault-csi-provider = provider.cli:main" in entry_points.read_text()
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from provider.cli import main; sys.exit(main(['-version']))"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(unpacked)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["version"]
+    assert (
+        str(unpacked)
+        in subprocess.run(
+            [sys.executable, "-c", "import provider; print(provider.__file__)"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(unpacked)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )

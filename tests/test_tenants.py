@@ -9,6 +9,7 @@ OpenBao closed and reopened on the same port.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -219,8 +220,9 @@ def killable(world: VaultWorld) -> Iterator[list[Forwarder]]:
 
 
 def test_vault_killed_and_restarted_under_load_fails_fast_recovers_and_leaks_nothing(
-    tmp_path: Path, world: VaultWorld, good: Tenant, killable: list[Forwarder]
+    tmp_path: Path, world: VaultWorld, good: Tenant, killable: list[Forwarder], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="provider.breaker")
     port = killable[0].port
     address = f"http://127.0.0.1:{port}"
     client = start_provider(tmp_path, world, vault=VaultSettings(address=address))
@@ -294,6 +296,10 @@ def test_vault_killed_and_restarted_under_load_fails_fast_recovers_and_leaks_not
             worker.join(10)
         client.channel.close()
         client.app.stop(grace=1)
+    # One log line when the endpoint goes down and one when it comes back, per outage.
+    breaker_lines = [r.getMessage() for r in caplog.records if r.name == "provider.breaker"]
+    assert sum("is unreachable" in line for line in breaker_lines) == 3, breaker_lines
+    assert sum("is reachable again" in line for line in breaker_lines) == 3, breaker_lines
     (fds_first, threads_first), (fds_last, threads_last) = counts[0], counts[-1]
     assert fds_last - fds_first <= 4, counts
     assert threads_last - threads_first <= 2, counts
