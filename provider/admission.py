@@ -212,6 +212,14 @@ class Admission:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(self._dispatch)
 
+    def refuse_waiting(self, error: ProviderError) -> None:
+        """On the loop: answer every waiting Mount with `error` (the provider is stopping)."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
     def _dispatch(self) -> None:
         """Admit whom the limits allow, fewest-running namespace and class first; refuse whom a
         breaker shut out."""

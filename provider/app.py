@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # In-flight Mounts get this long to finish after SIGTERM (kubelet's grace is 30 s).
 STOP_GRACE_SECONDS = 10.0
+# Mounts still running this long before the stop grace ends are answered "restarting".
+STOP_ANSWER_MARGIN_SECONDS = 1.0
 # The socket: owner and group may connect (the driver runs as root), nobody else.
 SOCKET_UMASK = 0o117
 
@@ -118,19 +121,26 @@ class App:
         except (OSError, ValueError) as e:
             raise SystemExit(f"-health-addr {self.settings.health_addr}: cannot listen: {_reason(e)}") from None
         try:
-            _claim_socket(endpoint)
+            _check_endpoint_directory(endpoint)
             self._loop.start()
             self.admission.bind(self._loop.loop)
             # gRPC binds a path of its own, and unlinks that path when it stops; the socket
-            # is then renamed into place. So stopping removes nothing another instance made
-            # at -endpoint meanwhile: what is ours there, stop() removes itself.
-            staging = f"{endpoint}.{os.getpid()}.new"
+            # is then linked into place (a stale one removed just before, a live one refused),
+            # so the driver finds no socket for microseconds only, and stopping removes
+            # nothing another instance made at -endpoint meanwhile.
+            staging = _staging_path(endpoint)
             self._grpc = self._loop.run(self._start_grpc(staging), timeout=30)
             os.chmod(staging, 0o660)
-            os.rename(staging, endpoint)
+            _place_socket(staging, endpoint)
             self._socket_identity = _identity(os.stat(endpoint))
-        except BaseException:
+        except BaseException:  # leave nothing running: no health port, no server, no loop
             self._health.server_close()
+            self._health = None
+            if self._grpc is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.run(self._grpc.stop(0), timeout=5)
+                self._grpc = None
+            self._loop.stop()
             raise
         threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()
         if self.settings.revoke_deleted_pods:
@@ -192,6 +202,12 @@ class App:
         logger.info("stopping: letting in-flight Mounts finish (up to %.0fs)", grace)
         self.sweeper.stop()
         if self._grpc is not None:
+            # Mounts still running near the end of the grace get a final answer from us;
+            # gRPC would cancel them at the end (UNAVAILABLE: "uncertain" for kubelet).
+            loop = self._loop.loop
+            loop.call_soon_threadsafe(
+                loop.call_later, max(grace - STOP_ANSWER_MARGIN_SECONDS, 0.0), self.dispatcher.stop_answering
+            )
             with contextlib.suppress(Exception):
                 self._loop.run(self._grpc.stop(grace), timeout=grace + 2)
         self._loop.stop()
@@ -237,29 +253,71 @@ class _LoopThread:
             self.loop.close()
 
 
-def _claim_socket(path: str) -> None:
-    """Make way for our socket: remove one left by a dead process, never a live one."""
+def _check_endpoint_directory(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise SystemExit(f"-endpoint {path}: directory {parent} does not exist")
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise SystemExit(f"-endpoint {path} exists and is not a socket; refusing to replace it")
+
+
+def _claim_socket(path: str) -> None:
+    """Make way for our socket: remove one left by a dead process, never a live one."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise SystemExit(f"-endpoint {path} exists and is not a socket; refusing to replace it")
+    if not _answers(path):
+        logger.info("removing stale socket %s (nothing answers on it)", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    raise SystemExit(
+        f"-endpoint {path}: another process is serving on this socket (a second provider on this node, or the "
+        "one being replaced); refusing to take it over. Stop it first, or give this one another -endpoint"
+    )
+
+
+_STAGING_SUFFIX = ".vault-csi-staging"
+
+
+def _staging_path(endpoint: str) -> str:
+    """Where gRPC binds before the socket is put in place; short (unix socket paths are
+    limited to 107 bytes) and, after a crash, recognisable as ours to clean up."""
+    parent = os.path.dirname(os.path.abspath(endpoint))
+    for name in os.listdir(parent):  # left behind by a killed instance: nothing answers there
+        if name.endswith(_STAGING_SUFFIX) and not _answers(os.path.join(parent, name)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(parent, name))
+    return os.path.join(parent, f".{os.getpid()}-{secrets.token_hex(4)}{_STAGING_SUFFIX}")
+
+
+def _place_socket(staging: str, endpoint: str) -> None:
+    """Give the bound socket its name, atomically: link() fails if the name exists, so two
+    instances starting together cannot both take it (rename would silently replace)."""
+    try:
+        for _attempt in range(2):
+            try:
+                os.link(staging, endpoint)
+                return
+            except FileExistsError:
+                _claim_socket(endpoint)  # gone stale meanwhile: removed; alive: SystemExit
+        raise SystemExit(f"-endpoint {endpoint}: another instance keeps creating this socket; refusing to race it")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+
+
+def _answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
         except OSError:
-            logger.info("removing stale socket %s (nothing answers on it)", path)
-            os.unlink(path)
-            return
-    raise SystemExit(
-        f"-endpoint {path}: another process is serving on this socket (a second provider on this node, or the "
-        "one being replaced); refusing to take it over. Stop it first, or give this one another -endpoint"
-    )
+            return False
+    return True
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:

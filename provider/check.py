@@ -170,6 +170,12 @@ def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
             f"the auth mount {quote(mount)} starts with auth/: give the mount's path without it "
             f"({quote(mount.strip('/')[5:])}); logins go to auth/<mount>/login"
         )
+    audience = parameters.get("audience", "")
+    if audience and audience != "vault":
+        warnings.append(
+            f"audience {quote(audience)}: the CSI driver's tokenRequests must list it (driver-values.yaml), else "
+            "Mounts fall back to requesting a token themselves (RBAC: serviceaccounts/token create)"
+        )
     entries = _load_objects(parameters.get("objects", ""))  # unreadable: the Mount's own error says why
     if isinstance(entries, Mapping) and "array" in entries:
         warnings.append(f"'objects': {_HINTS['array']}")
@@ -182,6 +188,12 @@ def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
                 hint = f": {_HINTS[str(key)]}" if str(key) in _HINTS else did_you_mean(str(key), KNOWN_OBJECT_KEYS)
                 warnings.append(f"{where}: unknown key {quote(str(key))} is ignored{hint}")
         path = str(entry.get("secretPath") or "")
+        segments = path.strip("/").split("/")
+        if segments[0] == "secret" and len(segments) > 1 and segments[1] not in ("data", "metadata"):
+            warnings.append(
+                f"{where}: if secret/ is KV version 2 (the default mount in most installs), read "
+                f"{quote('secret/data/' + '/'.join(segments[1:]))}; {quote(path)} answers 404 there"
+            )
         if entry.get("secretArgs") and str(entry.get("method") or "GET").upper() == "GET":
             warnings.append(
                 f"{where}: secretArgs are sent only with method PUT or POST (e.g. method: PUT for {quote(path)})"

@@ -29,6 +29,9 @@ from provider.errors import ConfigError, quote, truncate
 # The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
 # near 1.5 MiB by etcd, so 2 MiB of attributes is more than any real class.
 MAX_ATTRIBUTES_BYTES = 2 * 1024 * 1024
+# Parameters of one class, the driver's pod attributes included: real classes have a
+# dozen or two. Bounds what decoding the attributes may cost.
+MAX_PARAMETERS = 256
 # The objects YAML is one parameter of that class.
 MAX_OBJECTS_YAML_BYTES = 1024 * 1024
 # A Vault namespace path; longer is a mistake or an attack, refused before it is kept.
@@ -269,13 +272,14 @@ class Route:
 
 def peek_route(attributes: str, defaults: VaultSettings) -> Route:
     """The Route of a Mount request, read cheaply; a request too broken to read gets an
-    empty one (its parse, later, says what is wrong)."""
+    empty one (its parse, later, says what is wrong). Raises ConfigError for attributes
+    too costly to read at all."""
+    check_attributes_cost(attributes)  # before the loop spends anything on them
     params: Any = None
-    if len(attributes) <= MAX_ATTRIBUTES_BYTES:
-        try:
-            params = json.loads(attributes)
-        except (ValueError, RecursionError):
-            params = None
+    try:
+        params = json.loads(attributes)
+    except (ValueError, RecursionError):
+        params = None
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         params = {}
     address, namespace = vault_target(params, defaults)
@@ -293,7 +297,22 @@ def peek_route(attributes: str, defaults: VaultSettings) -> Route:
     )
 
 
+def check_attributes_cost(attributes: str) -> None:
+    """Refuse, before decoding, attributes that would cost too much to decode: decoding
+    holds the GIL, and 2 MiB of tiny keys is a quarter of a second of it. Top-level keys
+    are the quotes followed by a colon that are not escaped (those inside the embedded
+    objects YAML or token JSON are); counting them costs a millisecond at most."""
+    if len(attributes) > MAX_ATTRIBUTES_BYTES:
+        raise ConfigError(f"attributes are larger than {MAX_ATTRIBUTES_BYTES} bytes")
+    keys = attributes.count('":') - attributes.count('\\":')
+    if keys > MAX_PARAMETERS:
+        raise ConfigError(
+            f"attributes hold about {keys} parameters; a SecretProviderClass has at most {MAX_PARAMETERS}"
+        )
+
+
 def _parse_attributes(attributes: str) -> dict[str, str]:
+    check_attributes_cost(attributes)
     if len(attributes.encode("utf-8", "surrogatepass")) > MAX_ATTRIBUTES_BYTES:
         raise ConfigError(f"attributes are larger than {MAX_ATTRIBUTES_BYTES} bytes")
     try:

@@ -27,6 +27,7 @@ from provider.vault import VaultClient
 
 logger = logging.getLogger(__name__)
 
+STOPPING = "the Vault provider on this node is restarting; the driver retries the Mount"
 # The Mount's own deadline already leaves the caller a margin; the backstop answers
 # this long after it, still before the caller gives up.
 BACKSTOP_SECONDS = 0.25
@@ -54,6 +55,8 @@ class MountDispatcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._parse_gate = parse_gate or ParseGate()
+        self._answers: set[asyncio.Future[MountResult]] = set()
+        self._stopping = False
         self._mounter = mounter
         self._admission = admission
         self._breakers = breakers
@@ -71,6 +74,8 @@ class MountDispatcher:
         return Dispatched(route=route, endpoint=endpoint)
 
     async def mount(self, request: MountRequest, dispatched: Dispatched, *, deadline: float) -> MountResult:
+        if self._stopping:
+            raise MountRejected(STOPPING)
         endpoint = dispatched.endpoint
         breaker = self._breakers.peek(endpoint)  # none until the endpoint has failed
         try:
@@ -104,16 +109,30 @@ class MountDispatcher:
             )
         except RuntimeError:  # shutting down
             ticket.release()
-            raise MountRejected("the provider is shutting down; the driver will retry") from None
-        job.add_done_callback(_consume)
+            raise MountRejected(STOPPING) from None
+        # The caller waits on a future of its own: the job goes on when the caller stops
+        # waiting (deadline, shutdown) and frees its thread when its own deadline ends.
+        answer: asyncio.Future[MountResult] = loop.create_future()
+        job.add_done_callback(lambda done: _settle(done, answer))
+        self._answers.add(answer)
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(job), timeout=max(deadline + BACKSTOP_SECONDS - self._clock(), 0)
-            )
+            return await asyncio.wait_for(answer, timeout=max(deadline + BACKSTOP_SECONDS - self._clock(), 0))
         except TimeoutError:
             raise VaultUnreachable(
                 f"the Mount did not finish before its deadline: Vault at {endpoint.describe()} is answering slowly"
             ) from None
+        finally:
+            self._answers.discard(answer)
+
+    def stop_answering(self) -> None:
+        """On the loop, shortly before the server's stop grace ends: answer every Mount still
+        waiting with a final error now, rather than leave gRPC to cancel it (UNAVAILABLE)."""
+        self._stopping = True
+        stopping = MountRejected(STOPPING)
+        self._admission.refuse_waiting(stopping)
+        for answer in list(self._answers):
+            if not answer.done():
+                answer.set_exception(stopping)
 
     def _refusal(self, endpoint: EndpointKey) -> Callable[[], VaultCircuitOpen | None]:
         """For a waiting Mount: the breaker's refusal, should its endpoint go down meanwhile."""
@@ -142,7 +161,14 @@ class MountDispatcher:
             raise breaker.refusal() or e from None
 
 
-def _consume(job: asyncio.Future[MountResult]) -> None:
-    """Retrieve the outcome of a job nobody waits for any more (after the backstop)."""
-    if not job.cancelled():
-        job.exception()
+def _settle(job: asyncio.Future[MountResult], answer: asyncio.Future[MountResult]) -> None:
+    """Hand a job's outcome to its caller, if the caller still waits."""
+    error = None if job.cancelled() else job.exception()  # retrieved either way: never "unretrieved"
+    if answer.done():
+        return
+    if job.cancelled():
+        answer.cancel()
+    elif error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(job.result())

@@ -104,10 +104,11 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         mount_request = MountRequest(
             attributes=request.attributes, target_path=request.target_path, permission=request.permission
         )
-        dispatched = self._dispatcher.route(mount_request)
-        who = f"{dispatched.route.pod} role={dispatched.route.role} vault={dispatched.endpoint.address}"
+        who = "-"
         self._metrics.mounts_in_flight.inc()
         try:
+            dispatched = self._dispatcher.route(mount_request)
+            who = f"{dispatched.route.pod} role={dispatched.route.role} vault={dispatched.endpoint.address}"
             result = await self._dispatcher.mount(mount_request, dispatched, deadline=deadline)
         except ProviderError as e:
             code, message = status_code(e), _wire_text(str(e))

@@ -18,9 +18,11 @@ import pytest
 
 from provider import __version__
 from provider._proto import service_pb2, service_pb2_grpc
+from provider.app import App
 from provider.cli import build_parser, parse_duration, settings_from
 from provider.config import VaultSettings
-from tests.conftest import VaultWorld, files_of, http_get, spawn_provider, start_provider
+from tests.conftest import VaultWorld, files_of, http_get, make_settings, spawn_provider, start_provider
+from tests.fault_proxy import FaultProxy, Rule
 from tests.openbao import free_port
 from tests.proxy import Forwarder
 
@@ -315,3 +317,77 @@ def test_a_health_port_in_use_is_one_clear_line_and_leaves_no_socket(tmp_path: P
     assert f"-health-addr 127.0.0.1:{port}: cannot listen: Address already in use" in err
     assert "Traceback" not in err
     assert not (tmp_path / "vault.sock").exists()
+
+
+def test_two_instances_starting_together_never_both_serve(tmp_path: Path, world: VaultWorld) -> None:
+    for round_ in range(4):
+        directory = tmp_path / str(round_)
+        directory.mkdir()
+        apps = [App(make_settings(directory, world), kube_config=None) for _ in range(2)]
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def start(app: App, barrier: threading.Barrier = barrier, outcomes: list[str] = outcomes) -> None:
+            barrier.wait()
+            try:
+                app.start()
+                outcomes.append("serving")
+            except SystemExit as refused:
+                outcomes.append(str(refused))
+
+        threads = [threading.Thread(target=start, args=(app,)) for app in apps]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        try:
+            assert sorted(outcomes)[-1] == "serving" and outcomes.count("serving") == 1, outcomes
+            assert "another process is serving on this socket" in next(o for o in outcomes if o != "serving")
+            assert [p.name for p in directory.iterdir() if p.is_socket()] == ["vault.sock"]
+        finally:
+            for app in apps:
+                app.stop(grace=0.5)
+
+
+def test_a_staging_socket_left_by_a_killed_instance_is_cleaned_up(tmp_path: Path, world: VaultWorld) -> None:
+    leftover = tmp_path / ".99999-deadbeef.vault-csi-staging"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(leftover))  # bound by a process that was then killed: nothing answers
+    client = start_provider(tmp_path, world)
+    try:
+        assert not leftover.exists()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_socket()) == ["vault.sock"]
+    finally:
+        client.channel.close()
+        client.app.stop(grace=1)
+
+
+def test_mounts_still_running_when_the_provider_stops_get_a_final_answer(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str
+) -> None:
+    pod, objects = world.kv_pod(unique)
+    client = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url))
+    client.mount(pod, objects, role=unique)  # logged in; now every read hangs
+    proxy.add(Rule("GET", "/v1/kv1/", delay_seconds=14))
+    codes: list[tuple[grpc.StatusCode, str]] = []
+
+    def mount() -> None:
+        try:
+            client.mount(pod, objects, role=unique, timeout=25)
+            codes.append((grpc.StatusCode.OK, ""))
+        except grpc.RpcError as e:
+            codes.append((e.code(), e.details() or ""))
+
+    threads = [threading.Thread(target=mount) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    client.app.stop(grace=3)
+    for thread in threads:
+        thread.join(10)
+    client.channel.close()
+    assert time.monotonic() - started < 5
+    assert len(codes) == 4
+    assert {code for code, _ in codes} == {grpc.StatusCode.UNKNOWN}, codes
+    assert all("restarting; the driver retries the Mount" in details for _, details in codes)

@@ -215,24 +215,18 @@ def test_the_wheel_the_image_installs_holds_the_daemon_and_its_entrypoint(tmp_pa
     assert sources <= names, sorted(sources - names)
     (entry_points,) = unpacked.glob("*.dist-info/entry_points.txt")
     assert "vault-csi-provider = provider.cli:main" in entry_points.read_text()
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys; from provider.cli import main; sys.exit(main(['-version']))"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(unpacked)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["version"]
-    assert (
-        str(unpacked)
-        in subprocess.run(
-            [sys.executable, "-c", "import provider; print(provider.__file__)"],
-            cwd=tmp_path,
+
+    def from_the_wheel(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,  # not the source tree: only the unpacked wheel provides `provider`
             env={**os.environ, "PYTHONPATH": str(unpacked)},
             capture_output=True,
             text=True,
             timeout=60,
-        ).stdout
-    )
+        )
+
+    result = from_the_wheel("import sys; from provider.cli import main; sys.exit(main(['-version']))")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["version"]
+    assert str(unpacked) in from_the_wheel("import provider; print(provider.__file__)").stdout

@@ -222,7 +222,11 @@ def test_sigkill_during_mounts_then_restart_serves_at_once(tmp_path: Path, world
     def serving_after(process: subprocess.Popen[bytes], started: float) -> float:
         while time.monotonic() - started < 20:
             try:
-                with grpc.insecure_channel(f"unix:{endpoint}") as channel:
+                # A channel of its own (no shared subchannel): the load's reconnect backoff
+                # must not be what this measures.
+                with grpc.insecure_channel(
+                    f"unix:{endpoint}", options=[("grpc.use_local_subchannel_pool", 1)]
+                ) as channel:
                     service_pb2_grpc.CSIDriverProviderStub(channel).Version(service_pb2.VersionRequest(), timeout=0.5)
                 return time.monotonic() - started
             except grpc.RpcError:
@@ -256,6 +260,7 @@ def test_sigkill_during_mounts_then_restart_serves_at_once(tmp_path: Path, world
         stop.set()
         for w in workers:
             w.join(10)
+        grpc.channel_ready_future(channel).result(timeout=10)  # the load's channel, after its backoff
         assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
         print(f"restart after SIGKILL: serving {elapsed * 1000:.0f} ms after spawn")
         assert elapsed < 3.0
