@@ -18,6 +18,7 @@ host, explicit port, no credentials) that pools, breakers and bulkheads share.
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -25,6 +26,8 @@ from urllib.parse import unquote, urlsplit
 # (breakers, metric labels) and print.
 MAX_ADDRESS_LENGTH = 512
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+# Parsed addresses kept (each a few hundred bytes): more than a node's Vaults and gateways.
+PARSED_ADDRESSES = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +43,12 @@ class Target:
 
     @classmethod
     def parse(cls, address: str) -> Target:
-        """Raise ValueError saying what is wrong with an address (never echoing it)."""
+        """Raise ValueError saying what is wrong with an address (never echoing it). A
+        node's few addresses are parsed once each, not at every use of every Mount."""
+        return _parse(address)
+
+    @classmethod
+    def _parse(cls, address: str) -> Target:
         if len(address) > MAX_ADDRESS_LENGTH:
             raise ValueError(f"it is longer than {MAX_ADDRESS_LENGTH} characters")
         if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in address):
@@ -84,6 +92,11 @@ class Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = "" if self.port == _DEFAULT_PORTS[self.scheme] else f":{self.port}"
         return f"{self.scheme}://{host}{port}{self.prefix}"
+
+
+@functools.lru_cache(maxsize=PARSED_ADDRESSES)
+def _parse(address: str) -> Target:
+    return Target._parse(address)  # a failure raises and is not cached
 
 
 def safe_describe(address: str) -> str:

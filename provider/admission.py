@@ -86,7 +86,6 @@ class Ticket:
 
     admission: Admission
     lane: Lane
-    waited: float = 0.0
     released: bool = field(default=False)
 
     def try_submit(self, fn: Callable[[], T]) -> Future[T] | None:
@@ -169,7 +168,6 @@ class Admission:
                     self._waiters.remove(waiter)
             _abandon(waiter)
             raise
-        ticket.waited = self._clock() - started
         return ticket
 
     def borrow(self, lane: Lane, fn: Callable[[], T]) -> Future[T] | None:

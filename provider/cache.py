@@ -161,15 +161,17 @@ class HmacKeySource:
             fetching.wait(max(0.0, min(deadline - self._clock(), HMAC_WAIT_SECONDS)))
             with self._lock:
                 return self._key
+        key: bytes | None = None
+        valid_for = HMAC_RETRY_SECONDS
         try:
-            key: bytes | None = self._fetch()
+            key = self._fetch()
             valid_for = self._ttl
         except KubernetesError as e:
             logger.warning("object versions will be empty: no HMAC key: %s", e)
-            key, valid_for = None, HMAC_RETRY_SECONDS
-        with self._lock:
-            self._key = key
-            self._valid_until = self._clock() + valid_for
-            self._fetching = None
-        fetching.set()
+        finally:  # whatever happened, the next Mount may fetch again and nobody waits on us
+            with self._lock:
+                self._key = key
+                self._valid_until = self._clock() + valid_for
+                self._fetching = None
+            fetching.set()
         return key

@@ -175,10 +175,11 @@ def parse_mount(
     permission: str,
     defaults: VaultSettings,
     gate: Callable[[], AbstractContextManager[object]] | None = None,
+    decoded: Any = None,
 ) -> MountConfig:
     """Validate a Mount request's fields; raise ConfigError naming what to fix. `gate`
     bounds concurrent parses of objects lists not yet cached (see parse_objects)."""
-    params = _parse_attributes(attributes)
+    params = _parse_attributes(attributes, decoded)
     problems: list[str] = []
     if not target_path:
         problems.append("missing target path")
@@ -268,6 +269,9 @@ class Route:
     vault_address: str
     vault_namespace: str
     tenant: tuple[str, int]  # the pod's namespace and a digest of its class's parameters
+    # The attributes as decoded here, handed to parse_mount so they are decoded once per
+    # Mount (None when they did not decode: the parse then says why).
+    decoded: Any = field(default=None, repr=False, compare=False)
 
 
 def peek_route(attributes: str, defaults: VaultSettings) -> Route:
@@ -275,11 +279,12 @@ def peek_route(attributes: str, defaults: VaultSettings) -> Route:
     empty one (its parse, later, says what is wrong). Raises ConfigError for attributes
     too costly to read at all."""
     check_attributes_cost(attributes)  # before the loop spends anything on them
-    params: Any = None
+    decoded: Any = None
     try:
-        params = json.loads(attributes)
+        decoded = json.loads(attributes)
     except (ValueError, RecursionError):
-        params = None
+        decoded = None
+    params = decoded
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         params = {}
     address, namespace = vault_target(params, defaults)
@@ -289,11 +294,12 @@ def peek_route(attributes: str, defaults: VaultSettings) -> Route:
     # The class is not named in a Mount: its parameters, less the pod's own, stand for it.
     class_params = frozenset((k, v) for k, v in params.items() if not k.startswith(_POD_ATTRIBUTE_PREFIX))
     return Route(
-        pod=f"{pod_namespace}/{params.get(POD_NAME, '')}",
-        role=params.get("roleName", ""),
+        pod=f"{pod_namespace}/{params.get(POD_NAME, '')[:MAX_NAME_LENGTH]}",
+        role=params.get("roleName", "")[:MAX_NAME_LENGTH],
         vault_address=address,
         vault_namespace=namespace,
         tenant=(pod_namespace, hash(class_params)),
+        decoded=decoded,
     )
 
 
@@ -311,14 +317,17 @@ def check_attributes_cost(attributes: str) -> None:
         )
 
 
-def _parse_attributes(attributes: str) -> dict[str, str]:
-    check_attributes_cost(attributes)
+def _parse_attributes(attributes: str, decoded: Any = None) -> dict[str, str]:
     if len(attributes.encode("utf-8", "surrogatepass")) > MAX_ATTRIBUTES_BYTES:
         raise ConfigError(f"attributes are larger than {MAX_ATTRIBUTES_BYTES} bytes")
-    try:
-        params = json.loads(attributes) if attributes else {}
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"attributes are not valid JSON: {truncate(str(e))}") from None
+    if decoded is not None:  # already decoded by peek_route, after check_attributes_cost
+        params = decoded
+    else:
+        check_attributes_cost(attributes)
+        try:
+            params = json.loads(attributes) if attributes else {}
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"attributes are not valid JSON: {truncate(str(e))}") from None
     if not isinstance(params, dict):
         raise ConfigError("attributes must be a JSON object of strings")
     wrong = sorted(k for k, v in params.items() if not isinstance(v, str))
@@ -432,11 +441,6 @@ class _ParsedObjects:
             self._size += size
             while len(self._cache) > self._entries or self._size > self._text_bytes:
                 self._size -= self._cache.popitem(last=False)[1][1]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._size = 0
 
 
 _PARSED = _ParsedObjects()

@@ -102,7 +102,7 @@ class MountDispatcher:
                 self._admission.executor,
                 self._run,
                 request,
-                dispatched.route.tenant[0],
+                dispatched.route,
                 deadline,
                 ticket,
                 breaker if probe else None,
@@ -144,10 +144,12 @@ class MountDispatcher:
         return refusal
 
     def _run(
-        self, request: MountRequest, namespace: str, deadline: float, ticket: Ticket, probe: Breaker | None
+        self, request: MountRequest, route: Route, deadline: float, ticket: Ticket, probe: Breaker | None
     ) -> MountResult:
         try:
-            config = self._mounter.parse(request, gate=lambda: self._parse_gate.slot(namespace, deadline))
+            config = self._mounter.parse(
+                request, gate=lambda: self._parse_gate.slot(route.tenant[0], deadline), decoded=route.decoded
+            )
             if probe is not None:
                 self._probe(config, probe, deadline)
             return self._mounter.mount_config(config, deadline=deadline, lanes=ticket)

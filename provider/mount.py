@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from provider import render
@@ -139,7 +139,11 @@ class Mounter:
         self._leases = leases
 
     def parse(
-        self, request: MountRequest, *, gate: Callable[[], AbstractContextManager[object]] | None = None
+        self,
+        request: MountRequest,
+        *,
+        gate: Callable[[], AbstractContextManager[object]] | None = None,
+        decoded: Any = None,
     ) -> MountConfig:
         return parse_mount(
             attributes=request.attributes,
@@ -147,6 +151,7 @@ class Mounter:
             permission=request.permission,
             defaults=self._settings.vault,
             gate=gate,
+            decoded=decoded,
         )
 
     def mount(self, request: MountRequest, *, deadline: float, lanes: Lanes | None = None) -> MountResult:

@@ -105,21 +105,23 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
             attributes=request.attributes, target_path=request.target_path, permission=request.permission
         )
         who = "-"
+        failure: tuple[grpc.StatusCode, str] | None = None
         self._metrics.mounts_in_flight.inc()
         try:
             dispatched = self._dispatcher.route(mount_request)
             who = f"{dispatched.route.pod} role={dispatched.route.role} vault={dispatched.endpoint.address}"
             result = await self._dispatcher.mount(mount_request, dispatched, deadline=deadline)
         except ProviderError as e:
-            code, message = status_code(e), _wire_text(str(e))
-            self._finish(started, "error", code, who, None, message)
-            await context.abort(code, message)
+            failure = status_code(e), _wire_text(str(e))
+            self._finish(started, "error", failure[0], who, None, failure[1])
         except Exception:
             logger.exception("Mount failed with an unexpected error")
-            self._finish(started, "error", grpc.StatusCode.INTERNAL, who, None, "internal error")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the Vault provider; see its logs")
+            failure = grpc.StatusCode.INTERNAL, "internal error in the Vault provider; see its logs"
+            self._finish(started, "error", failure[0], who, None, "internal error")
         finally:
-            self._metrics.mounts_in_flight.dec()
+            self._metrics.mounts_in_flight.dec()  # before the answer leaves: metrics agree with it
+        if failure is not None:
+            await context.abort(*failure)
         self._finish(
             started, "ok", grpc.StatusCode.OK, f"{who} objects={len(result.config.objects)}", len(result.files), ""
         )

@@ -53,10 +53,6 @@ class _PoolKey:
     tls: TLSConfig
 
 
-class Expired(Exception):
-    """The watchdog cut the exchange at its deadline."""
-
-
 class _Guard:
     """One exchange's deadline and the connections it used."""
 

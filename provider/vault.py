@@ -28,7 +28,7 @@ import urllib3.connection
 
 from provider import gojson
 from provider.address import Target
-from provider.breaker import Breaker, Breakers, EndpointKey
+from provider.breaker import PROBE_TIMEOUT_SECONDS, Breaker, Breakers, EndpointKey
 from provider.config import TLSConfig
 from provider.errors import (
     VaultBadResponse,
@@ -65,8 +65,6 @@ MIN_ATTEMPT_SECONDS = 0.2
 # secret holds, and about 6 MiB once decoded. A reply can hold far more per byte (an
 # 8 MiB "[0,0,...]" is 4 million values, 250 MiB decoded), so it is counted first.
 MAX_REPLY_VALUES = 100_000
-# A half-open breaker's probe: one request, this long at most.
-PROBE_TIMEOUT_SECONDS = 2.0
 # Largest Vault reply read by default: twice the default gRPC reply limit (a whole-response
 # file can be about as large as the reply it comes from).
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -82,7 +80,7 @@ class Endpoint:
 
     @functools.cached_property
     def target(self) -> Target:
-        """The parsed address; raises VaultUnreachable naming what is wrong with it."""
+        """The parsed address; raises VaultBadResponse naming what is wrong with it."""
         try:
             return Target.parse(self.address)
         except ValueError as e:  # parse_mount refuses these first; this is the last guard
@@ -423,7 +421,10 @@ class VaultClient:
         path: str,
     ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
         address = target.describe()
-        late = VaultUnreachable(f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s")
+
+        def late() -> VaultUnreachable:  # built only when needed: this is every request's path
+            return VaultUnreachable(f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s")
+
         with self._watchdog.guard(time.monotonic() + timeout) as guard:
             try:
                 response = self._pools.get(target, tls).urlopen(
@@ -439,22 +440,22 @@ class VaultClient:
                 raw = response.read(self._max_body_bytes + 1, decode_content=True)
             except urllib3.exceptions.SSLError as e:
                 if guard.expired:
-                    raise late from None
+                    raise late() from None
                 raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}") from None
             except urllib3.exceptions.NewConnectionError as e:  # a subclass of ConnectTimeoutError
                 raise _NotSent(f"cannot reach Vault at {address}: {truncate(_reason(e))}") from None
             except urllib3.exceptions.ConnectTimeoutError:
                 raise _NotSent(f"cannot reach Vault at {address}: no connection within {timeout:.1f}s") from None
             except (urllib3.exceptions.TimeoutError, TimeoutError):
-                raise late from None
+                raise late() from None
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 if guard.expired:  # the watchdog cut a reply still dripping in at the deadline
-                    raise late from None
+                    raise late() from None
                 raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
             if guard.finish() or len(raw) > self._max_body_bytes:
                 response.close()
                 if guard.expired:
-                    raise late
+                    raise late()
             else:
                 response.release_conn()  # keep the connection alive for the next request
         return response, raw

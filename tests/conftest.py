@@ -190,6 +190,11 @@ class ProviderClient:
     def raw_mount(self, request: service_pb2.MountRequest, timeout: float = 30) -> service_pb2.MountResponse:
         return self.stub.Mount(request, timeout=timeout)
 
+    def close(self) -> None:
+        """Hang up and stop the provider this client started."""
+        self.channel.close()
+        self.app.stop(grace=1)
+
 
 def http_get(url: str) -> tuple[int, str]:
     """Status and body of a GET, errors included."""

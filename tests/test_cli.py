@@ -284,8 +284,7 @@ def test_liveness_and_readiness_follow_the_socket_file(tmp_path: Path, world: Va
         assert http_get(f"{base}/health/live")[0] == 503
         assert http_get(f"{base}/health/ready")[0] == 503
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 @pytest.mark.parametrize(
@@ -302,8 +301,7 @@ def test_the_health_server_listens_on_ipv4_and_ipv6(
         for host in reach:
             assert http_get(f"http://{host}:{port}/health/live") == (200, "ok\n")
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 def test_a_health_port_in_use_is_one_clear_line_and_leaves_no_socket(tmp_path: Path, world: VaultWorld) -> None:
@@ -358,8 +356,7 @@ def test_a_staging_socket_left_by_a_killed_instance_is_cleaned_up(tmp_path: Path
         assert not leftover.exists()
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_socket()) == ["vault.sock"]
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 def test_mounts_still_running_when_the_provider_stops_get_a_final_answer(

@@ -72,5 +72,4 @@ def test_every_example_class_mounts_after_the_setup_script(
         if name == "spc-sync.yaml":  # the base64 value the script stored, decoded by the provider
             assert files["secret-3"] == files["secret-2"] == b"app-user"
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()

@@ -166,8 +166,7 @@ def test_stalled_many_object_mounts_leave_other_pods_and_readiness_alone(
         for thread in stalled:
             thread.join(10)
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 # 2. No class or reply can make one Mount cost the node its memory or its CPU.
@@ -309,8 +308,7 @@ def test_the_hmac_key_is_not_fetched_for_a_failing_mount_nor_waited_for_behind_a
         assert len(results) == 6 and sorted(results)[-2] < 1.0, sorted(results)
     finally:
         world.kube.delay_seconds = 0.0
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 # 13. -allowed-vault-addresses: the provider is no egress path around NetworkPolicy.
@@ -332,8 +330,7 @@ def test_vault_addresses_outside_the_allow_list_are_refused(
             assert "is not allowed on this node" in error.value.details()
             assert "-allowed-vault-addresses" in error.value.details()
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 # Found by attacking the above: a few more ways in, each closed.

@@ -197,8 +197,7 @@ def test_ten_times_more_mounts_than_threads_all_get_a_final_answer_in_time(
             assert {o.code for o in outcomes[:80]} == {grpc.StatusCode.UNAUTHENTICATED}
         assert admission.waiting == 0
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 def vault_connections(port: int) -> int:
@@ -318,8 +317,7 @@ def test_vault_killed_and_restarted_under_load_fails_fast_recovers_and_leaks_not
         stop.set()
         for worker in workers:
             worker.join(10)
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
     # One log line when the endpoint goes down and one when it comes back, per outage.
     breaker_lines = [r.getMessage() for r in caplog.records if r.name == "provider.breaker"]
     assert sum("is unreachable" in line for line in breaker_lines) == 3, breaker_lines
@@ -415,8 +413,7 @@ def test_credentials_in_addresses_never_reach_a_message(
             assert secret not in text
         assert "https://gw.example/vault" in details[0]
     finally:
-        client.channel.close()
-        client.app.stop(grace=1)
+        client.close()
 
 
 def test_attributes_too_costly_to_decode_are_refused_without_stalling_anyone(
