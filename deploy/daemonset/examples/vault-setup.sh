@@ -20,7 +20,13 @@
 set -euo pipefail
 VAULT=${VAULT:-vault}
 
-mounted() { $VAULT "$1" list -format=json | grep -q "\"$2/\""; }
+# The listing is read whole before grep: `list | grep -q` under pipefail fails at random when
+# grep exits at its first match and the CLI dies of SIGPIPE while still writing.
+mounted() {
+  local listing
+  listing=$($VAULT "$1" list -format=json)
+  grep -q "\"$2/\"" <<<"$listing"
+}
 
 # --- Kubernetes auth: Vault reviews each pod's token with the TokenReview API. ---------
 mounted auth kubernetes || $VAULT auth enable kubernetes
