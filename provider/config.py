@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from provider import gojson, goyaml
+from provider import gojson, gotemplate, goyaml
 from provider.address import MAX_ADDRESS_LENGTH, Target, safe_describe
 from provider.errors import ConfigError, quote, truncate
 
@@ -136,6 +136,33 @@ class SecretObject:
     secret_args: Mapping[str, Any] | None = None
     file_permission: int = 0
     encoding: str = ""
+    # Shaping the files (none of these exist in the reference; unset, they change nothing).
+    secret_key_path: str = ""  # an RFC 6901 JSON Pointer where secretKey would look
+    expand_keys: bool = False  # one file per top-level key, under objectName/
+    include_keys: str = ""  # with expandKeys: only keys this RE2 expression matches
+    exclude_keys: str = ""  # with expandKeys: not keys this RE2 expression matches
+    format: str = ""  # json, pem-bundle or pem-chain
+    template: str = ""  # Go text/template over this class's objects
+    write_file: bool = True  # false: only input for templates
+    parsed_template: gotemplate.Template | None = field(default=None, repr=False)
+
+    @property
+    def fetches(self) -> bool:
+        """Whether the object reads Vault (a template alone does not)."""
+        return bool(self.secret_path)
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the object uses any field the reference does not have."""
+        return bool(
+            self.secret_key_path
+            or self.expand_keys
+            or self.include_keys
+            or self.exclude_keys
+            or self.format
+            or self.template
+            or not self.write_file
+        )
 
     @property
     def http_method(self) -> str:
@@ -506,7 +533,16 @@ _STRING_FIELDS = {
     "secretKey": "secret_key",
     "method": "method",
     "encoding": "encoding",
+    "secretKeyPath": "secret_key_path",
+    "includeKeys": "include_keys",
+    "excludeKeys": "exclude_keys",
+    "format": "format",
+    "template": "template",
 }
+_BOOL_FIELDS = {"expandKeys": "expand_keys", "writeFile": "write_file"}
+FORMATS = ("json", "pem-bundle", "pem-chain")
+# A key filter is a short expression, not a program.
+MAX_KEY_FILTER_LENGTH = 256
 
 
 def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> SecretObject:
@@ -526,6 +562,8 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
         key = key_node.value if isinstance(key_node, goyaml.ScalarNode) else None
         if key in _STRING_FIELDS:
             values[_STRING_FIELDS[key]] = _scalar_text(where, key, value_node)
+        elif key in _BOOL_FIELDS:
+            values[_BOOL_FIELDS[key]] = _bool_field(loader, where, key, value_node)
         elif key == "filePermission":
             values["file_permission"] = _file_permission(loader, where, value_node)
         elif key == "secretArgs":
@@ -536,17 +574,99 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
         check_object_name(name, where)
     if not name:
         raise ConfigError(f"{where}: objectName is required (the file name to write)")
-    if not values.get("secret_path"):
-        raise ConfigError(f"{where}: secretPath is required")
+    if not values.get("secret_path") and not values.get("template"):
+        raise ConfigError(f"{where}: secretPath is required (or a template)")
+    _check_shape(where, values)
     encoding = values.get("encoding", "")
     # Without secretKey the whole reply is written and encoding is unused: the reference
     # ignores it then, so a class that worked there works here.
-    if encoding and values.get("secret_key") and encoding.lower() not in ENCODINGS:
+    selects = values.get("secret_key") or values.get("secret_key_path") or values.get("expand_keys")
+    if encoding and selects and encoding.lower() not in ENCODINGS:
         raise ConfigError(f"{where}: encoding {truncate(encoding, 40)!r} is not supported; use utf-8, base64 or hex")
     method = values.get("method", "")
     if method and method.upper() not in METHODS:
         raise ConfigError(f"{where}: method {truncate(method, 40)!r} is not supported; use GET, POST, PUT or LIST")
     return SecretObject(**values)
+
+
+# Fields that choose what a file holds; an object may use one of them.
+_SHAPES = (
+    ("template", "template"),
+    ("secret_key", "secretKey"),
+    ("secret_key_path", "secretKeyPath"),
+    ("expand_keys", "expandKeys"),
+    ("format", "format"),
+)
+
+
+def _check_shape(where: str, values: dict[str, Any]) -> None:
+    """The file-shaping fields: at most one way to choose the contents, each well formed."""
+    chosen = [name for attr, name in _SHAPES if values.get(attr)]
+    if len(chosen) > 1:
+        raise ConfigError(
+            f"{where}: set only one of {', '.join(chosen)}: each chooses what the file holds "
+            "(a template can read any key itself)"
+        )
+    if values.get("template") and values.get("encoding"):
+        raise ConfigError(f"{where}: encoding does not apply to a template; decode in it with b64dec")
+    for attr, name in (("include_keys", "includeKeys"), ("exclude_keys", "excludeKeys")):
+        if values.get(attr) and not values.get("expand_keys"):
+            raise ConfigError(f"{where}: {name} filters the files of expandKeys; set expandKeys: true")
+        if values.get(attr):
+            key_filter(where, name, values[attr])
+    pointer = values.get("secret_key_path")
+    if pointer:
+        json_pointer(where, pointer)
+    shape = values.get("format", "")
+    if shape and shape not in FORMATS:
+        raise ConfigError(f"{where}: format {truncate(shape, 40)!r} is not supported; use {', '.join(FORMATS)}")
+    if values.get("template"):
+        try:
+            parsed = gotemplate.parse(values["template"])
+        except gotemplate.TemplateError as e:
+            raise ConfigError(f"{where}: template {e}") from None
+        values["parsed_template"] = parsed
+
+
+def json_pointer(where: str, pointer: str) -> tuple[str, ...]:
+    """The reference tokens of an RFC 6901 JSON Pointer ("/a/b~1c" -> ("a", "b/c"))."""
+    if not pointer.startswith("/"):
+        raise ConfigError(
+            f"{where}: secretKeyPath {truncate(pointer, 60)!r} must be a JSON Pointer starting with '/' "
+            "(e.g. /db/host; secretKey names one top-level key)"
+        )
+    tokens = pointer[1:].split("/")
+    for token in tokens:
+        if "~" in token.replace("~0", "").replace("~1", ""):
+            raise ConfigError(f"{where}: secretKeyPath {truncate(pointer, 60)!r}: '~' must be written ~0 ('/' is ~1)")
+    return tuple(token.replace("~1", "/").replace("~0", "~") for token in tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_filter(expression: str) -> Any:
+    import re2  # type: ignore[import-untyped]  # google-re2: linear time, no backtracking; imported when used
+
+    options = re2.Options()
+    options.log_errors = False  # a tenant's bad pattern is their ConfigError, not our stderr
+    return re2.compile(expression, options)
+
+
+def key_filter(where: str, name: str, expression: str) -> Any:
+    """A compiled RE2 expression (linear time: a tenant's pattern cannot stall the node)."""
+    if len(expression) > MAX_KEY_FILTER_LENGTH:
+        raise ConfigError(f"{where}: {name} is longer than {MAX_KEY_FILTER_LENGTH} characters")
+    try:
+        return _compiled_filter(expression)
+    except Exception as e:  # re2.error; its hierarchy is not typed
+        reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ConfigError(f"{where}: {name} is not a valid RE2 regular expression: {truncate(reason)}") from None
+
+
+def _bool_field(loader: goyaml.GoLoader, where: str, key: str, node: goyaml.Node) -> bool:
+    if isinstance(node, goyaml.ScalarNode) and node.tag.endswith(":bool"):
+        return bool(loader.construct_object(node))
+    text = node.value if isinstance(node, goyaml.ScalarNode) else "a collection"
+    raise ConfigError(f"{where}: {key} must be true or false, got {truncate(str(text), 40)!r}")
 
 
 def _scalar_text(where: str, key: str, node: goyaml.Node) -> str:

@@ -161,35 +161,37 @@ class Mounter:
     def mount_config(self, config: MountConfig, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
         endpoint = endpoint_of(config)
         identity = _Identity(self, config, endpoint, deadline)
-        requests = [SecretRequest.of(obj) for obj in config.objects]
+        requests = {obj: SecretRequest.of(obj) for obj in config.objects if obj.fetches}
         identity.token()  # a refused login fails the whole Mount, not each object
-        replies = self._fetch_all(identity, list(dict.fromkeys(requests)), deadline, lanes or NoLanes())
-        if any(isinstance(reply, ProviderError) for reply in replies.values()):
-            key = None  # the Mount fails: no versions to compute, no API call to make
-        else:
-            key = self._hmac_keys.get(deadline=deadline)
-        files: list[MountedFile] = []
+        # Objects that share a request share its one reply: a username and its password, a
+        # certificate and its key, and any template over them are cut from the same call.
+        outcomes = self._fetch_all(identity, list(dict.fromkeys(requests.values())), deadline, lanes or NoLanes())
+        replies: dict[SecretObject, render.ObjectData] = {}
         failures: list[tuple[str, ProviderError]] = []
-        for obj, request in zip(config.objects, requests, strict=True):
-            reply = replies[request]
-            if isinstance(reply, ProviderError):
-                failures.append((obj.object_name, reply))
-                continue
-            try:
-                contents, version_input = render.file_contents(reply.body, obj, request.path)
-            except ProviderError as e:
-                failures.append((obj.object_name, e))
-                continue
-            files.append(
-                MountedFile(
-                    path=obj.object_name,
-                    mode=obj.file_permission or config.permission,
-                    contents=contents,
-                    version=object_version(key, obj, version_input) if key is not None else "",
-                )
-            )
+        for obj, request in requests.items():
+            outcome = outcomes[request]
+            if isinstance(outcome, ProviderError):
+                failures.append((obj.object_name, outcome))
+            else:
+                replies[obj] = render.ObjectData(path=request.path, body=outcome.body, raw=outcome.raw)
+        # With a read failed, templates are not rendered: their input is incomplete, and the
+        # failed read is what to fix. The other objects are, to report all their errors at once.
+        rendered_objects = [obj for obj in config.objects if obj in replies] if failures else config.objects
+        rendered, render_failures = render.mount_files(rendered_objects, replies)
+        failures += render_failures
         if failures:
-            raise ObjectError(failures)
+            order = {obj.object_name: index for index, obj in enumerate(config.objects)}
+            raise ObjectError(sorted(failures, key=lambda failure: order.get(failure[0], 0)))
+        key = self._hmac_keys.get(deadline=deadline)
+        files = [
+            MountedFile(
+                path=file.path,
+                mode=file.obj.file_permission or config.permission,
+                contents=file.contents,
+                version=object_version(key, file.obj, file.version_input) if key is not None else "",
+            )
+            for file in rendered
+        ]
         self._check_size(files)
         return MountResult(config=config, files=tuple(files))
 

@@ -1,18 +1,29 @@
-"""How a Vault reply becomes a file's bytes, matching the reference byte for byte.
+"""How Vault replies become files: the one place file bytes are made.
 
-Kept apart from the Mount flow so later renderers (templates of several keys, all keys
-as files, nested key selection) have one place to live.
+An object that uses only the reference's fields gets the reference's bytes, byte for
+byte (tests/test_files_pin.py pins them). The shaping fields choose differently:
+``secretKeyPath`` (a JSON Pointer where secretKey would look), ``expandKeys`` (a file per
+key), ``format`` (json, pem-bundle, pem-chain) and ``template`` (gotemplate over the
+class's objects). A reply that is not JSON (PEM from pki/ca_chain) is passed through.
 """
 
 from __future__ import annotations
 
 import binascii
-from collections.abc import Mapping
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from provider import gojson
-from provider.config import SecretObject
-from provider.errors import ConfigError, VaultNotFound, quote
+from provider import gojson, gotemplate
+from provider.config import SecretObject, check_object_name, json_pointer, key_filter
+from provider.errors import ConfigError, ProviderError, VaultNotFound, quote
+
+# What all the templates of one Mount may cost together, on top of each one's own limits:
+# a class of many templates must not hold a thread (and the GIL) for long.
+MOUNT_TEMPLATE_STEPS = 400_000
+MOUNT_TEMPLATE_SECONDS = 1.0
 
 # The reference's vault/api Secret struct, in field order; the last ones are omitempty.
 _SECRET_FIELDS: tuple[tuple[str, Any], ...] = (
@@ -73,6 +84,112 @@ def _struct(values: Mapping[str, Any], fields: tuple[tuple[str, Any], ...]) -> s
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class ObjectData:
+    """One object's reply, as its files and the class's templates see it."""
+
+    path: str  # the request path, for messages
+    body: Mapping[str, Any] = field(repr=False)
+    raw: bytes | None = field(default=None, repr=False)  # a reply that is not JSON
+
+    def values(self) -> Any:
+        """What secretKey looks into: data.data when that is a map (KV v2), else data."""
+        data = self.body.get("data")
+        if not isinstance(data, Mapping):
+            raise VaultNotFound(f"Vault returned no data at {self.path}")
+        nested = data.get("data")
+        return nested if isinstance(nested, Mapping) else data
+
+    @functools.cached_property
+    def view(self) -> Mapping[str, Any]:
+        """.Secrets, .Metadata and .Lease for templates (computed once per reply)."""
+        if self.raw is not None:
+            secrets: Any = self.raw.decode("utf-8", "replace")
+            metadata: Any = {}
+        else:
+            data = self.body.get("data")
+            nested = data.get("data") if isinstance(data, Mapping) else None
+            secrets = nested if isinstance(nested, Mapping) else (data if data is not None else {})
+            found = data.get("metadata") if isinstance(nested, Mapping) and isinstance(data, Mapping) else None
+            metadata = found if isinstance(found, Mapping) else {}
+        duration = self.body.get("lease_duration")
+        lease = {
+            "ID": self.body.get("lease_id") or "",
+            "Duration": duration if duration is not None else 0,
+            "Renewable": self.body.get("renewable") is True,
+        }
+        return {"Secrets": secrets, "Metadata": metadata, "Lease": lease}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderedFile:
+    """A file to write: its path under the volume and what its version is computed from."""
+
+    obj: SecretObject
+    path: str
+    contents: bytes = field(repr=False)
+    version_input: bytes = field(repr=False)
+
+
+class TemplateBudget:
+    """What the templates of one Mount have left to spend, together."""
+
+    def __init__(self) -> None:
+        self.steps = MOUNT_TEMPLATE_STEPS
+        self.deadline = time.monotonic() + MOUNT_TEMPLATE_SECONDS
+
+    def limits(self) -> gotemplate.Limits:
+        seconds = self.deadline - time.monotonic()
+        if self.steps <= 0 or seconds <= 0:
+            raise ConfigError(
+                f"the class's templates together take more than {MOUNT_TEMPLATE_STEPS} steps or "
+                f"{MOUNT_TEMPLATE_SECONDS:g} s per Mount; simplify them"
+            )
+        default = gotemplate.Limits()
+        return gotemplate.Limits(steps=min(default.steps, self.steps), seconds=min(default.seconds, seconds))
+
+
+def object_files(
+    obj: SecretObject,
+    data: ObjectData | None,
+    objects: Mapping[str, ObjectData],
+    *,
+    budget: TemplateBudget | None = None,
+) -> list[RenderedFile]:
+    """The files of one object (none with writeFile: false). `data` is its own reply (None
+    for a template without a secretPath); `objects` holds every object's reply by name."""
+    if not obj.write_file:
+        return []
+    if obj.parsed_template is not None:
+        contents = _template(obj, data, objects, budget or TemplateBudget())
+        return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
+    assert data is not None  # the parse requires a secretPath without a template
+    if data.raw is not None:
+        contents = _passed_through(obj, data)
+        return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
+    if obj.expand_keys:
+        return _expanded(obj, data)
+    if obj.secret_key_path:
+        contents = decode(_text_of(_pointed(data, obj.secret_key_path)), obj)
+    elif obj.format == "json":
+        contents = gojson.dumps(data.body.get("data"))
+    elif obj.format:
+        contents = _pem(obj, data)
+    elif not obj.secret_key:
+        return [
+            RenderedFile(
+                obj=obj,
+                path=obj.object_name,
+                contents=whole_response(data.body),
+                # The version leaves out the per-request request_id: an unchanged secret keeps it.
+                version_input=whole_response(data.body, request_id=False),
+            )
+        ]
+    else:
+        contents = decode(key_value(data.body.get("data"), obj.secret_key, data.path), obj)
+    return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
+
+
 def key_value(data: Any, key: str, path: str) -> bytes:
     """The value at key: under data.data when that is a map (KV v2), else data."""
     if not isinstance(data, Mapping):
@@ -81,13 +198,143 @@ def key_value(data: Any, key: str, path: str) -> bytes:
     values = nested if isinstance(nested, Mapping) else data
     if key not in values:
         raise VaultNotFound(f"key {quote(key)} does not exist at {path}")
-    value = values[key]
+    return _text_of(values[key])
+
+
+def _text_of(value: Any) -> bytes:
+    """A value as file bytes: a string as itself (UTF-8), anything else as Go's JSON."""
     if isinstance(value, str):
         return value.encode("utf-8")
     return gojson.dumps(value)
 
 
-def decode(value: bytes, obj: SecretObject) -> bytes:
+def _pointed(data: ObjectData, pointer: str) -> Any:
+    value = data.values()
+    walked = ""
+    for token in json_pointer("secretKeyPath", pointer):
+        if isinstance(value, Mapping):
+            if token not in value:
+                raise VaultNotFound(
+                    f"secretKeyPath {quote(pointer)} does not exist at {data.path}: no key {quote(token)} "
+                    f"under {quote(walked or '/')}"
+                )
+            value = value[token]
+        elif isinstance(value, list | tuple):
+            if not token.isdigit() or (len(token) > 1 and token.startswith("0")) or int(token) >= len(value):
+                raise VaultNotFound(
+                    f"secretKeyPath {quote(pointer)} does not exist at {data.path}: {quote(walked)} is a list of "
+                    f"{len(value)} items, not {quote(token)}"
+                )
+            value = value[int(token)]
+        else:
+            raise VaultNotFound(
+                f"secretKeyPath {quote(pointer)} does not exist at {data.path}: {quote(walked or '/')} is not a map "
+                "or list"
+            )
+        walked += "/" + token.replace("~", "~0").replace("/", "~1")
+    return value
+
+
+def _expanded(obj: SecretObject, data: ObjectData) -> list[RenderedFile]:
+    values = data.values()
+    where = f"expandKeys at {data.path}"
+    include = key_filter(where, "includeKeys", obj.include_keys) if obj.include_keys else None
+    exclude = key_filter(where, "excludeKeys", obj.exclude_keys) if obj.exclude_keys else None
+    files: list[RenderedFile] = []
+    for key in sorted(values):
+        if (include is not None and not include.search(key)) or (exclude is not None and exclude.search(key)):
+            continue
+        path = f"{obj.object_name}/{key}"
+        if "/" in key or "\\" in key:
+            raise ConfigError(f"expandKeys: key {quote(key)} at {data.path} is not a safe file name (it holds a slash)")
+        check_object_name(path, f"expandKeys: key {quote(key)} at {data.path}")
+        contents = decode(_text_of(values[key]), obj, key)
+        files.append(
+            RenderedFile(obj=obj, path=path, contents=contents, version_input=path.encode() + b"\0" + contents)
+        )
+    if not files:
+        filtered = " after includeKeys/excludeKeys" if include is not None or exclude is not None else ""
+        raise ConfigError(f"expandKeys: no keys left at {data.path}{filtered}; nothing to write")
+    return files
+
+
+def _passed_through(obj: SecretObject, data: ObjectData) -> bytes:
+    """A reply that is not JSON (PEM from pki/ca_chain): its bytes, when nothing asks for keys."""
+    chosen = [
+        name
+        for name, used in (
+            ("secretKey", obj.secret_key),
+            ("secretKeyPath", obj.secret_key_path),
+            ("expandKeys", obj.expand_keys),
+            ("format: json", obj.format == "json"),
+        )
+        if used
+    ]
+    if chosen:
+        raise ConfigError(
+            f"Vault's reply at {data.path} is not JSON (e.g. PEM), so {chosen[0]} cannot select from it; "
+            "leave it out to write the reply as it is"
+        )
+    assert data.raw is not None
+    return data.raw
+
+
+# The fields of a PKI issue/sign reply, in the order a bundle lists them.
+_CERTIFICATE, _CHAIN, _ISSUING_CA, _PRIVATE_KEY = "certificate", "ca_chain", "issuing_ca", "private_key"
+
+
+def _pem(obj: SecretObject, data: ObjectData) -> bytes:
+    """pem-chain: the certificate, then its chain (ca_chain, else issuing_ca); pem-bundle:
+    the same followed by the private key. Each block once, each ending in a newline."""
+    values = data.values()
+    certificate = values.get(_CERTIFICATE)
+    if not isinstance(certificate, str) or not certificate.strip():
+        raise VaultNotFound(
+            f"format {obj.format} needs a PEM {quote(_CERTIFICATE)} in the reply at {data.path} "
+            "(a PKI issue or sign reply, or a secret with that key)"
+        )
+    chain = values.get(_CHAIN)
+    if isinstance(chain, str):
+        chain = [chain]
+    if not isinstance(chain, list | tuple) or not chain:
+        issuing = values.get(_ISSUING_CA)
+        chain = [issuing] if isinstance(issuing, str) else []
+    blocks = [certificate.strip()]
+    for block in chain:
+        if isinstance(block, str) and block.strip() and block.strip() not in blocks:
+            blocks.append(block.strip())
+    if obj.format == "pem-bundle":
+        key = values.get(_PRIVATE_KEY)
+        if not isinstance(key, str) or not key.strip():
+            raise VaultNotFound(
+                f"format pem-bundle needs a {quote(_PRIVATE_KEY)} in the reply at {data.path}; "
+                "use pem-chain for the certificates alone"
+            )
+        blocks.append(key.strip())
+    return ("\n".join(blocks) + "\n").encode("utf-8")
+
+
+def _template(
+    obj: SecretObject, data: ObjectData | None, objects: Mapping[str, ObjectData], budget: TemplateBudget
+) -> bytes:
+    assert obj.parsed_template is not None
+    root: dict[str, Any] = {"Objects": {name: reply.view for name, reply in objects.items()}}
+    if data is not None:
+        root.update(data.view)
+    spent = [0]
+    try:
+        text = obj.parsed_template.render(root, limits=budget.limits(), spent=spent)
+    except gotemplate.TemplateError as e:
+        raise ConfigError(f"template {e}") from None
+    finally:
+        budget.steps -= spent[0]  # the time is shared through the budget's deadline
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ConfigError("template: the rendered text is not valid UTF-8") from None
+
+
+def decode(value: bytes, obj: SecretObject, key: str = "") -> bytes:
     """Decode a key's value per the object's encoding, as Go's decoders do."""
     encoding = obj.normalized_encoding
     try:
@@ -97,23 +344,45 @@ def decode(value: bytes, obj: SecretObject) -> bytes:
         if encoding == "hex":
             return binascii.unhexlify(value)
     except (binascii.Error, ValueError):
+        selected = key or obj.secret_key or obj.secret_key_path
         raise ConfigError(
-            f"the value of key {quote(obj.secret_key)} at {obj.secret_path} is not valid {encoding} "
+            f"the value of key {quote(selected)} at {obj.secret_path} is not valid {encoding} "
             f"(encoding: {obj.encoding})"
         ) from None
     return value
 
 
-def file_contents(body: Mapping[str, Any], obj: SecretObject, path: str) -> tuple[bytes, bytes]:
-    """The file's bytes and the bytes its version is computed from.
+def mount_files(
+    objects: Sequence[SecretObject], replies: Mapping[SecretObject, ObjectData]
+) -> tuple[list[RenderedFile], list[tuple[str, ProviderError]]]:
+    """Every object's files, and each object that failed with its error. `replies` holds
+    the reply of each object that has a secretPath."""
+    by_name = {obj.object_name: replies[obj] for obj in objects if obj in replies}
+    budget = TemplateBudget()
+    files: list[RenderedFile] = []
+    failures: list[tuple[str, ProviderError]] = []
+    for obj in objects:
+        try:
+            files += object_files(obj, replies.get(obj), by_name, budget=budget)
+        except ProviderError as e:
+            failures.append((obj.object_name, e))
+    paths: dict[str, str] = {}
+    for file in files:
+        earlier = paths.setdefault(file.path, file.obj.object_name)
+        if earlier != file.obj.object_name:
+            failures.append(
+                (file.obj.object_name, ConfigError(f"writes {quote(file.path)}, which object {quote(earlier)} writes"))
+            )
+    return files, failures
 
-    They differ only for a whole-response object, whose version leaves out the
-    per-request request_id so an unchanged secret keeps its version.
-    """
-    if not obj.secret_key:
-        return whole_response(body), whole_response(body, request_id=False)
-    contents = decode(key_value(body.get("data"), obj.secret_key, path), obj)
-    return contents, contents
 
-
-__all__ = ["decode", "file_contents", "key_value", "whole_response"]
+__all__ = [
+    "ObjectData",
+    "RenderedFile",
+    "TemplateBudget",
+    "decode",
+    "key_value",
+    "mount_files",
+    "object_files",
+    "whole_response",
+]

@@ -107,6 +107,9 @@ class Secret:
     """A Vault reply to a read, its numbers kept exactly as sent (gojson.Number)."""
 
     body: Mapping[str, Any] = field(repr=False)
+    # A 2xx reply that is not JSON (pki/ca_chain, pki/ca/pem answer PEM text): its bytes,
+    # passed through to the file; body is then empty.
+    raw: bytes | None = field(default=None, repr=False)
 
     @property
     def data(self) -> Any:
@@ -165,6 +168,8 @@ class VaultClient:
         if status in (400, 401, 403):
             raise VaultLoginDenied(_vault_says(status, body), status=status)
         _raise_for_status("POST", path, status, body)
+        if isinstance(body, RawBody):
+            raise VaultBadResponse(f"login at {path}: Vault's reply is not JSON (HTTP {status})", status=status)
         auth = body.get("auth") if isinstance(body, dict) else None
         token = auth.get("client_token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not token:
@@ -203,6 +208,10 @@ class VaultClient:
             operation=operation,
         )
         _raise_for_status(method, path, status, body)
+        if isinstance(body, RawBody):
+            if operation != "read":
+                raise VaultBadResponse(f"{method} {path}: Vault's reply is not JSON (HTTP {status})", status=status)
+            return Secret(body={}, raw=body.data)
         if not isinstance(body, dict):
             raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
         return Secret(body=_enveloped(body))
@@ -404,9 +413,11 @@ class VaultClient:
             return _Reply(status, gojson.loads(raw), retry_after)
         except (ValueError, RecursionError):
             if 200 <= status < 300:
-                raise VaultBadResponse(
-                    f"{method} {path}: Vault's reply is not JSON (HTTP {status})", status=status
-                ) from None
+                if "json" in (response.headers.get("Content-Type") or "").lower():
+                    raise VaultBadResponse(
+                        f"{method} {path}: Vault's reply is not JSON (HTTP {status})", status=status
+                    ) from None
+                return _Reply(status, RawBody(raw), retry_after)  # PEM from pki/ca_chain and the like
             return _Reply(status, raw.decode("utf-8", "replace"), retry_after)
 
     def _roundtrip(
@@ -459,6 +470,12 @@ class VaultClient:
             else:
                 response.release_conn()  # keep the connection alive for the next request
         return response, raw
+
+
+class RawBody(NamedTuple):
+    """A successful reply that is not JSON."""
+
+    data: bytes
 
 
 class _Reply(NamedTuple):

@@ -20,7 +20,7 @@ from provider.config import SecretObject
 @functools.lru_cache(maxsize=4096)
 def object_json(obj: SecretObject) -> bytes:
     """Go's json.Marshal of the reference's config.Secret for this object."""
-    fields = (
+    fields: tuple[tuple[str, str], ...] = (
         ("ObjectName", gojson.encode_string(obj.object_name)),
         ("SecretPath", gojson.encode_string(obj.secret_path)),
         ("SecretKey", gojson.encode_string(obj.secret_key)),
@@ -29,6 +29,19 @@ def object_json(obj: SecretObject) -> bytes:
         ("FilePermission", str(obj.file_permission)),
         ("Encoding", gojson.encode_string(obj.encoding)),
     )
+    if obj.shaped:  # fields the reference lacks, only when used: unshaped versions stay the reference's
+        fields += tuple(
+            (name, gojson.dumps(value).decode())
+            for name, value in (
+                ("SecretKeyPath", obj.secret_key_path),
+                ("ExpandKeys", obj.expand_keys),
+                ("IncludeKeys", obj.include_keys),
+                ("ExcludeKeys", obj.exclude_keys),
+                ("Format", obj.format),
+                ("Template", obj.template),
+                ("WriteFile", obj.write_file),
+            )
+        )
     return ("{" + ",".join(f'"{name}":{value}' for name, value in fields) + "}").encode()
 
 

@@ -1,0 +1,1092 @@
+"""A small interpreter of Go's text/template language over JSON values.
+
+Templates are written by namespace tenants and run inside a daemon that holds the Vault
+token of every pod on the node, so this is deliberately not a general engine:
+
+- It only ever sees JSON values (maps with string keys, lists, strings, numbers, booleans,
+  null). A field is a map key; there is no attribute, method or import to reach, and the
+  only functions are the ones in ``FUNCTIONS``, each written here.
+- Every evaluation step, every byte of output and every intermediate string is counted:
+  ``Limits`` bounds them and the wall time, so a hostile template (a huge ``range``, a
+  string doubled in a loop) fails its own render and nothing else. There is no
+  ``define``/``template``/``block``, hence no recursion; nesting is bounded at parse time.
+- A missing key is an error naming the key, never an empty string (Go's
+  ``missingkey=error``). Errors name the template line and never include a value.
+
+Syntax is Go's: ``{{ .a.b }}``, ``$`` and variables (``:=``, ``=``), pipelines with ``|``,
+parentheses, ``if``/``else if``/``else``, ``range`` (lists, maps in key order, integers;
+``$i, $v :=``; ``break``/``continue``), ``with``/``else with``, trim markers ``{{-``
+``-}}`` and comments ``{{/* */}}``. Output: a string as itself, anything else as JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from provider import gojson
+
+# Parsing bounds. A template is one field of one object: 64 KiB is pages of text.
+MAX_TEMPLATE_BYTES = 64 * 1024
+# Nested control structures and parentheses; real templates use a handful.
+MAX_NESTING = 50
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one render may cost. Defaults: far above any real template (a few hundred
+    steps, a few KiB), far below what would hurt the node."""
+
+    steps: int = 200_000  # nodes evaluated, loop iterations, function calls
+    output_bytes: int = 1024 * 1024  # the rendered file
+    value_bytes: int = 1024 * 1024  # any string a function builds
+    seconds: float = 1.0  # wall time; checked every few hundred steps
+
+
+class TemplateError(Exception):
+    """A template that does not parse or cannot render; the message names the line."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(f"line {line}: {message}" if line else message)
+        self.line = line
+
+
+# --- Lexing -------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<string>"(?:[^"\\\n]|\\.)*")
+  | (?P<raw>`[^`]*`)
+  | (?P<char>'(?:[^'\\\n]|\\.)+')
+  | (?P<declare>:=)
+  | (?P<punct>[|(),=])
+  | (?P<variable>\$[A-Za-z0-9_]*)
+  | (?P<field>\.[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<dot>\.)
+  | (?P<number>[-+]?(?:0[xX][0-9a-fA-F_]+|[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?))
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+    """,
+    re.VERBOSE,
+)
+_TRIM_SPACE = " \t\r\n"
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str
+    text: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Action:
+    tokens: tuple[_Token, ...]
+    line: int
+
+
+def _lex(source: str) -> list[str | _Action]:
+    """Text pieces and actions, trim markers applied, comments dropped."""
+    items: list[str | _Action] = []
+    pos = 0
+    trim_next = False
+    line, counted = 1, 0
+    while True:
+        start = source.find("{{", pos)
+        text = source[pos:] if start < 0 else source[pos:start]
+        if trim_next:
+            text = text.lstrip(_TRIM_SPACE)
+        if start < 0:
+            if text:
+                items.append(text)
+            return items
+        line += source.count("\n", counted, start)
+        counted = start
+        inner_start = start + 2
+        if source.startswith("-", inner_start) and source[inner_start + 1 : inner_start + 2] in tuple(_TRIM_SPACE):
+            text = text.rstrip(_TRIM_SPACE)
+            inner_start += 2
+        if text:
+            items.append(text)
+        close, inner_end, trim_next = _find_close(source, inner_start, line)
+        inner = source[inner_start:inner_end]
+        pos = close
+        stripped = inner.strip(_TRIM_SPACE)
+        if stripped.startswith("/*"):
+            if not stripped.endswith("*/"):
+                raise TemplateError("unclosed comment", line)
+            continue
+        tokens = _tokens(inner, line)
+        if not tokens:
+            raise TemplateError("missing value for command", line)
+        items.append(_Action(tokens, line))
+
+
+def _find_close(source: str, pos: int, line: int) -> tuple[int, int, bool]:
+    """Where the action ends: (index after "}}", end of its inside, whether it trims)."""
+    quote = ""
+    i = pos
+    n = len(source)
+    while i < n:
+        ch = source[i]
+        if quote:
+            if ch == "\\" and quote != "`":
+                i += 2
+                continue
+            if ch == quote:
+                quote = ""
+            elif ch == "\n" and quote != "`":
+                raise TemplateError("unterminated quoted string", line)
+        elif ch in "\"'`":
+            quote = ch
+        elif source.startswith("/*", i):
+            end = source.find("*/", i + 2)
+            if end < 0:
+                raise TemplateError("unclosed comment", line)
+            i = end + 2
+            continue
+        elif source.startswith("}}", i):
+            if i - 2 >= pos and source[i - 1] == "-" and source[i - 2] in _TRIM_SPACE:
+                return i + 2, i - 1, True
+            return i + 2, i, False
+        i += 1
+    raise TemplateError("unclosed action (no matching }})", line)
+
+
+def _tokens(inner: str, line: int) -> tuple[_Token, ...]:
+    tokens: list[_Token] = []
+    pos = 0
+    while pos < len(inner):
+        match = _TOKEN.match(inner, pos)
+        if match is None or match.end() == pos:
+            raise TemplateError(f"unexpected {inner[pos]!r} in action", line)
+        kind = match.lastgroup or ""
+        if kind != "space":
+            tokens.append(_Token(kind, match.group(), match.start(), match.end()))
+        pos = match.end()
+    return tuple(tokens)
+
+
+# --- The tree -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Literal:
+    value: Any
+
+
+@dataclass(frozen=True)
+class _Dot:
+    pass
+
+
+@dataclass(frozen=True)
+class _Variable:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Function:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A term followed by field names: .a.b (on dot), $x.a, (pipeline).a"""
+
+    base: Any
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    declared: tuple[str, ...]
+    assign: bool  # "=" rather than ":="
+    commands: tuple[tuple[Any, ...], ...]
+    line: int
+
+
+@dataclass(frozen=True)
+class _Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class _Output:
+    pipeline: _Pipeline
+
+
+@dataclass(frozen=True)
+class _Branch:
+    kind: str  # if, with, range
+    pipeline: _Pipeline
+    body: tuple[Any, ...]
+    otherwise: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class _Jump:
+    kind: str  # break, continue
+    line: int
+
+
+class _Parser:
+    def __init__(self, items: list[str | _Action]) -> None:
+        self._items = items
+        self._pos = 0
+        self._depth = 0
+        self._loops = 0
+
+    def parse(self) -> tuple[Any, ...]:
+        body, stop = self._list()
+        if stop is not None:
+            raise TemplateError(f"unexpected {{{{{stop[0]}}}}}", stop[1].line)
+        return body
+
+    def _list(self) -> tuple[tuple[Any, ...], tuple[str, _Action] | None]:
+        """Nodes up to an {{end}} or {{else}} (returned, not consumed past)."""
+        nodes: list[Any] = []
+        while self._pos < len(self._items):
+            item = self._items[self._pos]
+            self._pos += 1
+            if isinstance(item, str):
+                nodes.append(_Text(item))
+                continue
+            first = item.tokens[0]
+            word = first.text if first.kind == "ident" else ""
+            if word in ("end", "else"):
+                return tuple(nodes), (word, item)
+            if word in ("if", "with", "range"):
+                nodes.append(self._branch(word, item, item.tokens[1:]))
+            elif word in ("break", "continue"):
+                if len(item.tokens) > 1:
+                    raise TemplateError(f"unexpected {item.tokens[1].text!r} after {word}", item.line)
+                if not self._loops:
+                    raise TemplateError(f"{{{{{word}}}}} outside {{{{range}}}}", item.line)
+                nodes.append(_Jump(word, item.line))
+            elif word in ("define", "template", "block"):
+                raise TemplateError(f"{{{{{word}}}}} is not supported (one template per object)", item.line)
+            else:
+                nodes.append(_Output(self._pipeline(item.tokens, item.line, declare=True)))
+        return tuple(nodes), None
+
+    def _branch(self, kind: str, action: _Action, tokens: Sequence[_Token]) -> _Branch:
+        self._depth += 1
+        if self._depth > MAX_NESTING:
+            raise TemplateError(f"control structures nested deeper than {MAX_NESTING}", action.line)
+        if not tokens:
+            raise TemplateError(f"missing value for {kind}", action.line)
+        pipeline = self._pipeline(tokens, action.line, declare=True, pair=kind == "range")
+        if kind == "range":
+            self._loops += 1
+        body, stop = self._list()
+        if kind == "range":
+            self._loops -= 1
+        otherwise: tuple[Any, ...] = ()
+        if stop is None:
+            raise TemplateError(f"unexpected end of template: {{{{{kind}}}}} has no {{{{end}}}}", action.line)
+        if stop[0] == "else":
+            rest = stop[1].tokens[1:]
+            if rest and rest[0].kind == "ident" and rest[0].text in ("if", "with"):
+                if rest[0].text != kind or kind == "range":
+                    raise TemplateError(f"{{{{else {rest[0].text}}}}} inside {{{{{kind}}}}}", stop[1].line)
+                # {{else if x}} ... {{end}} is {{else}}{{if x}} ... {{end}}{{end}}: one shared end.
+                otherwise = (self._branch(kind, stop[1], rest[1:]),)
+                self._depth -= 1
+                return _Branch(kind, pipeline, body, otherwise)
+            if rest:
+                raise TemplateError(f"unexpected {rest[0].text!r} after else", stop[1].line)
+            otherwise, stop = self._list()
+            if stop is None or stop[0] != "end":
+                raise TemplateError(f"{{{{{kind}}}}} has no {{{{end}}}} after its {{{{else}}}}", action.line)
+        if len(stop[1].tokens) > 1:
+            raise TemplateError(f"unexpected {stop[1].tokens[1].text!r} after end", stop[1].line)
+        self._depth -= 1
+        return _Branch(kind, pipeline, body, otherwise)
+
+    def _pipeline(self, tokens: Sequence[_Token], line: int, *, declare: bool, pair: bool = False) -> _Pipeline:
+        declared: list[str] = []
+        assign = False
+        rest = list(tokens)
+        if declare:
+            for operator in (":=", "="):
+                names = _declaration(rest, operator, pair)
+                if names:
+                    declared, assign = names, operator == "="
+                    rest = rest[len(names) * 2 :]
+                    break
+        commands: list[tuple[Any, ...]] = []
+        command: list[Any] = []
+        i = 0
+        while i < len(rest):
+            token = rest[i]
+            if token.text == "|" and token.kind == "punct":
+                if not command:
+                    raise TemplateError("missing command before '|'", line)
+                commands.append(tuple(command))
+                command = []
+                i += 1
+                continue
+            operand, i = self._operand(rest, i, line)
+            command.append(operand)
+        if not command:
+            raise TemplateError("missing command" + (" after '|'" if commands else ""), line)
+        commands.append(tuple(command))
+        return _Pipeline(tuple(declared), assign, tuple(commands), line)
+
+    def _operand(self, tokens: Sequence[_Token], i: int, line: int) -> tuple[Any, int]:
+        token = tokens[i]
+        kind = token.kind
+        if kind == "punct" and token.text == "(":
+            self._depth += 1
+            if self._depth > MAX_NESTING:
+                raise TemplateError(f"parentheses nested deeper than {MAX_NESTING}", line)
+            close = _matching(tokens, i, line)
+            term: Any = self._pipeline(tokens[i + 1 : close], line, declare=False)
+            self._depth -= 1
+            i = close + 1
+        elif kind == "field":
+            term = _Dot()  # .a.b: fields of dot, read below
+        elif kind == "dot":
+            term, i = _Dot(), i + 1
+        elif kind == "variable":
+            term, i = _Variable(token.text), i + 1
+        elif kind in ("string", "raw", "char", "number"):
+            term, i = _Literal(_literal(token, line)), i + 1
+        elif kind == "ident":
+            if token.text in ("true", "false"):
+                term = _Literal(token.text == "true")
+            elif token.text == "nil":
+                term = _Literal(None)
+            elif token.text in FUNCTIONS or token.text in _LAZY:
+                term = _Function(token.text)
+            else:
+                raise TemplateError(f"function {token.text!r} not defined (see the allowed functions)", line)
+            i += 1
+        else:
+            raise TemplateError(f"unexpected {token.text!r} in command", line)
+        fields: list[str] = []
+        if kind == "field":
+            fields.append(token.text[1:])
+            i += 1
+        previous_end = tokens[i - 1].end
+        # Fields bind to the term they touch: $x.a and (f).a, but $x .a is two operands.
+        while i < len(tokens) and tokens[i].kind == "field" and tokens[i].start == previous_end:
+            if isinstance(term, _Function | _Literal):
+                raise TemplateError(f"cannot take a field of {tokens[i - 1].text!r}", line)
+            fields.append(tokens[i].text[1:])
+            previous_end = tokens[i].end
+            i += 1
+        return (_Chain(term, tuple(fields)) if fields else term), i
+
+
+def _declaration(tokens: Sequence[_Token], operator: str, pair: bool) -> list[str]:
+    """The variables before := or = at the start of a pipeline, if any."""
+    if len(tokens) >= 2 and tokens[0].kind == "variable" and tokens[1].text == operator:
+        return [tokens[0].text]
+    if (
+        pair
+        and len(tokens) >= 4
+        and tokens[0].kind == "variable"
+        and tokens[1].text == ","
+        and tokens[2].kind == "variable"
+        and tokens[3].text == operator
+    ):
+        return [tokens[0].text, tokens[2].text]
+    return []
+
+
+def _matching(tokens: Sequence[_Token], open_index: int, line: int) -> int:
+    depth = 0
+    for j in range(open_index, len(tokens)):
+        if tokens[j].kind == "punct" and tokens[j].text == "(":
+            depth += 1
+        elif tokens[j].kind == "punct" and tokens[j].text == ")":
+            depth -= 1
+            if depth == 0:
+                return j
+    raise TemplateError("unclosed left paren", line)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def _literal(token: _Token, line: int) -> Any:
+    text = token.text
+    if token.kind == "raw":
+        return text[1:-1]
+    if token.kind in ("string", "char"):
+        value = _unescape(text[1:-1], line)
+        if token.kind == "char":
+            if len(value) != 1:
+                raise TemplateError(f"malformed character constant {text}", line)
+            return ord(value)
+        return value
+    digits = text.replace("_", "")
+    try:
+        if re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F]+|[0-9]+)", digits):
+            return int(digits, 0) if not re.fullmatch(r"[-+]?0[0-9]+", digits) else int(digits, 8)
+        return float(digits)
+    except ValueError:
+        raise TemplateError(f"bad number syntax: {text!r}", line) from None
+
+
+def _unescape(body: str, line: int) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        code = body[i + 1 : i + 2]
+        if code in _ESCAPES:
+            out.append(_ESCAPES[code])
+            i += 2
+        elif code in ("x", "u", "U"):
+            width = {"x": 2, "u": 4, "U": 8}[code]
+            digits = body[i + 2 : i + 2 + width]
+            if len(digits) != width or not all(c in "0123456789abcdefABCDEF" for c in digits):
+                raise TemplateError(f"invalid escape \\{code} in string", line)
+            value = int(digits, 16)
+            if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                raise TemplateError("escape is not a valid Unicode code point", line)
+            out.append(chr(value))
+            i += 2 + width
+        elif code in "01234567" and code:
+            digits = body[i + 1 : i + 4]
+            if len(digits) != 3 or not all(c in "01234567" for c in digits):
+                raise TemplateError("invalid octal escape in string", line)
+            out.append(chr(int(digits, 8)))
+            i += 4
+        else:
+            raise TemplateError(f"unknown escape \\{code} in string", line)
+    return "".join(out)
+
+
+# --- Evaluating ---------------------------------------------------------------------------
+
+
+class _Break(Exception):
+    pass
+
+
+class _Continue(Exception):
+    pass
+
+
+@dataclass
+class _Run:
+    limits: Limits
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    size: int = 0
+    out: list[str] = field(default_factory=list)
+    variables: list[tuple[str, Any]] = field(default_factory=list)
+
+    def step(self, line: int, count: int = 1) -> None:
+        self.steps += count
+        if self.steps > self.limits.steps:
+            raise TemplateError(f"the template takes more than {self.limits.steps} steps; simplify it", line)
+        if self.steps & 0xFF < count and time.monotonic() - self.started > self.limits.seconds:
+            raise TemplateError(f"the template took longer than {self.limits.seconds:g} s to render", line)
+
+    def write(self, text: str, line: int) -> None:
+        self.size += len(text.encode("utf-8", "surrogatepass")) if not text.isascii() else len(text)
+        if self.size > self.limits.output_bytes:
+            raise TemplateError(f"the rendered file is larger than {self.limits.output_bytes} bytes", line)
+        self.out.append(text)
+
+    def lookup(self, name: str, line: int) -> Any:
+        for known, value in reversed(self.variables):
+            if known == name:
+                return value
+        raise TemplateError(f"undefined variable {name}", line)
+
+    def assign(self, name: str, value: Any, line: int) -> None:
+        for index in range(len(self.variables) - 1, -1, -1):
+            if self.variables[index][0] == name:
+                self.variables[index] = (name, value)
+                return
+        raise TemplateError(f"undefined variable {name}", line)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed template; render it as often as needed (it holds no state)."""
+
+    nodes: tuple[Any, ...]
+
+    def render(self, data: Mapping[str, Any], *, limits: Limits | None = None, spent: list[int] | None = None) -> str:
+        """The text; `spent`, if given, gets the steps taken (also when rendering fails)."""
+        run = _Run(limits or Limits())
+        run.variables.append(("$", data))
+        try:
+            _walk(run, self.nodes, data)
+        except (_Break, _Continue):  # the parser only allows them inside range
+            raise TemplateError("break or continue outside range") from None
+        except RecursionError:
+            raise TemplateError("the data is nested too deeply to render") from None
+        finally:
+            if spent is not None:
+                spent[0] += run.steps
+        return "".join(run.out)
+
+    def field_paths(self) -> Iterator[tuple[Any, ...]]:
+        """Each field chain on the root (.a.b, $.a.b) and each `index` of one with literal
+        keys, as tuples of names: what `check` looks at to find unknown object names."""
+        yield from _paths(self.nodes, top=True)
+
+
+def parse(source: str) -> Template:
+    if len(source.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"the template is larger than {MAX_TEMPLATE_BYTES} bytes")
+    return Template(_Parser(_lex(source)).parse())
+
+
+def _walk(run: _Run, nodes: Sequence[Any], dot: Any) -> None:
+    for node in nodes:
+        if isinstance(node, _Text):
+            run.step(0)
+            run.write(node.text, 0)
+        elif isinstance(node, _Output):
+            value = _pipeline(run, node.pipeline, dot)
+            if not node.pipeline.declared:
+                run.write(_printed(value), node.pipeline.line)
+        elif isinstance(node, _Branch):
+            _branch(run, node, dot)
+        else:
+            raise _Break() if node.kind == "break" else _Continue()
+
+
+def _branch(run: _Run, node: _Branch, dot: Any) -> None:
+    mark = len(run.variables)
+    try:
+        if node.kind == "range":
+            _range(run, node, dot)
+            return
+        value = _pipeline(run, node.pipeline, dot)
+        if _truth(value):
+            _walk(run, node.body, value if node.kind == "with" else dot)
+        else:
+            _walk(run, node.otherwise, dot)
+    finally:
+        del run.variables[mark:]
+
+
+def _range(run: _Run, node: _Branch, dot: Any) -> None:
+    pipeline = node.pipeline
+    value = _pipeline(run, _Pipeline((), False, pipeline.commands, pipeline.line), dot)
+    items: Iterator[tuple[Any, Any]]
+    if isinstance(value, Mapping):
+        items = ((key, value[key]) for key in sorted(value))
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    elif _is_int(value):
+        count = _integer(value, pipeline.line)
+        if count > run.limits.steps:
+            raise TemplateError(f"range over {count}: more than {run.limits.steps} steps", pipeline.line)
+        items = ((i, i) for i in range(max(count, 0)))
+    elif value is None:
+        items = iter(())
+    else:
+        raise TemplateError(f"range can't iterate over {_kind(value)}", pipeline.line)
+    mark = len(run.variables)
+    ran = False
+    for key, item in items:
+        ran = True
+        run.step(pipeline.line)
+        del run.variables[mark:]
+        if len(pipeline.declared) == 2:
+            run.variables += [(pipeline.declared[0], key), (pipeline.declared[1], item)]
+        elif pipeline.declared:
+            run.variables.append((pipeline.declared[0], item))
+        try:
+            _walk(run, node.body, item)
+        except _Break:
+            break
+        except _Continue:
+            continue
+    del run.variables[mark:]
+    if not ran:
+        _walk(run, node.otherwise, dot)
+
+
+def _pipeline(run: _Run, pipeline: _Pipeline, dot: Any) -> Any:
+    value: Any = _MISSING
+    for command in pipeline.commands:
+        value = _command(run, command, dot, value, pipeline.line)
+    if pipeline.declared:
+        name = pipeline.declared[0]
+        if pipeline.assign:
+            run.assign(name, value, pipeline.line)
+        else:
+            run.variables.append((name, value))
+    return value
+
+
+_MISSING = object()
+
+
+def _command(run: _Run, command: tuple[Any, ...], dot: Any, final: Any, line: int) -> Any:
+    run.step(line)
+    head = command[0]
+    if isinstance(head, _Function):
+        if head.name in _LAZY:
+            return _LAZY[head.name](run, command[1:], dot, final, line)
+        args = [_operand(run, arg, dot, line) for arg in command[1:]]
+        if final is not _MISSING:
+            args.append(final)
+        function = FUNCTIONS[head.name]
+        try:
+            result = function(*args)
+        except TemplateError as e:
+            raise TemplateError(f"{head.name}: {e}", line) from None
+        except TypeError:
+            raise TemplateError(f"wrong number of arguments to {head.name} ({len(args)})", line) from None
+        except RecursionError:
+            raise TemplateError(f"{head.name}: the value is nested too deeply", line) from None
+        if isinstance(result, str) and len(result) > run.limits.value_bytes:
+            raise TemplateError(f"{head.name} built a string larger than {run.limits.value_bytes} bytes", line)
+        return result
+    if len(command) > 1 or final is not _MISSING:
+        raise TemplateError(f"can't give an argument to a non-function {_describe(head)}", line)
+    return _operand(run, head, dot, line)
+
+
+def _operand(run: _Run, node: Any, dot: Any, line: int) -> Any:
+    if isinstance(node, _Literal):
+        return node.value
+    if isinstance(node, _Dot):
+        return dot
+    if isinstance(node, _Variable):
+        return run.lookup(node.name, line)
+    if isinstance(node, _Pipeline):
+        return _pipeline(run, node, dot)
+    if isinstance(node, _Function):
+        return _command(run, (node,), dot, _MISSING, line)
+    assert isinstance(node, _Chain)
+    value = _operand(run, node.base, dot, line)
+    where = _describe(node.base)
+    for name in node.fields:
+        run.step(line)
+        if not isinstance(value, Mapping):
+            raise TemplateError(f"can't read field {name!r} of {where}: it is {_kind(value)}, not a map", line)
+        if name not in value:
+            raise TemplateError(f"no key {name!r} in {where}{_known_keys(value)}", line)
+        value = value[name]
+        where = f"{where}.{name}" if where not in (".", "$") else f"{where.rstrip('.')}.{name}"
+    return value
+
+
+def _describe(node: Any) -> str:
+    if isinstance(node, _Dot):
+        return "."
+    if isinstance(node, _Variable):
+        return node.name
+    if isinstance(node, _Chain):
+        base = _describe(node.base)
+        return (base.rstrip(".") if base == "." else base) + "".join(f".{name}" for name in node.fields)
+    if isinstance(node, _Function):
+        return node.name
+    if isinstance(node, _Pipeline):
+        return "(...)"
+    return "a constant"
+
+
+def _known_keys(value: Mapping[str, Any]) -> str:
+    """The keys that do exist (names only, never values), to spot a typo."""
+    keys = sorted(str(key) for key in value)
+    if not keys:
+        return " (it is empty)"
+    shown = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+    return f" (keys: {shown})"
+
+
+# --- Values -------------------------------------------------------------------------------
+
+
+def _truth(value: Any) -> bool:
+    if value is None or value is False or value is _MISSING:
+        return False
+    if isinstance(value, gojson.Number):
+        try:
+            return Decimal(value.text) != 0
+        except InvalidOperation:
+            return True
+    if isinstance(value, str | Mapping | list | tuple | int | float):
+        return bool(value)
+    return True
+
+
+def _kind(value: Any) -> str:
+    if value is None or value is _MISSING:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, gojson.Number | int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a map"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "a value"
+
+
+def _printed(value: Any) -> str:
+    """What {{ value }} writes: a string as itself, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if value is _MISSING:
+        return ""
+    return _json(value)
+
+
+def _json(value: Any) -> str:
+    try:
+        return gojson.dumps(value).decode("utf-8")
+    except ValueError:
+        raise TemplateError("a number that is not finite cannot be written as JSON") from None
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, gojson.Number) and re.fullmatch(r"-?[0-9]+", value.text) is not None
+
+
+def _integer(value: Any, line: int = 0) -> int:
+    if isinstance(value, bool) or not _is_int(value):
+        raise TemplateError(f"expected an integer, got {_kind(value)}", line)
+    return value if isinstance(value, int) else int(value.text)
+
+
+def _number(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, gojson.Number):
+        return Decimal(value.text)
+    if isinstance(value, int | float):
+        return Decimal(value)
+    return None
+
+
+def _comparable(a: Any, b: Any) -> tuple[Any, Any]:
+    first, second = _number(a), _number(b)
+    if first is not None and second is not None:
+        return first, second
+    if (type(a) is type(b) and isinstance(a, str | bool)) or (a is None and b is None):
+        return a, b
+    raise TemplateError(f"incompatible types for comparison: {_kind(a)} and {_kind(b)}")
+
+
+def _eq(first: Any, *others: Any) -> bool:
+    if not others:
+        raise TemplateError("missing argument for comparison")
+    for other in others:
+        a, b = _comparable(first, other)
+        if a == b:
+            return True
+    return False
+
+
+def _ordered(a: Any, b: Any) -> tuple[Any, Any]:
+    a, b = _comparable(a, b)
+    if isinstance(a, bool) or a is None:
+        raise TemplateError(f"invalid type for comparison: {_kind(a)}")
+    return a, b
+
+
+def _index(value: Any, *keys: Any) -> Any:
+    for key in keys:
+        if isinstance(value, Mapping):
+            if not isinstance(key, str):
+                raise TemplateError(f"a map key must be a string, got {_kind(key)}")
+            if key not in value:
+                raise TemplateError(f"no key {key!r}{_known_keys(value)}")
+            value = value[key]
+        elif isinstance(value, list | tuple):
+            position = _integer(key)
+            if not 0 <= position < len(value):
+                raise TemplateError(f"index {position} out of range (the list has {len(value)} items)")
+            value = value[position]
+        else:
+            raise TemplateError(f"can't index {_kind(value)}")
+    return value
+
+
+def _len(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, Mapping | list | tuple):
+        return len(value)
+    raise TemplateError(f"len of {_kind(value)}")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise TemplateError(f"expected a string, got {_kind(value)}")
+
+
+def _print(*values: Any) -> str:
+    # Go's fmt.Sprint: a space between operands when neither is a string.
+    out: list[str] = []
+    for i, value in enumerate(values):
+        if i and not isinstance(value, str) and not isinstance(values[i - 1], str):
+            out.append(" ")
+        out.append(_printed(value))
+    return "".join(out)
+
+
+_VERB = re.compile(r"%(?:%|[-+# 0]*[0-9]*(?:\.[0-9]+)?[vsdqxXtfe])")
+
+
+def _printf(form: Any, *values: Any) -> str:
+    """Go's Sprintf for the verbs templates use: %s %v %d %q %x %X %t %f %e and %%."""
+    pattern = _text(form)
+    remaining = list(values)
+    out: list[str] = []
+    position = 0
+    for match in _VERB.finditer(pattern):
+        out.append(pattern[position : match.start()])
+        position = match.end()
+        verb = match.group()
+        if verb == "%%":
+            out.append("%")
+            continue
+        if not remaining:
+            out.append(f"%!{verb[-1]}(MISSING)")
+            continue
+        out.append(_format(verb, remaining.pop(0)))
+    out.append(pattern[position:])
+    if remaining:
+        out.append("%!(EXTRA " + ", ".join(_kind(v) for v in remaining) + ")")
+    return "".join(out)
+
+
+def _format(verb: str, value: Any) -> str:
+    code, spec = verb[-1], verb[1:-1]
+    if any(int(n) > 4096 for n in re.findall(r"[0-9]+", spec)):
+        raise TemplateError("a width or precision over 4096")
+    if code in ("s", "v", "q"):
+        text = _printed(value)
+        return ("%" + spec.replace("0", "").replace("#", "") + "s") % (_quote(text) if code == "q" else text)
+    if code in ("d", "x", "X"):
+        if code != "d" and isinstance(value, str):
+            return ("%" + spec + "s") % (value.encode().hex().upper() if code == "X" else value.encode().hex())
+        return ("%" + spec + code) % _integer(value)
+    if code == "t":
+        return ("%" + spec.replace("0", "") + "s") % ("true" if value is True else "false")
+    number = _number(value)
+    if number is None:
+        raise TemplateError(f"%{code} needs a number, got {_kind(value)}")
+    return ("%" + spec + code) % float(number)
+
+
+_QUOTE_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def _quote(value: Any) -> str:
+    """Go's strconv.Quote (Sprig's quote): printable text kept, the rest escaped."""
+    out = ['"']
+    for ch in _printed(value):
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch in _QUOTE_ESCAPES:
+            out.append(_QUOTE_ESCAPES[ch])
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _squote(value: Any) -> str:
+    return "'" + _printed(value) + "'"
+
+
+def _default(fallback: Any, value: Any = _MISSING) -> Any:
+    return value if _truth(value) else fallback
+
+
+def _join(separator: Any, items: Any) -> str:
+    if not isinstance(items, list | tuple):
+        raise TemplateError(f"join needs a list, got {_kind(items)}")
+    return _text(separator).join(_printed(item) for item in items)
+
+
+def _indent(width: Any, text: Any) -> str:
+    spaces = " " * min(_integer(width), 1024)
+    return spaces + _text(text).replace("\n", "\n" + spaces)
+
+
+def _b64enc(text: Any) -> str:
+    return base64.b64encode(_text(text).encode("utf-8", "surrogatepass")).decode("ascii")
+
+
+def _b64dec(text: Any) -> str:
+    try:
+        raw = base64.b64decode(_text(text), validate=True)
+    except binascii.Error:
+        raise TemplateError("the value is not valid base64") from None
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _pem_to_b64(text: Any) -> str:
+    """The first PEM block's body as one line of base64 (its DER, e.g. for a JKS tool)."""
+    pem = _text(text)
+    begin = pem.find("-----BEGIN ")
+    label_end = pem.find("-----", begin + 11) if begin >= 0 else -1
+    end = pem.find(f"-----END {pem[begin + 11 : label_end]}-----", label_end) if label_end >= 0 else -1
+    if end < 0:
+        raise TemplateError("the value holds no PEM block")
+    return "".join(pem[label_end + 5 : end].split())
+
+
+def _b64_to_pem(kind: Any, text: Any) -> str:
+    """base64 DER as a PEM block of the given type ("CERTIFICATE"), 64 columns."""
+    label = _text(kind)
+    if not re.fullmatch(r"[A-Z0-9 ]{1,64}", label):
+        raise TemplateError("the PEM type must be upper-case letters, digits and spaces")
+    try:
+        der = base64.b64decode("".join(_text(text).split()), validate=True)
+    except binascii.Error:
+        raise TemplateError("the value is not valid base64") from None
+    body = base64.b64encode(der).decode("ascii")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n"
+
+
+def _has_key(value: Any, key: Any) -> bool:
+    if not isinstance(value, Mapping):
+        raise TemplateError(f"hasKey needs a map, got {_kind(value)}")
+    return _text(key) in value
+
+
+def _keys(value: Any) -> list[str]:
+    if not isinstance(value, Mapping):
+        raise TemplateError(f"keys needs a map, got {_kind(value)}")
+    return sorted(value)
+
+
+def _lazy_and(run: _Run, args: Sequence[Any], dot: Any, final: Any, line: int) -> Any:
+    return _short_circuit(run, args, dot, final, line, stop_when=False)
+
+
+def _lazy_or(run: _Run, args: Sequence[Any], dot: Any, final: Any, line: int) -> Any:
+    return _short_circuit(run, args, dot, final, line, stop_when=True)
+
+
+def _short_circuit(run: _Run, args: Sequence[Any], dot: Any, final: Any, line: int, *, stop_when: bool) -> Any:
+    """Go's and/or: the first argument that decides, evaluated left to right, lazily."""
+    if not args and final is _MISSING:
+        raise TemplateError(f"wrong number of arguments to {'or' if stop_when else 'and'} (0)", line)
+    value: Any = None
+    for arg in args:
+        value = _operand(run, arg, dot, line)
+        if _truth(value) is stop_when:
+            return value
+    if final is not _MISSING:
+        value = final
+    return value
+
+
+_LAZY: dict[str, Callable[[_Run, Sequence[Any], Any, Any, int], Any]] = {"and": _lazy_and, "or": _lazy_or}
+
+# Every function a template can call. Go's builtins, then the helpers Kubernetes users know
+# from Sprig (Helm, the Vault Secrets Operator, External Secrets).
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "not": lambda value: not _truth(value),
+    "len": _len,
+    "index": _index,
+    "eq": _eq,
+    "ne": lambda a, b: not _eq(a, b),
+    "lt": lambda a, b: (lambda x, y: x < y)(*_ordered(a, b)),
+    "le": lambda a, b: (lambda x, y: x <= y)(*_ordered(a, b)),
+    "gt": lambda a, b: (lambda x, y: x > y)(*_ordered(a, b)),
+    "ge": lambda a, b: (lambda x, y: x >= y)(*_ordered(a, b)),
+    "print": _print,
+    "println": lambda *values: " ".join(_printed(v) for v in values) + "\n",
+    "printf": _printf,
+    "b64enc": _b64enc,
+    "b64dec": _b64dec,
+    "toJson": _json,
+    "quote": _quote,
+    "squote": _squote,
+    "default": _default,
+    "join": _join,
+    "upper": lambda text: _text(text).upper(),
+    "lower": lambda text: _text(text).lower(),
+    "trim": lambda text: _text(text).strip(),
+    "trimSuffix": lambda suffix, text: _text(text).removesuffix(_text(suffix)),
+    "trimPrefix": lambda prefix, text: _text(text).removeprefix(_text(prefix)),
+    "replace": lambda old, new, text: _text(text).replace(_text(old), _text(new)),
+    "contains": lambda part, text: _text(part) in _text(text),
+    "indent": _indent,
+    "nindent": lambda width, text: "\n" + _indent(width, text),
+    "hasKey": _has_key,
+    "keys": _keys,
+    "pemToB64": _pem_to_b64,
+    "b64ToPem": _b64_to_pem,
+}
+
+
+def _paths(nodes: Sequence[Any], *, top: bool) -> Iterator[tuple[Any, ...]]:
+    for node in nodes:
+        if isinstance(node, _Output):
+            yield from _pipeline_paths(node.pipeline, top)
+        elif isinstance(node, _Branch):
+            yield from _pipeline_paths(node.pipeline, top)
+            # Inside with/range the dot moves: only $-rooted chains are certain there.
+            inner = top and node.kind == "if"
+            yield from _paths(node.body, top=inner)
+            yield from _paths(node.otherwise, top=top)
+
+
+def _pipeline_paths(pipeline: _Pipeline, top: bool) -> Iterator[tuple[Any, ...]]:
+    for command in pipeline.commands:
+        head = command[0]
+        if isinstance(head, _Function) and head.name == "index" and len(command) > 2:
+            base = command[1]
+            keys = [a.value for a in command[2:] if isinstance(a, _Literal) and isinstance(a.value, str)]
+            if len(keys) == len(command) - 2:
+                prefix = _chain_path(base, top)
+                if prefix is not None:
+                    yield (*prefix, *keys)
+        for operand in command:
+            if isinstance(operand, _Pipeline):
+                yield from _pipeline_paths(operand, top)
+            path = _chain_path(operand, top)
+            if path:
+                yield path
+
+
+def _chain_path(node: Any, top: bool) -> tuple[str, ...] | None:
+    if isinstance(node, _Chain) and (
+        (isinstance(node.base, _Dot) and top) or (isinstance(node.base, _Variable) and node.base.name == "$")
+    ):
+        return node.fields
+    if (isinstance(node, _Dot) and top) or (isinstance(node, _Variable) and node.name == "$"):
+        return ()
+    return None
+
+
+__all__ = ["FUNCTIONS", "Limits", "Template", "TemplateError", "parse"]
