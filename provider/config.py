@@ -130,7 +130,7 @@ class SecretObject:
     """
 
     object_name: str
-    secret_path: str
+    secret_path: str = ""  # empty only for a template that reads other objects
     secret_key: str = ""
     method: str = ""
     secret_args: Mapping[str, Any] | None = None
@@ -524,7 +524,41 @@ def _parse_objects(text: str, size: int) -> tuple[SecretObject, ...]:
             "each objectName must be unique within a SecretProviderClass; used more than once: "
             + ", ".join(quote(name) for name in duplicates)
         )
+    for obj in objects:
+        if obj.parsed_template is not None:
+            check_template_references(obj, objects)
     return objects
+
+
+# What a template's root holds: .Objects always; the rest with a secretPath of its own.
+TEMPLATE_ROOT_KEYS = ("Objects", "Secrets", "Metadata", "Lease")
+
+
+def check_template_references(obj: SecretObject, objects: tuple[SecretObject, ...]) -> None:
+    """Refuse, at parse time, a template that names an object the class does not read or
+    root data it does not have; what only rendering can know is checked then."""
+    assert obj.parsed_template is not None
+    readable = [other.object_name for other in objects if other.fetches]
+    where = f"object {quote(obj.object_name)}: template"
+    for path in obj.parsed_template.field_paths():
+        if not path:
+            continue
+        if path[0] not in TEMPLATE_ROOT_KEYS:
+            raise ConfigError(
+                f"{where} reads .{path[0]}, which templates do not have; the root holds "
+                + ", ".join(f".{key}" for key in TEMPLATE_ROOT_KEYS)
+            )
+        if path[0] != "Objects" and not obj.fetches:
+            raise ConfigError(
+                f"{where} reads .{path[0]}, which needs a secretPath of its own; read another object's "
+                f"as .Objects.NAME.{path[0]}"
+            )
+        if path[0] == "Objects" and len(path) > 1 and path[1] not in readable:
+            known = ", ".join(quote(name) for name in readable) or "none"
+            raise ConfigError(
+                f"{where} reads .Objects.{path[1]}, which is not an object of this class with a secretPath "
+                f"(objects it can read: {known})"
+            )
 
 
 _STRING_FIELDS = {
@@ -557,6 +591,9 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
         loader.flatten_mapping(node)  # merged keys first, explicit ones after: the last wins
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: {truncate(str(e))}") from None
+    for key_node, value_node in node.value:  # name the object in every error below, if it has a name
+        if key_node.value == "objectName" and isinstance(value_node, goyaml.ScalarNode) and value_node.value:
+            where = f"object {quote(truncate(str(value_node.value), MAX_NAME_LENGTH))}"
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
         key = key_node.value if isinstance(key_node, goyaml.ScalarNode) else None

@@ -43,18 +43,20 @@ class Limits:
     """What one render may cost. Defaults: far above any real template (a few hundred
     steps, a few KiB), far below what would hurt the node."""
 
-    steps: int = 200_000  # nodes evaluated, loop iterations, function calls
+    steps: int = 100_000  # nodes evaluated, loop iterations, function calls (~0.1-0.3 s)
     output_bytes: int = 1024 * 1024  # the rendered file
     value_bytes: int = 1024 * 1024  # any string a function builds
-    seconds: float = 1.0  # wall time; checked every few hundred steps
+    seconds: float = 0.25  # wall time; checked every few hundred steps
 
 
 class TemplateError(Exception):
-    """A template that does not parse or cannot render; the message names the line."""
+    """A template that does not parse or cannot render; the message names the line.
+    `over_limit` marks a render stopped by its Limits (not by its data or syntax)."""
 
-    def __init__(self, message: str, line: int = 0) -> None:
+    def __init__(self, message: str, line: int = 0, *, over_limit: bool = False) -> None:
         super().__init__(f"line {line}: {message}" if line else message)
         self.line = line
+        self.over_limit = over_limit
 
 
 # --- Lexing -------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def _find_close(source: str, pos: int, line: int) -> tuple[int, int, bool]:
                 return i + 2, i - 1, True
             return i + 2, i, False
         i += 1
-    raise TemplateError("unclosed action (no matching }})", line)
+    raise TemplateError("unterminated quoted string" if quote else "unclosed action (no matching }})", line)
 
 
 def _tokens(inner: str, line: int) -> tuple[_Token, ...]:
@@ -168,6 +170,12 @@ def _tokens(inner: str, line: int) -> tuple[_Token, ...]:
         if match is None or match.end() == pos:
             raise TemplateError(f"unexpected {inner[pos]!r} in action", line)
         kind = match.lastgroup or ""
+        if (
+            kind == "number"
+            and match.end() < len(inner)
+            and (inner[match.end()].isalnum() or inner[match.end()] == "_")
+        ):
+            raise TemplateError(f"bad number syntax: {inner[pos : match.end() + 1]!r}", line)
         if kind != "space":
             tokens.append(_Token(kind, match.group(), match.start(), match.end()))
         pos = match.end()
@@ -304,7 +312,9 @@ class _Parser:
             if rest:
                 raise TemplateError(f"unexpected {rest[0].text!r} after else", stop[1].line)
             otherwise, stop = self._list()
-            if stop is None or stop[0] != "end":
+            if stop is not None and stop[0] == "else":
+                raise TemplateError(f"unexpected {{{{else}}}}: this {{{{{kind}}}}} already has one", stop[1].line)
+            if stop is None:
                 raise TemplateError(f"{{{{{kind}}}}} has no {{{{end}}}} after its {{{{else}}}}", action.line)
         if len(stop[1].tokens) > 1:
             raise TemplateError(f"unexpected {stop[1].tokens[1].text!r} after end", stop[1].line)
@@ -495,14 +505,20 @@ class _Run:
     def step(self, line: int, count: int = 1) -> None:
         self.steps += count
         if self.steps > self.limits.steps:
-            raise TemplateError(f"the template takes more than {self.limits.steps} steps; simplify it", line)
+            raise TemplateError(
+                f"the template takes more than {self.limits.steps} steps; simplify it", line, over_limit=True
+            )
         if self.steps & 0xFF < count and time.monotonic() - self.started > self.limits.seconds:
-            raise TemplateError(f"the template took longer than {self.limits.seconds:g} s to render", line)
+            raise TemplateError(
+                f"the template took longer than {self.limits.seconds:g} s to render", line, over_limit=True
+            )
 
     def write(self, text: str, line: int) -> None:
         self.size += len(text.encode("utf-8", "surrogatepass")) if not text.isascii() else len(text)
         if self.size > self.limits.output_bytes:
-            raise TemplateError(f"the rendered file is larger than {self.limits.output_bytes} bytes", line)
+            raise TemplateError(
+                f"the rendered file is larger than {self.limits.output_bytes} bytes", line, over_limit=True
+            )
         self.out.append(text)
 
     def lookup(self, name: str, line: int) -> Any:
@@ -593,7 +609,9 @@ def _range(run: _Run, node: _Branch, dot: Any) -> None:
     elif _is_int(value):
         count = _integer(value, pipeline.line)
         if count > run.limits.steps:
-            raise TemplateError(f"range over {count}: more than {run.limits.steps} steps", pipeline.line)
+            raise TemplateError(
+                f"range over {count}: more than {run.limits.steps} steps", pipeline.line, over_limit=True
+            )
         items = ((i, i) for i in range(max(count, 0)))
     elif value is None:
         items = iter(())
@@ -649,13 +667,15 @@ def _command(run: _Run, command: tuple[Any, ...], dot: Any, final: Any, line: in
         try:
             result = function(*args)
         except TemplateError as e:
-            raise TemplateError(f"{head.name}: {e}", line) from None
+            raise TemplateError(f"{head.name}: {e}", line, over_limit=e.over_limit) from None
         except TypeError:
             raise TemplateError(f"wrong number of arguments to {head.name} ({len(args)})", line) from None
         except RecursionError:
             raise TemplateError(f"{head.name}: the value is nested too deeply", line) from None
         if isinstance(result, str) and len(result) > run.limits.value_bytes:
-            raise TemplateError(f"{head.name} built a string larger than {run.limits.value_bytes} bytes", line)
+            raise TemplateError(
+                f"{head.name} built a string larger than {run.limits.value_bytes} bytes", line, over_limit=True
+            )
         return result
     if len(command) > 1 or final is not _MISSING:
         raise TemplateError(f"can't give an argument to a non-function {_describe(head)}", line)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import binascii
 import functools
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,11 @@ from provider.errors import ConfigError, ProviderError, VaultNotFound, quote
 
 # What all the templates of one Mount may cost together, on top of each one's own limits:
 # a class of many templates must not hold a thread (and the GIL) for long.
-MOUNT_TEMPLATE_STEPS = 400_000
-MOUNT_TEMPLATE_SECONDS = 1.0
+MOUNT_TEMPLATE_STEPS = 200_000
+MOUNT_TEMPLATE_SECONDS = 0.5
+# A template stopped by its limits fails fast for this long: its class then costs the node
+# one over-limit render per interval, not one per Mount (remounts come every minute per pod).
+OVER_LIMIT_SECONDS = 300.0
 
 # The reference's vault/api Secret struct, in field order; the last ones are omitempty.
 _SECRET_FIELDS: tuple[tuple[str, Any], ...] = (
@@ -321,10 +326,13 @@ def _template(
     root: dict[str, Any] = {"Objects": {name: reply.view for name, reply in objects.items()}}
     if data is not None:
         root.update(data.view)
+    _OVER_LIMIT.check(obj)
     spent = [0]
     try:
         text = obj.parsed_template.render(root, limits=budget.limits(), spent=spent)
     except gotemplate.TemplateError as e:
+        if e.over_limit:
+            _OVER_LIMIT.remember(obj, str(e))
         raise ConfigError(f"template {e}") from None
     finally:
         budget.steps -= spent[0]  # the time is shared through the budget's deadline
@@ -332,6 +340,38 @@ def _template(
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raise ConfigError("template: the rendered text is not valid UTF-8") from None
+
+
+class _OverLimit:
+    """Templates that ran out of their limits recently, by parsed object (shared by every
+    Mount of the same class; forgotten with the class's parse)."""
+
+    def __init__(self) -> None:
+        self._failed: weakref.WeakKeyDictionary[SecretObject, tuple[float, str]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def check(self, obj: SecretObject) -> None:
+        with self._lock:
+            failed = self._failed.get(obj)
+        if failed is None:
+            return
+        since, message = failed
+        waited = time.monotonic() - since
+        if waited >= OVER_LIMIT_SECONDS:
+            with self._lock:
+                self._failed.pop(obj, None)
+            return
+        raise ConfigError(
+            f"template {message} (not rendered again for {OVER_LIMIT_SECONDS - waited:.0f} s: it ran out of its "
+            "limits; fix the template and the class is parsed anew)"
+        )
+
+    def remember(self, obj: SecretObject, message: str) -> None:
+        with self._lock:
+            self._failed[obj] = (time.monotonic(), message)
+
+
+_OVER_LIMIT = _OverLimit()
 
 
 def decode(value: bytes, obj: SecretObject, key: str = "") -> bytes:
