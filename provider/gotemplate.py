@@ -47,6 +47,10 @@ class Limits:
     output_bytes: int = 1024 * 1024  # the rendered file
     value_bytes: int = 1024 * 1024  # any string a function builds
     seconds: float = 0.25  # wall time; checked every few hundred steps
+    # Called once when a render passes `light_steps` (it may block, or raise TemplateError):
+    # how a caller makes heavy renders take turns. The time limit counts from its return.
+    light_steps: int = 0
+    on_heavy: Callable[[], None] | None = field(default=None, compare=False)
 
 
 class TemplateError(Exception):
@@ -501,9 +505,14 @@ class _Run:
     size: int = 0
     out: list[str] = field(default_factory=list)
     variables: list[tuple[str, Any]] = field(default_factory=list)
+    heavy: bool = False
 
     def step(self, line: int, count: int = 1) -> None:
         self.steps += count
+        if not self.heavy and self.limits.on_heavy is not None and self.steps > self.limits.light_steps:
+            self.heavy = True
+            self.limits.on_heavy()
+            self.started = time.monotonic()
         if self.steps > self.limits.steps:
             raise TemplateError(
                 f"the template takes more than {self.limits.steps} steps; simplify it", line, over_limit=True
@@ -901,15 +910,17 @@ def _format(verb: str, value: Any) -> str:
     code, spec = verb[-1], verb[1:-1]
     if any(int(n) > 4096 for n in re.findall(r"[0-9]+", spec)):
         raise TemplateError("a width or precision over 4096")
+    flags = spec[: len(spec) - len(spec.lstrip("-+# 0"))]
+    text_spec = flags.replace("0", "").replace("#", "") + spec[len(flags) :]  # Python pads text with spaces only
     if code in ("s", "v", "q"):
         text = _printed(value)
-        return ("%" + spec.replace("0", "").replace("#", "") + "s") % (_quote(text) if code == "q" else text)
+        return ("%" + text_spec + "s") % (_quote(text) if code == "q" else text)
     if code in ("d", "x", "X"):
         if code != "d" and isinstance(value, str):
             return ("%" + spec + "s") % (value.encode().hex().upper() if code == "X" else value.encode().hex())
         return ("%" + spec + code) % _integer(value)
     if code == "t":
-        return ("%" + spec.replace("0", "") + "s") % ("true" if value is True else "false")
+        return ("%" + text_spec + "s") % ("true" if value is True else "false")
     number = _number(value)
     if number is None:
         raise TemplateError(f"%{code} needs a number, got {_kind(value)}")

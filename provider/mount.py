@@ -177,7 +177,9 @@ class Mounter:
         # With a read failed, templates are not rendered: their input is incomplete, and the
         # failed read is what to fix. The other objects are, to report all their errors at once.
         rendered_objects = [obj for obj in config.objects if obj in replies] if failures else config.objects
-        rendered, render_failures = render.mount_files(rendered_objects, replies)
+        rendered, render_failures = render.mount_files(
+            rendered_objects, replies, namespace=config.pod.namespace, deadline=deadline
+        )
         failures += render_failures
         if failures:
             order = {obj.object_name: index for index, obj in enumerate(config.objects)}

@@ -29,6 +29,11 @@ MOUNT_TEMPLATE_SECONDS = 0.5
 # A template stopped by its limits fails fast for this long: its class then costs the node
 # one over-limit render per interval, not one per Mount (remounts come every minute per pod).
 OVER_LIMIT_SECONDS = 300.0
+# Steps a template may take before it must wait for its namespace's turn. Real templates
+# finish far below (a .pgpass takes ~20, an .env of 100 keys ~600); past it, renders of one
+# namespace run one at a time, so a namespace's heavy templates cost the node at most one
+# thread of CPU (and of the GIL), while other namespaces never wait.
+LIGHT_STEPS = 5_000
 
 # The reference's vault/api Secret struct, in field order; the last ones are omitempty.
 _SECRET_FIELDS: tuple[tuple[str, Any], ...] = (
@@ -136,22 +141,67 @@ class RenderedFile:
     version_input: bytes = field(repr=False)
 
 
-class TemplateBudget:
-    """What the templates of one Mount have left to spend, together."""
+class _Turns:
+    """One heavy render at a time per namespace (locks live while someone holds or waits)."""
 
     def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+        self._guard = threading.Lock()
+
+    def lock(self, namespace: str) -> threading.Lock:
+        with self._guard:
+            lock = self._locks.get(namespace)
+            if lock is None:
+                lock = self._locks[namespace] = threading.Lock()
+            return lock
+
+
+_TURNS = _Turns()
+
+
+class TemplateBudget:
+    """What the templates of one Mount have left to spend, together, and the namespace
+    whose turn a heavy one waits for (until `wait_until`, the Mount's deadline)."""
+
+    def __init__(self, namespace: str = "", wait_until: float = float("inf")) -> None:
         self.steps = MOUNT_TEMPLATE_STEPS
-        self.deadline = time.monotonic() + MOUNT_TEMPLATE_SECONDS
+        self.seconds = MOUNT_TEMPLATE_SECONDS
+        self._turn = _TURNS.lock(namespace)
+        self._wait_until = wait_until
+        self._holding = False
+        self.waited = 0.0  # time spent waiting for the turn: not the templates' own
 
     def limits(self) -> gotemplate.Limits:
-        seconds = self.deadline - time.monotonic()
-        if self.steps <= 0 or seconds <= 0:
+        if self.steps <= 0 or self.seconds <= 0:
             raise ConfigError(
                 f"the class's templates together take more than {MOUNT_TEMPLATE_STEPS} steps or "
                 f"{MOUNT_TEMPLATE_SECONDS:g} s per Mount; simplify them"
             )
         default = gotemplate.Limits()
-        return gotemplate.Limits(steps=min(default.steps, self.steps), seconds=min(default.seconds, seconds))
+        return gotemplate.Limits(
+            steps=min(default.steps, self.steps),
+            seconds=min(default.seconds, self.seconds),
+            light_steps=LIGHT_STEPS,
+            on_heavy=self._take_turn,
+        )
+
+    def _take_turn(self) -> None:
+        if self._holding:
+            return
+        started = time.monotonic()
+        wait = min(self._wait_until - started, 30.0)
+        acquired = wait > 0 and self._turn.acquire(timeout=wait)
+        self.waited += time.monotonic() - started
+        if not acquired:
+            raise gotemplate.TemplateError(
+                "the template is heavy and its namespace's other heavy templates took the time until the deadline"
+            )
+        self._holding = True
+
+    def release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._turn.release()
 
 
 def object_files(
@@ -328,14 +378,19 @@ def _template(
         root.update(data.view)
     _OVER_LIMIT.check(obj)
     spent = [0]
+    limits = budget.limits()
+    started = time.monotonic()
     try:
-        text = obj.parsed_template.render(root, limits=budget.limits(), spent=spent)
+        text = obj.parsed_template.render(root, limits=limits, spent=spent)
     except gotemplate.TemplateError as e:
         if e.over_limit:
             _OVER_LIMIT.remember(obj, str(e))
         raise ConfigError(f"template {e}") from None
     finally:
-        budget.steps -= spent[0]  # the time is shared through the budget's deadline
+        budget.release()
+        budget.steps -= spent[0]
+        budget.seconds -= time.monotonic() - started - budget.waited
+        budget.waited = 0.0
     try:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -393,12 +448,16 @@ def decode(value: bytes, obj: SecretObject, key: str = "") -> bytes:
 
 
 def mount_files(
-    objects: Sequence[SecretObject], replies: Mapping[SecretObject, ObjectData]
+    objects: Sequence[SecretObject],
+    replies: Mapping[SecretObject, ObjectData],
+    *,
+    namespace: str = "",
+    deadline: float = float("inf"),
 ) -> tuple[list[RenderedFile], list[tuple[str, ProviderError]]]:
     """Every object's files, and each object that failed with its error. `replies` holds
-    the reply of each object that has a secretPath."""
+    the reply of each object that has a secretPath; `namespace` is the pod's."""
     by_name = {obj.object_name: replies[obj] for obj in objects if obj in replies}
-    budget = TemplateBudget()
+    budget = TemplateBudget(namespace, deadline)
     files: list[RenderedFile] = []
     failures: list[tuple[str, ProviderError]] = []
     for obj in objects:

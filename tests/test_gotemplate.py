@@ -68,6 +68,7 @@ def render(source: str, data: Any = DATA, **limits: Any) -> str:
         ('{{ eq .Secrets.username "x" "app" }}', "true"),
         ('{{ printf "%s:%d %q %05d %.1f %x %t %%" "a" 3 "b" 42 2.25 255 true }}', 'a:3 "b" 00042 2.2 ff true %'),
         ('{{ print "a" 1 2 "b" }}', "a1 2b"),
+        ('{{ printf "%10s|%-3v|%05s" "x" 1 "y" }}', "         x|1  |    y"),
         ("{{ .Secrets.username | b64enc }} {{ .Secrets.b64 | b64dec }}", "YXBw hi"),
         ("{{ .Secrets.map | toJson }} {{ .Secrets.username | toJson }}", '{"a":1,"b":2} "app"'),
         ("{{ .Secrets.password | quote }} {{ .Secrets.username | squote }}", '"p\\"w" \'app\''),

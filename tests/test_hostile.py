@@ -39,7 +39,20 @@ def test_corpus_is_large_and_varied() -> None:
     corpus = load_corpus()
     assert len(corpus) >= 500
     kinds = {entry["id"].split("-", 1)[1].split("-")[0] for entry in corpus}
-    for kind in ("alias", "yaml", "json", "objects", "invalid", "nul", "object", "permission", "type", "secret"):
+    for kind in (
+        "alias",
+        "yaml",
+        "json",
+        "objects",
+        "invalid",
+        "nul",
+        "object",
+        "permission",
+        "type",
+        "secret",
+        "shape",
+        "template",
+    ):
         assert kind in kinds, kind
 
 
@@ -107,10 +120,26 @@ yaml_values = st.recursive(
 )
 object_dicts = st.dictionaries(
     st.sampled_from(
-        ["objectName", "secretPath", "secretKey", "method", "secretArgs", "filePermission", "encoding", "other"]
+        [
+            "objectName",
+            "secretPath",
+            "secretKey",
+            "method",
+            "secretArgs",
+            "filePermission",
+            "encoding",
+            "other",
+            "secretKeyPath",
+            "expandKeys",
+            "includeKeys",
+            "excludeKeys",
+            "format",
+            "template",
+            "writeFile",
+        ]
     ),
-    yaml_values,
-    max_size=7,
+    yaml_values | st.sampled_from(["{{ .Secrets.k }}", "/a/0", "^k", "json", "pem-bundle", "{{ .Objects.o }}"]),
+    max_size=9,
 )
 
 
@@ -143,7 +172,7 @@ def test_parser_either_accepts_a_safe_config_or_names_the_problem(
     assert 0 <= config.permission <= MAX_MODE
     for obj in config.objects:
         check_object_name(obj.object_name, "property")  # raises if unsafe
-        assert obj.secret_path
+        assert obj.secret_path or obj.parsed_template is not None
         assert 0 <= obj.file_permission <= MAX_MODE
         assert obj.normalized_encoding in ("utf-8", "base64", "hex")
 

@@ -422,6 +422,10 @@ def test_no_secret_material_in_logs(
         [
             {"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"},
             {"objectName": "all", "secretPath": f"kv1/{unique}"},
+            {"objectName": "pointer", "secretPath": f"kv1/{unique}", "secretKeyPath": "/k"},
+            {"objectName": "keys", "secretPath": f"kv1/{unique}", "expandKeys": True},
+            {"objectName": "json", "secretPath": f"kv1/{unique}", "format": "json"},
+            {"objectName": "template", "template": "{{ .Objects.k.Secrets.k | quote }}"},
         ],
         role=unique,
     )
@@ -436,6 +440,15 @@ def test_no_secret_material_in_logs(
         bad = service_pb2.MountRequest(attributes=bad_attributes, target_path="/t", permission="420")
         with pytest.raises(grpc.RpcError):
             provider.raw_mount(bad)
+        for template in ("{{ b64dec .Secrets.k }}", "{{ .Secrets.k.x }}", "{{ lt .Secrets.k 1 }}", "{{ .Secrets.j }}"):
+            bad_template = provider.attributes(
+                pod, [{"objectName": "t", "secretPath": f"kv1/{unique}", "template": template}], role=unique
+            )
+            with pytest.raises(grpc.RpcError) as error:
+                provider.raw_mount(
+                    service_pb2.MountRequest(attributes=bad_template, target_path="/t", permission="420")
+                )
+            assert canary not in error.value.details()
     tokens = [slot.login.token for slot in provider.app.tokens._slots.values() if slot.login]
     assert tokens
     text = caplog.text + "".join(repr(r.args) for r in caplog.records)

@@ -369,6 +369,57 @@ def entries() -> list[dict[str, Any]]:
             f"secret-args-nested-{count}",
             attrs(repeat("[1, 2], ", count // 2, "- {objectName: a, secretPath: p, secretArgs: {l: [", "1]}}")),
         )
+
+    # File-shaping fields: conflicts, malformed values, hostile templates (all refused at parse).
+    def obj(extra: str, name: str = "a", path: str = "secretPath: secret/data/a, ") -> str:
+        return f"- {{objectName: {name}, {path}{extra}}}\n"
+
+    for extra in (
+        "secretKey: k, secretKeyPath: /k",
+        "secretKey: k, expandKeys: true",
+        "secretKeyPath: /k, format: json",
+        "expandKeys: true, format: pem-bundle",
+        "template: x, secretKey: k",
+        "template: x, encoding: base64",
+        "template: x, format: json",
+        "includeKeys: x",
+        "excludeKeys: x, expandKeys: false",
+    ):
+        add(f"shape-conflict-{extra.split(':')[0]}-{len(out)}", attrs(obj(extra)))
+    for value in ("k", "a/b", "~", "/a~2", "/~", "/a~x/b"):
+        add(f"shape-pointer-{value}", attrs(obj(f"secretKeyPath: {json.dumps(value)}")))
+    for value in ("yes", "1", "[true]", "{a: b}", '"true"', "null"):
+        add(f"shape-bool-{value}", attrs(obj(f"expandKeys: {value}")))
+        add(f"shape-writefile-{value}", attrs(obj(f"writeFile: {value}")))
+    for value in ("(", "[z-a]", "a{2,1}", "\\", "(?<!x)y", "a" * 257, "(a+)+" * 60):
+        add(f"shape-regex-{len(out)}", attrs(obj(f"expandKeys: true, includeKeys: {json.dumps(value)}")))
+    for value in ("pem", "JSON", "yaml", "pem_bundle", "[json]"):
+        add(f"shape-format-{value}", attrs(obj(f"format: {value}")))
+    templates = [
+        "{{",
+        "{{ if }}",
+        "{{ end }}",
+        "{{ range .x }}",
+        "{{ .Objects.nope.Secrets }}",
+        "{{ .Foo }}",
+        "{{ exec }}",
+        "{{ call .x }}",
+        '{{ template "a" }}',
+        '{{ define "a" }}{{ template "a" }}{{ end }}',
+        "{{ break }}",
+        "{{ 1x }}",
+        "{{ /* open",
+        "{{ .a | }}",
+        "{{ (((1 }}",
+    ]
+    for index, template in enumerate(templates):
+        add(f"template-syntax-{index}", attrs(obj(f'template: "{template}"', path="")))
+    add("template-no-path-secrets", attrs(obj('template: "{{ .Secrets.k }}"', path="")))
+    add("template-nested-ifs", attrs(obj('template: "' + "{{ if 1 }}" * 60 + "{{ end }}" * 60 + '"')))
+    add("template-nested-parens", attrs(obj('template: "{{ ' + "(" * 60 + "1" + ")" * 60 + ' }}"')))
+    add("template-too-large", attrs(repeat("x", 70_000, '- {objectName: a, template: "', '"}')))
+    add("template-unknown-objects-10k", attrs(obj('template: "' + "{{ .Objects.n }}" * 10_000 + '"', path="")))
+    add("template-no-path-no-template", attrs("- {objectName: a, writeFile: false}\n"))
     # Missing and duplicate pieces, bad combinations.
     add("no-target-path", attrs(), target_path="")
     add("no-role", json.dumps({"objects": GOOD_OBJECT, **POD}))
