@@ -93,7 +93,7 @@ def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassRe
     except ConfigError as e:
         report.errors.append(str(e))
     report.warnings.extend(lint_parameters(report.parameters))
-    names = {obj.object_name for obj in report.config.objects} if report.config else _object_names(report.parameters)
+    names = _files_of_config(report.config) if report.config else _object_names(report.parameters)
     raw_objects = spec.get("secretObjects") or []
     if not isinstance(raw_objects, list):
         report.errors.append("spec.secretObjects must be a list")
@@ -121,7 +121,23 @@ KNOWN_PARAMETERS = (
     "vaultTLSClientKeyPath",
     "objects",
 )
-KNOWN_OBJECT_KEYS = ("objectName", "secretPath", "secretKey", "method", "secretArgs", "filePermission", "encoding")
+KNOWN_OBJECT_KEYS = (
+    "objectName",
+    "secretPath",
+    "secretKey",
+    "method",
+    "secretArgs",
+    "filePermission",
+    "encoding",
+    # Ours (the reference ignores them): shaping the files.
+    "secretKeyPath",
+    "expandKeys",
+    "includeKeys",
+    "excludeKeys",
+    "format",
+    "template",
+    "writeFile",
+)
 # What users of the reference write that it never read, and what to write instead.
 _HINTS = {
     "vaultCAPem": "the CA must be a file on the provider's node: use vaultCACertPath (or -vault-tls-ca-cert)",
@@ -130,13 +146,46 @@ _HINTS = {
 }
 
 
-def _object_names(parameters: Mapping[str, str]) -> set[str] | None:
-    """The objectNames a class lists, read leniently when the class has errors, so that
+@dataclass(frozen=True, kw_only=True)
+class FileNames:
+    """The files a class's Mount writes, as far as they are known offline."""
+
+    exact: frozenset[str]  # objects that write one file under their name
+    expanded: frozenset[str]  # expandKeys objects: they write NAME/<key> for each key
+    unwritten: frozenset[str]  # writeFile: false
+
+    def problem(self, name: str) -> str:
+        """Why no file of that name will exist; '' when it will (or may)."""
+        if name in self.exact or any(name.startswith(f"{prefix}/") for prefix in self.expanded):
+            return ""
+        if name in self.unwritten:
+            return "is an object with writeFile: false, which writes no file"
+        if name in self.expanded:
+            return f"is an expandKeys object, which writes one file per key: name one, e.g. {name}/<key>"
+        return "names no object in 'objects'"
+
+
+def _files_of_config(config: MountConfig) -> FileNames:
+    objects = config.objects
+    return FileNames(
+        exact=frozenset(o.object_name for o in objects if o.write_file and not o.expand_keys),
+        expanded=frozenset(o.object_name for o in objects if o.write_file and o.expand_keys),
+        unwritten=frozenset(o.object_name for o in objects if not o.write_file),
+    )
+
+
+def _object_names(parameters: Mapping[str, str]) -> FileNames | None:
+    """The files a class writes, read leniently when the class has errors, so that
     secretObjects are still checked against them; None when they cannot be read at all."""
     entries = _load_objects(parameters.get("objects", ""))
     if not isinstance(entries, list):
         return None
-    return {str(e["objectName"]) for e in entries if isinstance(e, Mapping) and e.get("objectName") is not None}
+    named = [e for e in entries if isinstance(e, Mapping) and e.get("objectName") is not None]
+    return FileNames(
+        exact=frozenset(str(e["objectName"]) for e in named if e.get("writeFile") is not False),
+        expanded=frozenset(str(e["objectName"]) for e in named if e.get("expandKeys") is True),
+        unwritten=frozenset(str(e["objectName"]) for e in named if e.get("writeFile") is False),
+    )
 
 
 def _load_objects(text: str) -> Any:
@@ -179,6 +228,8 @@ def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
     entries = _load_objects(parameters.get("objects", ""))  # unreadable: the Mount's own error says why
     if isinstance(entries, Mapping) and "array" in entries:
         warnings.append(f"'objects': {_HINTS['array']}")
+    listed = [entry for entry in entries if isinstance(entry, Mapping)] if isinstance(entries, list) else []
+    has_template = any(entry.get("template") for entry in listed)
     for index, entry in enumerate(entries if isinstance(entries, list) else []):
         if not isinstance(entry, Mapping):
             continue
@@ -200,10 +251,12 @@ def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
             )
         elif "/issue/" in path and str(entry.get("method") or "GET").upper() == "GET":
             warnings.append(f"{where}: {quote(path)} issues certificates on PUT or POST; add method: PUT")
+        if entry.get("writeFile") is False and not has_template:
+            warnings.append(f"{where}: writeFile: false and no template in this class reads it: it is read for nothing")
     return warnings
 
 
-def _check_secret_object(index: int, secret_object: Any, names: set[str] | None) -> list[str]:
+def _check_secret_object(index: int, secret_object: Any, names: FileNames | None) -> list[str]:
     where = f"spec.secretObjects[{index}]"
     if not isinstance(secret_object, Mapping):
         return [f"{where} must be a map"]
@@ -229,9 +282,9 @@ def _check_secret_object(index: int, secret_object: Any, names: set[str] | None)
         object_name, key = item.get("objectName"), item.get("key")
         if not object_name:
             errors.append(f"{where}: data[{position}].objectName is required")
-        elif names is not None and object_name not in names:
+        elif names is not None and names.problem(str(object_name)):
             errors.append(
-                f"{where}: data[{position}].objectName {quote(str(object_name))} names no object in 'objects'"
+                f"{where}: data[{position}].objectName {quote(str(object_name))} {names.problem(str(object_name))}"
             )
         if not key:
             errors.append(f"{where}: data[{position}].key is required")

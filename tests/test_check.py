@@ -224,3 +224,102 @@ def test_help_lists_the_check_command(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         cli_main(["-h"])
     assert "vault-csi-provider check" in capsys.readouterr().out
+
+
+def shaped_class(objects: str, secret_objects: str = "") -> str:
+    return (
+        "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\n"
+        "metadata: {name: shaped, namespace: app}\nspec:\n  provider: vault\n"
+        + secret_objects
+        + "  parameters:\n    roleName: app\n    objects: |\n"
+        + "".join(f"      {line}\n" for line in objects.strip("\n").splitlines())
+    )
+
+
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        (
+            "- {objectName: t, template: 'a\n\n  {{ if }}'}",
+            'object "t": template line 2: missing value for if',
+        ),
+        (
+            "- {objectName: db, secretPath: database/creds/app}\n- {objectName: t, template: '{{ .Objects.dbb }}'}",
+            'object "t": template reads .Objects.dbb, which is not an object of this class with a secretPath '
+            '(objects it can read: "db")',
+        ),
+        ("- {objectName: t, template: '{{ .Secrets.x }}'}", "reads .Secrets, which needs a secretPath of its own"),
+        (
+            "- {objectName: a, secretPath: p, secretKey: k, secretKeyPath: /k}",
+            'object "a": set only one of secretKey, secretKeyPath',
+        ),
+        ("- {objectName: a, secretPath: p, format: pem}", "format 'pem' is not supported; use json, pem-bundle"),
+        ("- {objectName: a, secretPath: p, includeKeys: x}", "includeKeys filters the files of expandKeys"),
+        ("- {objectName: a, secretPath: p, expandKeys: true, excludeKeys: '('}", "not a valid RE2 regular expression"),
+        ("- {objectName: a, secretPath: p, secretKeyPath: a/b}", "must be a JSON Pointer starting with '/'"),
+        ("- {objectName: a, secretPath: p, writeFile: 'no'}", 'object "a": writeFile must be true or false'),
+    ],
+)
+def test_the_shaping_fields_are_checked_offline(tmp_path: Path, objects: str, message: str) -> None:
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(shaped_class(objects))
+    status, output = run(str(spc))
+    assert status == 1 and message in output, output
+
+
+def test_secret_objects_must_name_files_that_will_exist(tmp_path: Path) -> None:
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(
+        shaped_class(
+            "- {objectName: db, secretPath: database/creds/app, writeFile: false}\n"
+            "- {objectName: cfg, secretPath: secret/data/app/config, expandKeys: true}\n"
+            "- {objectName: pgpass, template: '{{ .Objects.db.Secrets.username }}'}",
+            "  secretObjects:\n  - secretName: s\n    type: Opaque\n    data:\n"
+            "    - {objectName: db, key: a}\n    - {objectName: cfg, key: b}\n"
+            "    - {objectName: cfg/log_level, key: c}\n    - {objectName: pgpass, key: d}\n",
+        )
+    )
+    status, output = run(str(spc))
+    assert status == 1
+    assert 'data[0].objectName "db" is an object with writeFile: false, which writes no file' in output
+    assert 'data[1].objectName "cfg" is an expandKeys object, which writes one file per key: name one' in output
+    assert "data[2]" not in output and "data[3]" not in output
+
+
+def test_new_keys_are_known_and_an_unread_write_file_false_is_a_warning(tmp_path: Path) -> None:
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(shaped_class("- {objectName: db, secretPath: database/creds/app, writeFile: false, tempate: x}"))
+    _, output = run(str(spc))
+    assert 'unknown key "tempate" is ignored (did you mean "template"?)' in output
+    assert 'object "db": writeFile: false and no template in this class reads it' in output
+    clean = tmp_path / "clean.yaml"
+    clean.write_text((EXAMPLES / "spc-env.yaml").read_text())
+    status, output = run("--strict", str(clean))
+    assert status == 0 and "warning" not in output, output
+
+
+def test_dry_run_shows_rendered_templates_and_values_only_on_request(
+    world: VaultWorld, tmp_path: Path, unique: str
+) -> None:
+    world.bao.api("POST", f"secret/data/{unique}", {"data": {"user": "alice", "pass": "s3cret-pass"}})
+    pod = world.grant(unique, [f"secret/data/{unique}"], namespace="app", service_account="app")
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(
+        shaped_class(
+            f"- {{objectName: creds, secretPath: secret/data/{unique}, writeFile: false}}\n"
+            "- {objectName: netrc, template: 'login {{ .Objects.creds.Secrets.user }} "
+            "password {{ .Objects.creds.Secrets.pass }}'}\n"
+            f"- {{objectName: all, secretPath: secret/data/{unique}, expandKeys: true}}"
+        ).replace("roleName: app", f"roleName: {unique}")
+    )
+    jwt = tmp_path / "token"
+    jwt.write_text(world.kube.pod_token(pod))
+    argv = [str(spc), "--mount", f"--vault-addr={world.bao.url}", f"--jwt-file={jwt}", "--namespace=app"]
+    status, output = run(*argv, "--service-account=app")
+    assert status == 0, output
+    assert "netrc  mode 0644  32 bytes  version " in output
+    assert "all/pass  mode 0644  11 bytes" in output and "all/user" in output
+    assert "creds" not in output.replace("objects", "")
+    assert "s3cret-pass" not in output and "alice" not in output
+    status, output = run(*argv, "--service-account=app", "--show-values")
+    assert "login alice password s3cret-pass" in output

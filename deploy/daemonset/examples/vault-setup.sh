@@ -46,6 +46,10 @@ $VAULT kv put secret/app/db password=example-db-password
 $VAULT kv put secret/app/config log_level=info feature_flags=beta
 $VAULT kv put secret/app/sync1 pwd=example-sync-password
 $VAULT kv put secret/app/sync2 username=app-user username_b64="$(printf 'app-user' | base64)"
+# A nested value (spc-env.yaml reads /postgres/host with secretKeyPath).
+$VAULT kv put secret/app/service - <<'JSON'
+{"postgres": {"host": "db.example.com", "port": 5432}}
+JSON
 
 # --- PKI at pki/: a root CA and a role "app" for *.example.com. ----------------------
 if ! mounted secrets pki; then
@@ -75,6 +79,7 @@ $VAULT policy write app - <<'POLICY'
 path "secret/data/app/*"   { capabilities = ["read"] }
 path "database/creds/app"  { capabilities = ["read"] }
 path "pki/issue/app"       { capabilities = ["update"] }
+path "pki/ca_chain"        { capabilities = ["read"] }
 path "sys/leases/renew"    { capabilities = ["update"] }
 POLICY
 # audience must match the driver's tokenRequests audience (driver-values.yaml).
