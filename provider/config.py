@@ -491,10 +491,24 @@ def parse_objects(
                 cached = _parse_objects(text, len(encoded))
             except ConfigError as e:
                 cached = e
-        _PARSED.put(digest, cached, len(encoded))
+        _PARSED.put(digest, cached, _weight(cached, len(encoded)))
     if isinstance(cached, ConfigError):
         raise ConfigError(str(cached))
     return cached
+
+
+# A parsed template's tree costs a few hundred bytes per token (measured: 3-5 MB for a
+# 64 KiB template of 9,000 actions): what the parse cache counts for it.
+TEMPLATE_BYTES_PER_TOKEN = 400
+
+
+def _weight(parsed: tuple[SecretObject, ...] | ConfigError, text_size: int) -> int:
+    """What a parse costs to keep: its text, and its templates' trees."""
+    if isinstance(parsed, ConfigError):
+        return text_size
+    return text_size + sum(
+        TEMPLATE_BYTES_PER_TOKEN * obj.parsed_template.tokens for obj in parsed if obj.parsed_template is not None
+    )
 
 
 def _parse_objects(text: str, size: int) -> tuple[SecretObject, ...]:
@@ -514,7 +528,8 @@ def _parse_objects(text: str, size: int) -> tuple[SecretObject, ...]:
         raise ConfigError(f"'objects' lists {len(root.value)} objects; at most {MAX_OBJECTS} are allowed")
     if not root.value:
         raise ConfigError("no objects: 'objects' in SecretProviderClass parameters lists no secrets")
-    objects = tuple(_parse_object(loader, index, node) for index, node in enumerate(root.value))
+    template_tokens = [gotemplate.MAX_CLASS_TOKENS]  # shared by the class's templates
+    objects = tuple(_parse_object(loader, index, node, template_tokens) for index, node in enumerate(root.value))
     seen: dict[str, int] = {}
     for obj in objects:
         seen[obj.object_name] = seen.get(obj.object_name, 0) + 1
@@ -579,7 +594,7 @@ FORMATS = ("json", "pem-bundle", "pem-chain")
 MAX_KEY_FILTER_LENGTH = 256
 
 
-def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> SecretObject:
+def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node, template_tokens: list[int]) -> SecretObject:
     where = f"objects[{index}]"
     if not isinstance(node, goyaml.MappingNode):
         raise ConfigError(f"{where} must be a map with objectName and secretPath")
@@ -613,7 +628,7 @@ def _parse_object(loader: goyaml.GoLoader, index: int, node: goyaml.Node) -> Sec
         raise ConfigError(f"{where}: objectName is required (the file name to write)")
     if not values.get("secret_path") and not values.get("template"):
         raise ConfigError(f"{where}: secretPath is required (or a template)")
-    _check_shape(where, values)
+    _check_shape(where, values, template_tokens)
     encoding = values.get("encoding", "")
     # Without secretKey the whole reply is written and encoding is unused: the reference
     # ignores it then, so a class that worked there works here.
@@ -636,7 +651,7 @@ _SHAPES = (
 )
 
 
-def _check_shape(where: str, values: dict[str, Any]) -> None:
+def _check_shape(where: str, values: dict[str, Any], template_tokens: list[int]) -> None:
     """The file-shaping fields: at most one way to choose the contents, each well formed."""
     chosen = [name for attr, name in _SHAPES if values.get(attr)]
     if len(chosen) > 1:
@@ -658,10 +673,15 @@ def _check_shape(where: str, values: dict[str, Any]) -> None:
     if shape and shape not in FORMATS:
         raise ConfigError(f"{where}: format {truncate(shape, 40)!r} is not supported; use {', '.join(FORMATS)}")
     if values.get("template"):
+        if template_tokens[0] <= 0:
+            raise ConfigError(
+                f"{where}: the class's templates together have more than {gotemplate.MAX_CLASS_TOKENS} tokens"
+            )
         try:
-            parsed = gotemplate.parse(values["template"])
+            parsed = gotemplate.parse(values["template"], max_tokens=template_tokens[0])
         except gotemplate.TemplateError as e:
             raise ConfigError(f"{where}: template {e}") from None
+        template_tokens[0] -= parsed.tokens
         values["parsed_template"] = parsed
 
 

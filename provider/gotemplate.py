@@ -36,6 +36,16 @@ from provider import gojson
 MAX_TEMPLATE_BYTES = 64 * 1024
 # Nested control structures and parentheses; real templates use a handful.
 MAX_NESTING = 50
+# Tokens and text pieces of one template: a 100-line .env is about 600; parsing costs some
+# microseconds each, so this bounds a parse to tens of milliseconds.
+MAX_TOKENS = 10_000
+# ... and of all the templates of one class together.
+MAX_CLASS_TOKENS = 20_000
+# Work on data is charged by size: a function touching N bytes costs N / BYTES_PER_STEP
+# steps more, so one call on a megabyte string is not one step.
+BYTES_PER_STEP = 64
+# Digits of an integer the functions accept (Python refuses to convert past 4300).
+MAX_DIGITS = 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +56,7 @@ class Limits:
     steps: int = 100_000  # nodes evaluated, loop iterations, function calls (~0.1-0.3 s)
     output_bytes: int = 1024 * 1024  # the rendered file
     value_bytes: int = 1024 * 1024  # any string a function builds
-    seconds: float = 0.25  # wall time; checked every few hundred steps
+    seconds: float = 0.25  # CPU time of the rendering thread (waiting for the GIL is not the template's)
     # Called once when a render passes `light_steps` (it may block, or raise TemplateError):
     # how a caller makes heavy renders take turns. The time limit counts from its return.
     light_steps: int = 0
@@ -98,9 +108,10 @@ class _Action:
     line: int
 
 
-def _lex(source: str) -> list[str | _Action]:
+def _lex(source: str, max_tokens: int = MAX_TOKENS) -> list[str | _Action]:
     """Text pieces and actions, trim markers applied, comments dropped."""
     items: list[str | _Action] = []
+    budget = [max_tokens]
     pos = 0
     trim_next = False
     line, counted = 1, 0
@@ -129,7 +140,7 @@ def _lex(source: str) -> list[str | _Action]:
             if not stripped.endswith("*/"):
                 raise TemplateError("unclosed comment", line)
             continue
-        tokens = _tokens(inner, line)
+        tokens = _tokens(inner, line, budget)
         if not tokens:
             raise TemplateError("missing value for command", line)
         items.append(_Action(tokens, line))
@@ -166,9 +177,10 @@ def _find_close(source: str, pos: int, line: int) -> tuple[int, int, bool]:
     raise TemplateError("unterminated quoted string" if quote else "unclosed action (no matching }})", line)
 
 
-def _tokens(inner: str, line: int) -> tuple[_Token, ...]:
+def _tokens(inner: str, line: int, budget: list[int]) -> tuple[_Token, ...]:
     tokens: list[_Token] = []
     pos = 0
+    budget[0] -= 1  # the text before the action
     while pos < len(inner):
         match = _TOKEN.match(inner, pos)
         if match is None or match.end() == pos:
@@ -181,6 +193,11 @@ def _tokens(inner: str, line: int) -> tuple[_Token, ...]:
         ):
             raise TemplateError(f"bad number syntax: {inner[pos : match.end() + 1]!r}", line)
         if kind != "space":
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise TemplateError(
+                    f"the template has more than {MAX_TOKENS} tokens (or the class's templates together)", line
+                )
             tokens.append(_Token(kind, match.group(), match.start(), match.end()))
         pos = match.end()
     return tuple(tokens)
@@ -237,9 +254,11 @@ class _Output:
 
 @dataclass(frozen=True)
 class _Branch:
+    """if / else if ... / else, with / else with ... / else, or range / else: the first
+    arm whose pipeline is true runs (range has one arm, run per item), else `otherwise`."""
+
     kind: str  # if, with, range
-    pipeline: _Pipeline
-    body: tuple[Any, ...]
+    arms: tuple[tuple[_Pipeline, tuple[Any, ...]], ...]
     otherwise: tuple[Any, ...]
 
 
@@ -286,33 +305,34 @@ class _Parser:
             elif word in ("define", "template", "block"):
                 raise TemplateError(f"{{{{{word}}}}} is not supported (one template per object)", item.line)
             else:
-                nodes.append(_Output(self._pipeline(item.tokens, item.line, declare=True)))
+                nodes.append(_Output(self._action_pipeline(item.tokens, item.line)))
         return tuple(nodes), None
 
     def _branch(self, kind: str, action: _Action, tokens: Sequence[_Token]) -> _Branch:
         self._depth += 1
         if self._depth > MAX_NESTING:
             raise TemplateError(f"control structures nested deeper than {MAX_NESTING}", action.line)
-        if not tokens:
-            raise TemplateError(f"missing value for {kind}", action.line)
-        pipeline = self._pipeline(tokens, action.line, declare=True, pair=kind == "range")
-        if kind == "range":
-            self._loops += 1
-        body, stop = self._list()
-        if kind == "range":
-            self._loops -= 1
+        arms: list[tuple[_Pipeline, tuple[Any, ...]]] = []
         otherwise: tuple[Any, ...] = ()
-        if stop is None:
-            raise TemplateError(f"unexpected end of template: {{{{{kind}}}}} has no {{{{end}}}}", action.line)
-        if stop[0] == "else":
+        line = action.line
+        while True:  # one arm per {{else if}} / {{else with}}: a chain is not nesting
+            if not tokens:
+                raise TemplateError(f"missing value for {kind}", line)
+            pipeline = self._action_pipeline(tokens, line, pair=kind == "range")
+            self._loops += kind == "range"
+            body, stop = self._list()
+            self._loops -= kind == "range"
+            if stop is None:
+                raise TemplateError(f"unexpected end of template: {{{{{kind}}}}} has no {{{{end}}}}", action.line)
+            arms.append((pipeline, body))
+            if stop[0] != "else":
+                break
             rest = stop[1].tokens[1:]
             if rest and rest[0].kind == "ident" and rest[0].text in ("if", "with"):
                 if rest[0].text != kind or kind == "range":
                     raise TemplateError(f"{{{{else {rest[0].text}}}}} inside {{{{{kind}}}}}", stop[1].line)
-                # {{else if x}} ... {{end}} is {{else}}{{if x}} ... {{end}}{{end}}: one shared end.
-                otherwise = (self._branch(kind, stop[1], rest[1:]),)
-                self._depth -= 1
-                return _Branch(kind, pipeline, body, otherwise)
+                tokens, line = rest[1:], stop[1].line
+                continue
             if rest:
                 raise TemplateError(f"unexpected {rest[0].text!r} after else", stop[1].line)
             otherwise, stop = self._list()
@@ -320,27 +340,44 @@ class _Parser:
                 raise TemplateError(f"unexpected {{{{else}}}}: this {{{{{kind}}}}} already has one", stop[1].line)
             if stop is None:
                 raise TemplateError(f"{{{{{kind}}}}} has no {{{{end}}}} after its {{{{else}}}}", action.line)
+            break
         if len(stop[1].tokens) > 1:
             raise TemplateError(f"unexpected {stop[1].tokens[1].text!r} after end", stop[1].line)
         self._depth -= 1
-        return _Branch(kind, pipeline, body, otherwise)
+        return _Branch(kind, tuple(arms), otherwise)
 
-    def _pipeline(self, tokens: Sequence[_Token], line: int, *, declare: bool, pair: bool = False) -> _Pipeline:
+    def _action_pipeline(self, tokens: Sequence[_Token], line: int, *, pair: bool = False) -> _Pipeline:
+        """The pipeline of one action, its parentheses matched in one pass."""
+        self._close: dict[int, int] = {}
+        opened: list[int] = []
+        for index, token in enumerate(tokens):
+            if token.kind == "punct" and token.text == "(":
+                opened.append(index)
+            elif token.kind == "punct" and token.text == ")":
+                if not opened:
+                    raise TemplateError("unexpected right paren", line)
+                self._close[opened.pop()] = index
+        if opened:
+            raise TemplateError("unclosed left paren", line)
+        return self._pipeline(tokens, 0, len(tokens), line, declare=True, pair=pair)
+
+    def _pipeline(
+        self, tokens: Sequence[_Token], start: int, end: int, line: int, *, declare: bool, pair: bool = False
+    ) -> _Pipeline:
         declared: list[str] = []
         assign = False
-        rest = list(tokens)
         if declare:
             for operator in (":=", "="):
-                names = _declaration(rest, operator, pair)
+                names = _declaration(tokens, start, end, operator, pair)
                 if names:
                     declared, assign = names, operator == "="
-                    rest = rest[len(names) * 2 :]
+                    start += len(names) * 2
                     break
         commands: list[tuple[Any, ...]] = []
         command: list[Any] = []
-        i = 0
-        while i < len(rest):
-            token = rest[i]
+        i = start
+        while i < end:
+            token = tokens[i]
             if token.text == "|" and token.kind == "punct":
                 if not command:
                     raise TemplateError("missing command before '|'", line)
@@ -348,22 +385,22 @@ class _Parser:
                 command = []
                 i += 1
                 continue
-            operand, i = self._operand(rest, i, line)
+            operand, i = self._operand(tokens, i, end, line)
             command.append(operand)
         if not command:
             raise TemplateError("missing command" + (" after '|'" if commands else ""), line)
         commands.append(tuple(command))
         return _Pipeline(tuple(declared), assign, tuple(commands), line)
 
-    def _operand(self, tokens: Sequence[_Token], i: int, line: int) -> tuple[Any, int]:
+    def _operand(self, tokens: Sequence[_Token], i: int, end: int, line: int) -> tuple[Any, int]:
         token = tokens[i]
         kind = token.kind
         if kind == "punct" and token.text == "(":
             self._depth += 1
             if self._depth > MAX_NESTING:
                 raise TemplateError(f"parentheses nested deeper than {MAX_NESTING}", line)
-            close = _matching(tokens, i, line)
-            term: Any = self._pipeline(tokens[i + 1 : close], line, declare=False)
+            close = self._close[i]
+            term: Any = self._pipeline(tokens, i + 1, close, line, declare=False)
             self._depth -= 1
             i = close + 1
         elif kind == "field":
@@ -392,7 +429,7 @@ class _Parser:
             i += 1
         previous_end = tokens[i - 1].end
         # Fields bind to the term they touch: $x.a and (f).a, but $x .a is two operands.
-        while i < len(tokens) and tokens[i].kind == "field" and tokens[i].start == previous_end:
+        while i < end and tokens[i].kind == "field" and tokens[i].start == previous_end:
             if isinstance(term, _Function | _Literal):
                 raise TemplateError(f"cannot take a field of {tokens[i - 1].text!r}", line)
             fields.append(tokens[i].text[1:])
@@ -401,32 +438,20 @@ class _Parser:
         return (_Chain(term, tuple(fields)) if fields else term), i
 
 
-def _declaration(tokens: Sequence[_Token], operator: str, pair: bool) -> list[str]:
+def _declaration(tokens: Sequence[_Token], start: int, end: int, operator: str, pair: bool) -> list[str]:
     """The variables before := or = at the start of a pipeline, if any."""
-    if len(tokens) >= 2 and tokens[0].kind == "variable" and tokens[1].text == operator:
-        return [tokens[0].text]
+    if end - start >= 2 and tokens[start].kind == "variable" and tokens[start + 1].text == operator:
+        return [tokens[start].text]
     if (
         pair
-        and len(tokens) >= 4
-        and tokens[0].kind == "variable"
-        and tokens[1].text == ","
-        and tokens[2].kind == "variable"
-        and tokens[3].text == operator
+        and end - start >= 4
+        and tokens[start].kind == "variable"
+        and tokens[start + 1].text == ","
+        and tokens[start + 2].kind == "variable"
+        and tokens[start + 3].text == operator
     ):
-        return [tokens[0].text, tokens[2].text]
+        return [tokens[start].text, tokens[start + 2].text]
     return []
-
-
-def _matching(tokens: Sequence[_Token], open_index: int, line: int) -> int:
-    depth = 0
-    for j in range(open_index, len(tokens)):
-        if tokens[j].kind == "punct" and tokens[j].text == "(":
-            depth += 1
-        elif tokens[j].kind == "punct" and tokens[j].text == ")":
-            depth -= 1
-            if depth == 0:
-                return j
-    raise TemplateError("unclosed left paren", line)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
@@ -500,7 +525,8 @@ class _Continue(Exception):
 @dataclass
 class _Run:
     limits: Limits
-    started: float = field(default_factory=time.monotonic)
+    root: Any = None
+    started: float = field(default_factory=time.thread_time)
     steps: int = 0
     size: int = 0
     out: list[str] = field(default_factory=list)
@@ -512,14 +538,23 @@ class _Run:
         if not self.heavy and self.limits.on_heavy is not None and self.steps > self.limits.light_steps:
             self.heavy = True
             self.limits.on_heavy()
-            self.started = time.monotonic()
+            self.started = time.thread_time()
         if self.steps > self.limits.steps:
             raise TemplateError(
                 f"the template takes more than {self.limits.steps} steps; simplify it", line, over_limit=True
             )
-        if self.steps & 0xFF < count and time.monotonic() - self.started > self.limits.seconds:
+        if self.steps & 0xFF < count:
+            self.check_time(line)
+
+    def check_time(self, line: int) -> None:
+        if time.thread_time() - self.started > self.limits.seconds:
+            raise TemplateError(f"the template took longer than {self.limits.seconds:g} s of CPU to render", line)
+
+    def room(self, size: int, what: str, line: int) -> None:
+        """Refuse, before building it, a string larger than the limit."""
+        if size > self.limits.value_bytes:
             raise TemplateError(
-                f"the template took longer than {self.limits.seconds:g} s to render", line, over_limit=True
+                f"{what} would build a string larger than {self.limits.value_bytes} bytes", line, over_limit=True
             )
 
     def write(self, text: str, line: int) -> None:
@@ -549,10 +584,11 @@ class Template:
     """A parsed template; render it as often as needed (it holds no state)."""
 
     nodes: tuple[Any, ...]
+    tokens: int = 0  # what parsing it took, for a class's token budget
 
     def render(self, data: Mapping[str, Any], *, limits: Limits | None = None, spent: list[int] | None = None) -> str:
         """The text; `spent`, if given, gets the steps taken (also when rendering fails)."""
-        run = _Run(limits or Limits())
+        run = _Run(limits or Limits(), root=data)
         run.variables.append(("$", data))
         try:
             _walk(run, self.nodes, data)
@@ -560,6 +596,9 @@ class Template:
             raise TemplateError("break or continue outside range") from None
         except RecursionError:
             raise TemplateError("the data is nested too deeply to render") from None
+        except (ValueError, ArithmeticError, UnicodeError, MemoryError, TypeError) as e:
+            # Never the exception's text: it may quote a value.
+            raise TemplateError(f"the template failed on a value it cannot handle ({type(e).__name__})") from None
         finally:
             if spent is not None:
                 spent[0] += run.steps
@@ -571,10 +610,13 @@ class Template:
         yield from _paths(self.nodes, top=True)
 
 
-def parse(source: str) -> Template:
+def parse(source: str, *, max_tokens: int = MAX_TOKENS) -> Template:
+    """Parse a template of at most MAX_TEMPLATE_BYTES and `max_tokens` tokens."""
     if len(source.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
         raise TemplateError(f"the template is larger than {MAX_TEMPLATE_BYTES} bytes")
-    return Template(_Parser(_lex(source)).parse())
+    items = _lex(source, min(max_tokens, MAX_TOKENS))
+    tokens = sum(len(item.tokens) + 1 if isinstance(item, _Action) else 1 for item in items)  # as _lex counts
+    return Template(_Parser(items).parse(), tokens)
 
 
 def _walk(run: _Run, nodes: Sequence[Any], dot: Any) -> None:
@@ -598,20 +640,22 @@ def _branch(run: _Run, node: _Branch, dot: Any) -> None:
         if node.kind == "range":
             _range(run, node, dot)
             return
-        value = _pipeline(run, node.pipeline, dot)
-        if _truth(value):
-            _walk(run, node.body, value if node.kind == "with" else dot)
-        else:
-            _walk(run, node.otherwise, dot)
+        for pipeline, body in node.arms:
+            value = _pipeline(run, pipeline, dot)
+            if _truth(value):
+                _walk(run, body, value if node.kind == "with" else dot)
+                return
+        _walk(run, node.otherwise, dot)
     finally:
         del run.variables[mark:]
 
 
 def _range(run: _Run, node: _Branch, dot: Any) -> None:
-    pipeline = node.pipeline
+    pipeline, body = node.arms[0]
     value = _pipeline(run, _Pipeline((), False, pipeline.commands, pipeline.line), dot)
     items: Iterator[tuple[Any, Any]]
     if isinstance(value, Mapping):
+        run.step(pipeline.line, len(value) // BYTES_PER_STEP)  # the sort
         items = ((key, value[key]) for key in sorted(value))
     elif isinstance(value, list | tuple):
         items = enumerate(value)
@@ -637,7 +681,7 @@ def _range(run: _Run, node: _Branch, dot: Any) -> None:
         elif pipeline.declared:
             run.variables.append((pipeline.declared[0], item))
         try:
-            _walk(run, node.body, item)
+            _walk(run, body, item)
         except _Break:
             break
         except _Continue:
@@ -672,23 +716,94 @@ def _command(run: _Run, command: tuple[Any, ...], dot: Any, final: Any, line: in
         args = [_operand(run, arg, dot, line) for arg in command[1:]]
         if final is not _MISSING:
             args.append(final)
-        function = FUNCTIONS[head.name]
-        try:
-            result = function(*args)
-        except TemplateError as e:
-            raise TemplateError(f"{head.name}: {e}", line, over_limit=e.over_limit) from None
-        except TypeError:
-            raise TemplateError(f"wrong number of arguments to {head.name} ({len(args)})", line) from None
-        except RecursionError:
-            raise TemplateError(f"{head.name}: the value is nested too deeply", line) from None
-        if isinstance(result, str) and len(result) > run.limits.value_bytes:
-            raise TemplateError(
-                f"{head.name} built a string larger than {run.limits.value_bytes} bytes", line, over_limit=True
-            )
-        return result
+        return _call(run, head.name, args, line)
     if len(command) > 1 or final is not _MISSING:
         raise TemplateError(f"can't give an argument to a non-function {_describe(head)}", line)
     return _operand(run, head, dot, line)
+
+
+def _call(run: _Run, name: str, args: list[Any], line: int) -> Any:
+    """Call a function: its work charged before (by the size of what it reads, and what
+    it would build, refused if too large), its time checked after."""
+    run.step(line, sum(_size(arg) for arg in args) // BYTES_PER_STEP)
+    estimate = _ESTIMATES.get(name)
+    if estimate is not None:
+        run.room(estimate(args, run.limits.value_bytes), name, line)
+    try:
+        result = FUNCTIONS[name](*args)
+    except TemplateError as e:
+        raise TemplateError(f"{name}: {e}", line, over_limit=e.over_limit) from None
+    except TypeError:
+        raise TemplateError(f"wrong number or kind of arguments to {name} ({len(args)})", line) from None
+    except RecursionError:
+        raise TemplateError(f"{name}: the value is nested too deeply", line) from None
+    except (ValueError, ArithmeticError, UnicodeError) as e:  # never the text: it may quote a value
+        raise TemplateError(f"{name}: a value it cannot handle ({type(e).__name__})", line) from None
+    if isinstance(result, str):
+        run.room(len(result), name, line)
+        run.step(line, len(result) // BYTES_PER_STEP)
+    run.check_time(line)
+    return result
+
+
+def _size(value: Any) -> int:
+    """What a function may have to read of a value, cheaply: a string's length, a
+    collection's item count."""
+    if isinstance(value, str | Mapping | list | tuple):
+        return len(value)
+    return 0
+
+
+def _printed_size(values: Sequence[Any], limit: int) -> int:
+    """The printed size of values, stopping once past limit."""
+    total = 0
+    for value in values:
+        total += len(value) if isinstance(value, str) else len(_printed(value))
+        if total > limit:
+            break
+    return total
+
+
+def _estimate_replace(args: Sequence[Any], limit: int) -> int:
+    if len(args) != 3 or not all(isinstance(a, str) for a in args):
+        return 0
+    old, new, text = args
+    count = len(text) + 1 if not old else text.count(old)
+    return len(text) + count * max(0, len(new) - len(old))
+
+
+def _estimate_indent(args: Sequence[Any], limit: int) -> int:
+    if len(args) != 2 or not isinstance(args[1], str) or not _is_int(args[0]):
+        return 0
+    width = min(max(_integer(args[0]), 0), 1024)
+    return len(args[1]) + (args[1].count("\n") + 2) * width
+
+
+def _estimate_join(args: Sequence[Any], limit: int) -> int:
+    if len(args) != 2 or not isinstance(args[0], str) or not isinstance(args[1], list | tuple):
+        return 0
+    return _printed_size(args[1], limit) + len(args[0]) * len(args[1])
+
+
+def _estimate_printf(args: Sequence[Any], limit: int) -> int:
+    if not args or not isinstance(args[0], str):
+        return 0
+    verbs = args[0].count("%")
+    return len(args[0]) + _printed_size(args[1:], limit) + verbs * 4097
+
+
+# What the functions that build strings out of their arguments would build, in bytes.
+_ESTIMATES: dict[str, Callable[[Sequence[Any], int], int]] = {
+    "replace": _estimate_replace,
+    "indent": _estimate_indent,
+    "nindent": _estimate_indent,
+    "join": _estimate_join,
+    "print": lambda args, limit: _printed_size(args, limit) + len(args),
+    "println": lambda args, limit: _printed_size(args, limit) + len(args),
+    "printf": _estimate_printf,
+    "quote": lambda args, limit: 10 * sum(_size(a) for a in args),
+    "b64enc": lambda args, limit: 2 * sum(_size(a) for a in args),
+}
 
 
 def _operand(run: _Run, node: Any, dot: Any, line: int) -> Any:
@@ -705,12 +820,14 @@ def _operand(run: _Run, node: Any, dot: Any, line: int) -> Any:
     assert isinstance(node, _Chain)
     value = _operand(run, node.base, dot, line)
     where = _describe(node.base)
-    for name in node.fields:
+    from_root = value is run.root
+    for depth, name in enumerate(node.fields):
         run.step(line)
         if not isinstance(value, Mapping):
             raise TemplateError(f"can't read field {name!r} of {where}: it is {_kind(value)}, not a map", line)
         if name not in value:
-            raise TemplateError(f"no key {name!r} in {where}{_known_keys(value)}", line)
+            listed = _known_keys(value) if from_root and _names_keys(node.fields[:depth]) else ""
+            raise TemplateError(f"no key {name!r} in {where}{listed}", line)
         value = value[name]
         where = f"{where}.{name}" if where not in (".", "$") else f"{where.rstrip('.')}.{name}"
     return value
@@ -729,6 +846,15 @@ def _describe(node: Any) -> str:
     if isinstance(node, _Pipeline):
         return "(...)"
     return "a constant"
+
+
+def _names_keys(walked: tuple[str, ...]) -> bool:
+    """Whether the keys of the map at this path from the root are names, safe to list in
+    an error: the root's, object names, an object's parts, a secret's top-level keys.
+    Deeper maps may be keyed by data (usernames, hosts), which an error must not show."""
+    if len(walked) <= 1:
+        return True
+    return walked[0] == "Objects" and (len(walked) == 2 or (len(walked) == 3 and walked[2] in ("Secrets", "Metadata")))
 
 
 def _known_keys(value: Mapping[str, Any]) -> str:
@@ -784,6 +910,8 @@ def _printed(value: Any) -> str:
 def _json(value: Any) -> str:
     try:
         return gojson.dumps(value).decode("utf-8")
+    except UnicodeError:
+        raise TemplateError("the value is not valid UTF-8 text (decoded binary?)") from None
     except ValueError:
         raise TemplateError("a number that is not finite cannot be written as JSON") from None
 
@@ -799,6 +927,8 @@ def _is_int(value: Any) -> bool:
 def _integer(value: Any, line: int = 0) -> int:
     if isinstance(value, bool) or not _is_int(value):
         raise TemplateError(f"expected an integer, got {_kind(value)}", line)
+    if isinstance(value, gojson.Number) and len(value.text) > MAX_DIGITS:
+        raise TemplateError(f"an integer of more than {MAX_DIGITS} digits", line)
     return value if isinstance(value, int) else int(value.text)
 
 
@@ -838,21 +968,31 @@ def _ordered(a: Any, b: Any) -> tuple[Any, Any]:
     return a, b
 
 
-def _index(value: Any, *keys: Any) -> Any:
-    for key in keys:
+def _lazy_index(run: _Run, args: Sequence[Any], dot: Any, final: Any, line: int) -> Any:
+    """index X K1 K2...: a key or position that is not written in the template comes from
+    data or a variable, so a miss does not show it (errors reach the pod's events)."""
+    if not args:
+        raise TemplateError("wrong number of arguments to index (0)", line)
+    value = _operand(run, args[0], dot, line)
+    keys = [(_operand(run, arg, dot, line), isinstance(arg, _Literal)) for arg in args[1:]]
+    if final is not _MISSING:
+        keys.append((final, False))
+    for key, literal in keys:
+        run.step(line)
+        shown = repr(key) if literal else "(a value from the data or a variable)"
         if isinstance(value, Mapping):
             if not isinstance(key, str):
-                raise TemplateError(f"a map key must be a string, got {_kind(key)}")
+                raise TemplateError(f"index: a map key must be a string, got {_kind(key)}", line)
             if key not in value:
-                raise TemplateError(f"no key {key!r}{_known_keys(value)}")
+                raise TemplateError(f"index: no key {shown}", line)
             value = value[key]
         elif isinstance(value, list | tuple):
-            position = _integer(key)
+            position = _integer(key, line)
             if not 0 <= position < len(value):
-                raise TemplateError(f"index {position} out of range (the list has {len(value)} items)")
+                raise TemplateError(f"index: {shown} out of range (the list has {len(value)} items)", line)
             value = value[position]
         else:
-            raise TemplateError(f"can't index {_kind(value)}")
+            raise TemplateError(f"index: can't index {_kind(value)}", line)
     return value
 
 
@@ -908,7 +1048,7 @@ def _printf(form: Any, *values: Any) -> str:
 
 def _format(verb: str, value: Any) -> str:
     code, spec = verb[-1], verb[1:-1]
-    if any(int(n) > 4096 for n in re.findall(r"[0-9]+", spec)):
+    if any(len(n) > 4 or int(n) > 4096 for n in re.findall(r"[0-9]+", spec)):
         raise TemplateError("a width or precision over 4096")
     flags = spec[: len(spec) - len(spec.lstrip("-+# 0"))]
     text_spec = flags.replace("0", "").replace("#", "") + spec[len(flags) :]  # Python pads text with spaces only
@@ -917,7 +1057,8 @@ def _format(verb: str, value: Any) -> str:
         return ("%" + text_spec + "s") % (_quote(text) if code == "q" else text)
     if code in ("d", "x", "X"):
         if code != "d" and isinstance(value, str):
-            return ("%" + spec + "s") % (value.encode().hex().upper() if code == "X" else value.encode().hex())
+            raw = value.encode("utf-8", "surrogateescape")  # b64dec's bytes, as they were
+            return ("%" + spec + "s") % (raw.hex().upper() if code == "X" else raw.hex())
         return ("%" + spec + code) % _integer(value)
     if code == "t":
         return ("%" + text_spec + "s") % ("true" if value is True else "false")
@@ -930,24 +1071,27 @@ def _format(verb: str, value: Any) -> str:
 _QUOTE_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
 
 
+_QUOTE_TABLE = str.maketrans({'"': '\\"', "\\": "\\\\", **_QUOTE_ESCAPES})
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+
+
 def _quote(value: Any) -> str:
-    """Go's strconv.Quote (Sprig's quote): printable text kept, the rest escaped."""
-    out = ['"']
-    for ch in _printed(value):
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch in _QUOTE_ESCAPES:
-            out.append(_QUOTE_ESCAPES[ch])
-        elif ch.isprintable() or ch == " ":
-            out.append(ch)
-        elif ord(ch) < 0x80:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) <= 0xFFFF:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
+    """Go's strconv.Quote (Sprig's quote): printable text kept, the rest escaped. In C for
+    printable text (str.translate); a regex visits only the characters that are not."""
+    text = _printed(value).translate(_QUOTE_TABLE)
+    if not text.isprintable():
+        text = _NOT_PRINTABLE.sub(_escape_unprintable, text)
+    return f'"{text}"'
+
+
+def _escape_unprintable(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _squote(value: Any) -> str:
@@ -1040,14 +1184,17 @@ def _short_circuit(run: _Run, args: Sequence[Any], dot: Any, final: Any, line: i
     return value
 
 
-_LAZY: dict[str, Callable[[_Run, Sequence[Any], Any, Any, int], Any]] = {"and": _lazy_and, "or": _lazy_or}
+_LAZY: dict[str, Callable[[_Run, Sequence[Any], Any, Any, int], Any]] = {
+    "and": _lazy_and,
+    "or": _lazy_or,
+    "index": _lazy_index,
+}
 
 # Every function a template can call. Go's builtins, then the helpers Kubernetes users know
 # from Sprig (Helm, the Vault Secrets Operator, External Secrets).
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "not": lambda value: not _truth(value),
     "len": _len,
-    "index": _index,
     "eq": _eq,
     "ne": lambda a, b: not _eq(a, b),
     "lt": lambda a, b: (lambda x, y: x < y)(*_ordered(a, b)),
@@ -1085,10 +1232,10 @@ def _paths(nodes: Sequence[Any], *, top: bool) -> Iterator[tuple[Any, ...]]:
         if isinstance(node, _Output):
             yield from _pipeline_paths(node.pipeline, top)
         elif isinstance(node, _Branch):
-            yield from _pipeline_paths(node.pipeline, top)
-            # Inside with/range the dot moves: only $-rooted chains are certain there.
-            inner = top and node.kind == "if"
-            yield from _paths(node.body, top=inner)
+            for pipeline, body in node.arms:
+                yield from _pipeline_paths(pipeline, top)
+                # Inside with/range the dot moves: only $-rooted chains are certain there.
+                yield from _paths(body, top=top and node.kind == "if")
             yield from _paths(node.otherwise, top=top)
 
 

@@ -178,7 +178,11 @@ class Mounter:
         # failed read is what to fix. The other objects are, to report all their errors at once.
         rendered_objects = [obj for obj in config.objects if obj in replies] if failures else config.objects
         rendered, render_failures = render.mount_files(
-            rendered_objects, replies, namespace=config.pod.namespace, deadline=deadline
+            rendered_objects,
+            replies,
+            namespace=config.pod.namespace,
+            deadline=deadline,
+            tenant=(config.pod.namespace, endpoint, config.role_name),
         )
         failures += render_failures
         if failures:

@@ -14,7 +14,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,13 +163,13 @@ class TemplateBudget:
     """What the templates of one Mount have left to spend, together, and the namespace
     whose turn a heavy one waits for (until `wait_until`, the Mount's deadline)."""
 
-    def __init__(self, namespace: str = "", wait_until: float = float("inf")) -> None:
+    def __init__(self, namespace: str = "", wait_until: float = float("inf"), tenant: Hashable = None) -> None:
+        self.tenant = tenant  # whose over-limit failures are remembered together
         self.steps = MOUNT_TEMPLATE_STEPS
         self.seconds = MOUNT_TEMPLATE_SECONDS
         self._turn = _TURNS.lock(namespace)
         self._wait_until = wait_until
         self._holding = False
-        self.waited = 0.0  # time spent waiting for the turn: not the templates' own
 
     def limits(self) -> gotemplate.Limits:
         if self.steps <= 0 or self.seconds <= 0:
@@ -188,11 +188,8 @@ class TemplateBudget:
     def _take_turn(self) -> None:
         if self._holding:
             return
-        started = time.monotonic()
-        wait = min(self._wait_until - started, 30.0)
-        acquired = wait > 0 and self._turn.acquire(timeout=wait)
-        self.waited += time.monotonic() - started
-        if not acquired:
+        wait = min(self._wait_until - time.monotonic(), 30.0)
+        if wait <= 0 or not self._turn.acquire(timeout=wait):
             raise gotemplate.TemplateError(
                 "the template is heavy and its namespace's other heavy templates took the time until the deadline"
             )
@@ -376,21 +373,20 @@ def _template(
     root: dict[str, Any] = {"Objects": {name: reply.view for name, reply in objects.items()}}
     if data is not None:
         root.update(data.view)
-    _OVER_LIMIT.check(obj)
+    _OVER_LIMIT.check(obj, budget.tenant)
     spent = [0]
     limits = budget.limits()
-    started = time.monotonic()
+    started = time.thread_time()
     try:
         text = obj.parsed_template.render(root, limits=limits, spent=spent)
     except gotemplate.TemplateError as e:
-        if e.over_limit:
-            _OVER_LIMIT.remember(obj, str(e))
+        if e.over_limit:  # steps or sizes: the same data fails the same way; CPU time may not
+            _OVER_LIMIT.remember(obj, budget.tenant, str(e))
         raise ConfigError(f"template {e}") from None
     finally:
         budget.release()
         budget.steps -= spent[0]
-        budget.seconds -= time.monotonic() - started - budget.waited
-        budget.waited = 0.0
+        budget.seconds -= time.thread_time() - started
     try:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -398,32 +394,41 @@ def _template(
 
 
 class _OverLimit:
-    """Templates that ran out of their limits recently, by parsed object (shared by every
-    Mount of the same class; forgotten with the class's parse)."""
+    """Templates that ran out of their limits recently, by parsed object and tenant (the
+    pod's namespace, Vault and role: two classes with the same objects text share a parse,
+    never each other's failures). Forgotten with the class's parse."""
+
+    # Tenants remembered per parsed object: a class is mounted by a few.
+    TENANTS = 64
 
     def __init__(self) -> None:
-        self._failed: weakref.WeakKeyDictionary[SecretObject, tuple[float, str]] = weakref.WeakKeyDictionary()
+        self._failed: weakref.WeakKeyDictionary[SecretObject, dict[Hashable, tuple[float, str]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
-    def check(self, obj: SecretObject) -> None:
+    def check(self, obj: SecretObject, tenant: Hashable) -> None:
         with self._lock:
-            failed = self._failed.get(obj)
+            failed = self._failed.get(obj, {}).get(tenant)
         if failed is None:
             return
         since, message = failed
         waited = time.monotonic() - since
         if waited >= OVER_LIMIT_SECONDS:
             with self._lock:
-                self._failed.pop(obj, None)
+                self._failed.get(obj, {}).pop(tenant, None)
             return
         raise ConfigError(
             f"template {message} (not rendered again for {OVER_LIMIT_SECONDS - waited:.0f} s: it ran out of its "
             "limits; fix the template and the class is parsed anew)"
         )
 
-    def remember(self, obj: SecretObject, message: str) -> None:
+    def remember(self, obj: SecretObject, tenant: Hashable, message: str) -> None:
         with self._lock:
-            self._failed[obj] = (time.monotonic(), message)
+            tenants = self._failed.setdefault(obj, {})
+            if len(tenants) >= self.TENANTS:
+                tenants.pop(next(iter(tenants)))
+            tenants[tenant] = (time.monotonic(), message)
 
 
 _OVER_LIMIT = _OverLimit()
@@ -453,11 +458,13 @@ def mount_files(
     *,
     namespace: str = "",
     deadline: float = float("inf"),
+    tenant: Hashable = None,
 ) -> tuple[list[RenderedFile], list[tuple[str, ProviderError]]]:
     """Every object's files, and each object that failed with its error. `replies` holds
-    the reply of each object that has a secretPath; `namespace` is the pod's."""
+    the reply of each object that has a secretPath; `namespace` is the pod's, `tenant`
+    who mounts (see _OverLimit)."""
     by_name = {obj.object_name: replies[obj] for obj in objects if obj in replies}
-    budget = TemplateBudget(namespace, deadline)
+    budget = TemplateBudget(namespace, deadline, tenant)
     files: list[RenderedFile] = []
     failures: list[tuple[str, ProviderError]] = []
     for obj in objects:

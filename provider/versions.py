@@ -9,17 +9,28 @@ whether a file changed and nothing about its value.
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import hmac
+import weakref
 
 from provider import gojson
 from provider.config import SecretObject
 
+# Each parsed object's JSON, computed once and dropped with the object (the parse cache
+# decides how long objects live; a strong cache here would keep evicted ones, templates
+# and all, alive).
+_OBJECT_JSON: weakref.WeakKeyDictionary[SecretObject, bytes] = weakref.WeakKeyDictionary()
 
-@functools.lru_cache(maxsize=4096)
+
 def object_json(obj: SecretObject) -> bytes:
     """Go's json.Marshal of the reference's config.Secret for this object."""
+    cached = _OBJECT_JSON.get(obj)
+    if cached is None:
+        cached = _OBJECT_JSON[obj] = _object_json(obj)
+    return cached
+
+
+def _object_json(obj: SecretObject) -> bytes:
     fields: tuple[tuple[str, str], ...] = (
         ("ObjectName", gojson.encode_string(obj.object_name)),
         ("SecretPath", gojson.encode_string(obj.secret_path)),

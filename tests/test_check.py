@@ -113,7 +113,7 @@ def test_dry_run_mount_prints_files_and_the_synced_secrets(world: VaultWorld, tm
         .read_text()
         .replace("secret/data/app/", f"secret/data/{unique}/")
         .replace("pki/issue/app", f"{pki}/issue/web")
-        .replace("roleName: app", f"roleName: {unique}")
+        .replace("roleName: app", f'roleName: "{unique}"')
     )
     spc = tmp_path / "spc.yaml"
     spc.write_text(spc_text)
@@ -162,7 +162,7 @@ def test_dry_run_reports_a_refused_login(world: VaultWorld, tmp_path: Path, uniq
     spc.write_text(
         (EXAMPLES / "spc-kv.yaml")
         .read_text()
-        .replace("roleName: app", f"roleName: {unique}")
+        .replace("roleName: app", f'roleName: "{unique}"')
         .replace("vaultAddress: https://vault.vault.svc:8200", f"vaultAddress: {world.bao.url}")
     )
     jwt = tmp_path / "token"
@@ -310,7 +310,7 @@ def test_dry_run_shows_rendered_templates_and_values_only_on_request(
             "- {objectName: netrc, template: 'login {{ .Objects.creds.Secrets.user }} "
             "password {{ .Objects.creds.Secrets.pass }}'}\n"
             f"- {{objectName: all, secretPath: secret/data/{unique}, expandKeys: true}}"
-        ).replace("roleName: app", f"roleName: {unique}")
+        ).replace("roleName: app", f'roleName: "{unique}"')
     )
     jwt = tmp_path / "token"
     jwt.write_text(world.kube.pod_token(pod))

@@ -7,6 +7,7 @@ as JSON)."""
 from __future__ import annotations
 
 import contextlib
+import resource
 import string
 import time
 from typing import Any
@@ -98,7 +99,7 @@ def test_go_template_syntax(source: str, expected: str) -> None:
         ("{{ .Secrets.passwrd }}", "line 1: no key 'passwrd' in .Secrets (keys: b64, empty, list, map"),
         ("x\ny\n{{ .Objects.db.Secrets.usr }}", "line 3: no key 'usr' in .Objects.db.Secrets (keys: pass, user)"),
         ('{{ index .Secrets "nope" }}', "index: no key 'nope'"),
-        ("{{ index .Secrets.list 7 }}", "index 7 out of range (the list has 3 items)"),
+        ("{{ index .Secrets.list 7 }}", "index: 7 out of range (the list has 3 items)"),
         ("{{ .Secrets.username.first }}", "can't read field 'first' of .Secrets.username: it is a string, not a map"),
         ("{{ lt .Secrets.username 1 }}", "incompatible types for comparison: a string and a number"),
         ("{{ $nope }}", "undefined variable $nope"),
@@ -106,7 +107,7 @@ def test_go_template_syntax(source: str, expected: str) -> None:
         ("{{ .Secrets.username 1 }}", "can't give an argument to a non-function .Secrets.username"),
         ("{{ len 3 }}", "len of a number"),
         ("{{ b64dec .Secrets.username }}", "not valid base64"),
-        ("{{ upper }}", "wrong number of arguments to upper (0)"),
+        ("{{ upper }}", "wrong number or kind of arguments to upper (0)"),
     ],
 )
 def test_a_render_error_names_the_line_and_the_key_never_the_value(source: str, message: str) -> None:
@@ -193,18 +194,17 @@ def test_output_is_bounded() -> None:
 
 def test_a_string_doubled_in_a_loop_is_stopped_by_the_value_limit() -> None:
     started = time.monotonic()
-    with pytest.raises(TemplateError, match="built a string larger than"):
+    with pytest.raises(TemplateError, match="would build a string larger than"):
         render('{{ $s := "ab" }}{{ range 64 }}{{ $s = print $s $s }}{{ end }}')
     assert time.monotonic() - started < 2
 
 
-def test_wall_time_is_bounded() -> None:
-    big = {"Secrets": {"list": ["x" * 1000] * 1000}}
-    started = time.monotonic()
-    with pytest.raises(TemplateError, match=r"took longer than 0\.05 s") as error:
-        render('{{ range 100000 }}{{ $j := join "," $.Secrets.list }}{{ end }}', big, seconds=0.05)
-    assert time.monotonic() - started < 1
-    assert error.value.over_limit
+def test_cpu_time_is_bounded() -> None:
+    started = time.thread_time()
+    with pytest.raises(TemplateError, match=r"took longer than 0\.01 s of CPU") as error:
+        render("{{ range 90000 }}{{ end }}", seconds=0.01)
+    assert time.thread_time() - started < 0.5
+    assert not error.value.over_limit  # CPU time depends on the machine: not remembered as the class's fault
 
 
 def test_nesting_is_bounded_at_parse_time() -> None:
@@ -319,3 +319,101 @@ def test_any_json_value_renders_or_fails_cleanly(value: Any) -> None:
     except TemplateError:
         return
     assert isinstance(out, str)
+
+
+# What a hostile review found, each reproduced first (see the commit that added these).
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        '{{ $t := printf "%4096s%4096s%4096s%4096s" "" "" "" "" }}{{ replace "" "' + "y" * 60000 + '" $t }}',
+        '{{ $t := printf "%4096s" "" | replace " " "' + " " * 256 + '" }}{{ replace "" $t $t }}',
+        '{{ $s := printf "%4096s" "" }}{{ $s = print $s $s $s $s $s $s $s $s }}{{ print' + " $s" * 9000 + " }}",
+        '{{ $s := printf "%4096s" "" }}{{ indent 1024 (replace " " "\\n" $s) }}',
+        '{{ $w := printf "%4096s" "" | replace " " "xxxxxxxxxxxxxxxx" }}{{ join $w .Secrets.hundred }}',
+    ],
+    ids=["replace-empty", "replace-squared", "print-many", "indent-lines", "join-wide-separator"],
+)
+def test_a_string_too_large_is_refused_before_it_is_built(source: str) -> None:
+    before = rss_mib()
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match=r"would build a string larger than|steps"):
+        render(source, {**DATA, "Secrets": {"hundred": list(range(100))}})
+    assert time.monotonic() - started < 1
+    assert rss_mib() - before < 50
+
+
+def test_work_on_big_strings_is_charged_by_size_not_by_call() -> None:
+    text = "\u00e9" * 255
+    source = '{{ $s := printf "%4096s" "" | replace " " "' + text + '" }}{{ range 1000 }}{{ $x := quote $s }}{{ end }}'
+    started = time.thread_time()
+    with pytest.raises(TemplateError, match=r"steps|CPU|larger than"):
+        render(source)
+    assert time.thread_time() - started < 1.5
+    started = time.thread_time()
+    with pytest.raises(TemplateError, match=r"steps|CPU|larger"):
+        render("{{ print" + " ." * 9000 + " }}")
+    assert time.thread_time() - started < 1.5
+
+
+@pytest.mark.parametrize(
+    ("source", "data"),
+    [
+        ('{{ b64dec "\u00e9" }}', {}),
+        ('{{ printf "%x" (b64dec .pw) }}{{ toJson (b64dec .pw) }}', {"pw": "cGFzc/93b3Jk"}),
+        ('{{ printf "%' + "1" * 5000 + 'd" 1 }}', {}),
+        ("{{ index .list .big }}", {"list": [1], "big": gojson.Number("9" * 5000)}),
+        ("{{ range .big }}{{ end }}", {"big": gojson.Number("9" * 5000)}),
+        ('{{ eq .huge 1 }}{{ lt .huge 2 }}{{ printf "%f" .huge }}', {"huge": gojson.Number("1e99999999999999999999")}),
+        ("{{ toJson (b64dec .pw) }}", {"pw": "/w=="}),
+    ],
+)
+def test_values_the_functions_cannot_handle_fail_as_template_errors_without_the_value(source: str, data: Any) -> None:
+    try:
+        out = render(source, data)
+    except TemplateError as e:
+        assert "pass" not in str(e) and "\\udc" not in str(e) and "99999" not in str(e)
+    else:
+        assert isinstance(out, str)
+
+
+def test_index_never_shows_a_key_or_position_taken_from_data() -> None:
+    data = {"Secrets": {"passwords": {"alice": "x"}, "user": "hunter2-Sup3rS3cret", "list": [1], "n": 7}}
+    for source in ("{{ index .Secrets.passwords .Secrets.user }}", "{{ index .Secrets.list .Secrets.n }}"):
+        with pytest.raises(TemplateError) as error:
+            render(source, data)
+        assert "hunter2" not in str(error.value) and "7" not in str(error.value).replace("line 1", "")
+        assert "(a value from the data or a variable)" in str(error.value)
+    with pytest.raises(TemplateError, match="index: no key 'bob'"):
+        render('{{ index .Secrets.passwords "bob" }}', data)
+
+
+def test_keys_of_maps_deeper_than_a_secrets_top_level_are_not_listed() -> None:
+    data = {"Secrets": {"users": {"alice-the-admin": {"pw": "x"}}}}
+    with pytest.raises(TemplateError) as error:
+        render("{{ .Secrets.users.bob }}", data)
+    assert "alice" not in str(error.value)
+    with pytest.raises(TemplateError, match=r"\(keys: users\)"):
+        render("{{ .Secrets.usrs }}", data)
+
+
+def test_parsing_is_bounded_and_linear() -> None:
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match="more than 10000 tokens"):
+        parse("{{print " + "(print " * 49 + " 1" * 32500 + ")" * 49 + "}}")
+    assert time.monotonic() - started < 0.2
+    started = time.monotonic()
+    parse("{{print " + "(print " * 49 + " 1" * 9500 + ")" * 49 + "}}")  # just under: matched in one pass
+    assert time.monotonic() - started < 0.2
+
+
+def test_an_else_if_chain_is_not_nesting() -> None:
+    arms = "".join(f"{{{{ else if eq . {i} }}}}{i}" for i in range(1, 300))
+    template = parse("{{ if eq . 0 }}0" + arms + "{{ else }}none{{ end }}")
+    assert template.render(299) == "299"  # type: ignore[arg-type]
+    assert template.render(1000) == "none"  # type: ignore[arg-type]

@@ -386,3 +386,49 @@ def test_a_template_over_its_limits_fails_fast_on_the_next_mounts(
     again = refused(provider, pod, objects, unique)
     assert "not rendered again for" in again.details()
     assert time.monotonic() - started < 0.5
+
+
+def engine_object(world: VaultWorld, postgres: Postgres, engine: str, name: str) -> tuple[FakePod, dict[str, Any]]:
+    """A pod allowed to read one secret of `engine`, and the request fields that read it."""
+    if engine == "kv1":
+        world.bao.api("POST", f"kv1/{name}", {"username": "u1", "password": "p1"})
+        return world.grant(name, [f"kv1/{name}"]), {"secretPath": f"kv1/{name}"}
+    if engine == "kv2":
+        return kv2_pod(world, name, {"username": "u2", "password": "p2"}), {"secretPath": f"secret/data/{name}"}
+    if engine == "database":
+        db = Database(world, postgres, name, ttl="1h", max_ttl="2h")
+        return grant_db(world, db), {"secretPath": db.path}
+    issue = world.pki_engine(f"pki-{name}", ttl="1h")
+    args = {"common_name": "m.example.com", "ttl": "30m"}
+    return world.grant(name, [issue]), {"secretPath": issue, "method": "PUT", "secretArgs": args}
+
+
+# Per engine: a key every reply has, and what a template makes of the reply.
+ENGINE_KEYS = {"kv1": "username", "kv2": "username", "database": "username", "pki": "serial_number"}
+
+
+@pytest.mark.parametrize("engine", ["kv1", "kv2", "database", "pki"])
+def test_every_shape_on_every_engine_is_cut_from_one_reply_and_stable_on_remount(
+    provider: ProviderClient, world: VaultWorld, postgres: Postgres, unique: str, engine: str
+) -> None:
+    pod, request = engine_object(world, postgres, engine, unique)
+    key = ENGINE_KEYS[engine]
+    objects = [
+        {"objectName": "pointer", "secretKeyPath": f"/{key}", **request},
+        {"objectName": "keys", "expandKeys": True, **request},
+        {"objectName": "doc", "format": "json", **request},
+        {"objectName": "input", "writeFile": False, **request},
+        {"objectName": "rendered", "template": f"{{{{ .Objects.input.Secrets.{key} }}}}"},
+        {"objectName": "own", "template": f"{{{{ .Secrets.{key} }}}}|{{{{ .Lease.Renewable }}}}", **request},
+    ]
+    first = provider.mount(pod, objects, role=unique)
+    files = files_of(first)
+    value = files["pointer"]
+    assert files[f"keys/{key}"] == files["rendered"] == value  # one reply for every object
+    assert files["own"].split(b"|")[0] == value
+    doc = json.loads(files["doc"])  # only data: KV v2's is {data, metadata}
+    assert (doc["data"] if engine == "kv2" else doc)[key].encode() == value
+    assert "input" not in files
+    for _ in range(2):  # KV is read again, unchanged; database and PKI replies are kept for the pod
+        again = provider.mount(pod, objects, role=unique)
+        assert files_of(again) == files and versions_of(again) == versions_of(first)

@@ -1,0 +1,75 @@
+"""render.py in process: what templates may cost, and what is remembered between Mounts."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import pytest
+
+from provider import config, gotemplate, render, versions
+from provider.config import SecretObject, parse_objects
+from provider.errors import ConfigError
+
+ENV = """
+- {objectName: cfg, secretPath: secret/data/app/config, writeFile: false}
+- objectName: .env
+  template: "{{ range $k, $v := .Objects.cfg.Secrets }}{{ $k }}={{ $v }}\\n{{ end }}"
+"""
+
+
+def reply(keys: int) -> render.ObjectData:
+    data = {f"K{i}": "v" for i in range(keys)}
+    return render.ObjectData(path="secret/data/app/config", body={"data": {"data": data, "metadata": {}}})
+
+
+def mount(objects: tuple[SecretObject, ...], keys: int, tenant: object) -> list[str]:
+    files, failures = render.mount_files(objects, {objects[0]: reply(keys)}, namespace="ns", tenant=tenant)
+    assert not files or not failures
+    return [str(error) for _, error in failures]
+
+
+def test_a_class_over_its_limits_fails_fast_for_its_tenant_only() -> None:
+    objects = parse_objects(ENV + "# over-limit test\n")
+    assert "steps" in mount(objects, 30_000, tenant="attacker")[0]
+    started = time.monotonic()
+    assert "not rendered again for" in mount(objects, 30_000, tenant="attacker")[0]
+    assert time.monotonic() - started < 0.05
+    # Another tenant with the same objects text (so the same parse) renders its own data.
+    assert mount(objects, 2, tenant="victim") == []
+
+
+def test_running_out_of_cpu_time_is_not_remembered() -> None:
+    objects = parse_objects(ENV + "# cpu test\n")
+    limits = gotemplate.Limits(seconds=0.0001)
+    original = render.TemplateBudget.limits
+    try:
+        render.TemplateBudget.limits = lambda self: limits  # type: ignore[method-assign]
+        assert "of CPU" in mount(objects, 5_000, tenant="t")[0]
+    finally:
+        render.TemplateBudget.limits = original  # type: ignore[method-assign]
+    assert mount(objects, 5_000, tenant="t") == []
+
+
+def test_versions_do_not_keep_evicted_objects_alive() -> None:
+    gc.collect()
+    before = len(versions._OBJECT_JSON)
+    for i in range(50):
+        obj = SecretObject(object_name=f"t{i}", template="{{ 1 }}" * 100)
+        versions.object_json(obj)
+    del obj
+    gc.collect()
+    assert len(versions._OBJECT_JSON) == before
+
+
+def test_the_parse_cache_counts_template_trees_not_only_their_text() -> None:
+    text = ENV.replace("{{ $k }}={{ $v }}", "{{ $k }}={{ $v }}" * 400)
+    parsed = parse_objects(text)
+    assert config._weight(parsed, len(text)) > 10 * len(text)
+
+
+def test_a_class_cannot_spend_more_than_its_token_budget_on_templates() -> None:
+    template = "{{ 1 }}" * 3000  # 6,000 tokens each
+    objects = "".join(f"- {{objectName: t{i}, template: '{template}'}}\n" for i in range(4))
+    with pytest.raises(ConfigError, match=r"more than 20000 tokens|more than 10000 tokens"):
+        parse_objects(objects)
