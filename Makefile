@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check proto bench clean
+.PHONY: demo test check proto bench dashboard clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ proto: $(STAMP)
 bench: $(STAMP)
 	scripts/install-system-deps
 	$(BIN)/python -m bench
+
+## dashboard: redraw docs/dashboard.svg from a real run (OpenBao, two providers, Prometheus)
+dashboard: $(STAMP)
+	scripts/install-system-deps
+	$(BIN)/python -m bench.dashboard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
