@@ -32,6 +32,7 @@ from provider.breaker import PROBE_TIMEOUT_SECONDS, Breaker, Breakers, EndpointK
 from provider.config import TLSConfig
 from provider.errors import (
     VaultBadResponse,
+    VaultCircuitOpen,
     VaultError,
     VaultLoginDenied,
     VaultNotFound,
@@ -330,6 +331,12 @@ class VaultClient:
                     self._metrics.vault_duration.labels(operation).observe(time.monotonic() - started)
             delay = _backoff(attempt, retry_after)
             now = time.monotonic()
+            if failure is not None and retryable:
+                # The endpoint's breaker opened meanwhile (this failure or others'): stop
+                # retrying too, as every new Mount to it already does, and free the thread.
+                refusal = self._breaker(endpoint).refusal()
+                if refusal is not None:
+                    raise refusal
             if not retryable or now + delay + MIN_ATTEMPT_SECONDS > deadline or now + delay - first > MAX_RETRY_SECONDS:
                 if failure is not None:
                     raise failure
@@ -504,6 +511,9 @@ class _NoBreaker:
 
     def record_failure(self, error: str) -> None:
         pass
+
+    def refusal(self) -> VaultCircuitOpen | None:
+        return None
 
 
 _NO_BREAKER = _NoBreaker()

@@ -147,13 +147,11 @@ def test_a_hundred_pods_against_a_dead_vault_fail_fast_once_it_is_known_down(
     bad = noisy(world, unique, 100, dead_address())
     first = burst(provider, bad.calls(provider, 30))
     assert_all_final_and_in_time(first)
-    # Only the Mounts already running when the breaker opened (a second in) paid for
-    # retries, riding them out to the end; everyone else was answered when it opened.
-    retried = [o for o in first if o.elapsed > 5]
-    assert 0 < len(retried) <= PER_CLASS
-    rest = [o for o in first if o.elapsed <= 5]
-    assert max(o.elapsed for o in rest) < 1.5, sorted(o.elapsed for o in rest)[-5:]
-    assert all("has been unreachable since" in o.details for o in rest)
+    # The breaker opens within a second; the Mounts already retrying then stop too (their
+    # next retry checks it), and everyone else is answered as soon as it opens.
+    assert max(o.elapsed for o in first) < 2.5, sorted(o.elapsed for o in first)[-5:]
+    refused_at_once = [o for o in first if "has been unreachable since" in o.details]
+    assert len(refused_at_once) >= len(first) - PER_CLASS
     # Later Mounts of those pods, one after another as kubelet retries them: each is
     # answered within 100 ms.
     times = []
