@@ -146,6 +146,11 @@ class SecretObject:
     write_file: bool = True  # false: only input for templates
     parsed_template: gotemplate.Template | None = field(default=None, repr=False)
 
+    @functools.cached_property
+    def template_digest(self) -> bytes:
+        """What identifies the template's text (for what is remembered about it)."""
+        return hashlib.blake2b(self.template.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
     @property
     def fetches(self) -> bool:
         """Whether the object reads Vault (a template alone does not)."""

@@ -53,10 +53,15 @@ class Limits:
     """What one render may cost. Defaults: far above any real template (a few hundred
     steps, a few KiB), far below what would hurt the node."""
 
-    steps: int = 100_000  # nodes evaluated, loop iterations, function calls (~0.1-0.3 s)
+    # Nodes evaluated, loop iterations, function calls, and a step per 64 bytes a function
+    # reads or builds: about 0.05-0.15 s, so this deterministic limit (remembered against
+    # the class) comes before the CPU-time one (not remembered: it depends on the machine).
+    steps: int = 50_000
     output_bytes: int = 1024 * 1024  # the rendered file
     value_bytes: int = 1024 * 1024  # any string a function builds
-    seconds: float = 0.25  # CPU time of the rendering thread (waiting for the GIL is not the template's)
+    # CPU time of the rendering thread (waiting for the GIL is not the template's): a
+    # backstop, above what the steps allow on a slow machine.
+    seconds: float = 0.5
     # Called once when a render passes `light_steps` (it may block, or raise TemplateError):
     # how a caller makes heavy renders take turns. The time limit counts from its return.
     light_steps: int = 0
@@ -469,9 +474,14 @@ def _literal(token: _Token, line: int) -> Any:
             return ord(value)
         return value
     digits = text.replace("_", "")
+    if len(digits) > MAX_DIGITS:
+        raise TemplateError(f"a number constant of more than {MAX_DIGITS} characters", line)
     try:
         if re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F]+|[0-9]+)", digits):
-            return int(digits, 0) if not re.fullmatch(r"[-+]?0[0-9]+", digits) else int(digits, 8)
+            number = int(digits, 0) if not re.fullmatch(r"[-+]?0[0-9]+", digits) else int(digits, 8)
+            if not -(2**63) <= number < 2**64:  # Go's constants: int64 or uint64
+                raise TemplateError(f"integer constant {text} overflows 64 bits", line)
+            return number
         return float(digits)
     except ValueError:
         raise TemplateError(f"bad number syntax: {text!r}", line) from None
@@ -621,17 +631,32 @@ def parse(source: str, *, max_tokens: int = MAX_TOKENS) -> Template:
 
 def _walk(run: _Run, nodes: Sequence[Any], dot: Any) -> None:
     for node in nodes:
-        if isinstance(node, _Text):
+        kind = type(node)  # exact types: the nodes are ours, and this loop is the hot path
+        if kind is _Text:
             run.step(0)
             run.write(node.text, 0)
-        elif isinstance(node, _Output):
+        elif kind is _Output:
             value = _pipeline(run, node.pipeline, dot)
             if not node.pipeline.declared:
+                if type(value) is not str and _is_collection(value):  # JSON: sized before it is built
+                    room = run.limits.output_bytes - run.size
+                    if gojson.encoded_size(value, room) > room:
+                        raise TemplateError(
+                            f"the rendered file would be larger than {run.limits.output_bytes} bytes",
+                            node.pipeline.line,
+                            over_limit=True,
+                        )
+                    run.step(node.pipeline.line, len(value) // BYTES_PER_STEP)
                 run.write(_printed(value), node.pipeline.line)
-        elif isinstance(node, _Branch):
+        elif kind is _Branch:
             _branch(run, node, dot)
         else:
             raise _Break() if node.kind == "break" else _Continue()
+
+
+def _is_collection(value: Any) -> bool:
+    kind = type(value)
+    return kind is dict or kind is list or kind is tuple or (kind not in _SCALARS and isinstance(value, Mapping))
 
 
 def _branch(run: _Run, node: _Branch, dot: Any) -> None:
@@ -755,10 +780,11 @@ def _size(value: Any) -> int:
 
 
 def _printed_size(values: Sequence[Any], limit: int) -> int:
-    """The printed size of values, stopping once past limit."""
+    """The printed size of values (a string as itself, the rest as JSON), counted without
+    printing them, stopping once past limit."""
     total = 0
     for value in values:
-        total += len(value) if isinstance(value, str) else len(_printed(value))
+        total += len(value) if isinstance(value, str) else gojson.encoded_size(value, limit)
         if total > limit:
             break
     return total
@@ -789,7 +815,8 @@ def _estimate_printf(args: Sequence[Any], limit: int) -> int:
     if not args or not isinstance(args[0], str):
         return 0
     verbs = args[0].count("%")
-    return len(args[0]) + _printed_size(args[1:], limit) + verbs * 4097
+    quoted = 10 if any(verb.endswith("q") for verb in _VERB.findall(args[0])) else 1  # %q escapes
+    return len(args[0]) + quoted * _printed_size(args[1:], limit) + verbs * 4097
 
 
 # What the functions that build strings out of their arguments would build, in bytes.
@@ -801,8 +828,10 @@ _ESTIMATES: dict[str, Callable[[Sequence[Any], int], int]] = {
     "print": lambda args, limit: _printed_size(args, limit) + len(args),
     "println": lambda args, limit: _printed_size(args, limit) + len(args),
     "printf": _estimate_printf,
-    "quote": lambda args, limit: 10 * sum(_size(a) for a in args),
-    "b64enc": lambda args, limit: 2 * sum(_size(a) for a in args),
+    "quote": lambda args, limit: 10 * _printed_size(args, limit),
+    "squote": lambda args, limit: _printed_size(args, limit) + 2,
+    "toJson": lambda args, limit: _printed_size(args, limit),
+    "b64enc": lambda args, limit: 2 * _printed_size(args, limit),
 }
 
 
@@ -898,10 +927,18 @@ def _kind(value: Any) -> str:
     return "a value"
 
 
+_SCALARS = (str, int, float, bool, type(None), gojson.Number)
+
+
 def _printed(value: Any) -> str:
     """What {{ value }} writes: a string as itself, anything else as JSON."""
-    if isinstance(value, str):
-        return value
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is gojson.Number:
+        return value.text  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
     if value is _MISSING:
         return ""
     return _json(value)
@@ -936,6 +973,8 @@ def _number(value: Any) -> Decimal | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, gojson.Number):
+        if len(value.text) > MAX_DIGITS:
+            raise TemplateError(f"a number of more than {MAX_DIGITS} characters cannot be compared or formatted")
         return Decimal(value.text)
     if isinstance(value, int | float):
         return Decimal(value)

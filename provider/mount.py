@@ -183,6 +183,7 @@ class Mounter:
             namespace=config.pod.namespace,
             deadline=deadline,
             tenant=(config.pod.namespace, endpoint, config.role_name),
+            max_bytes=self._settings.max_response_bytes,
         )
         failures += render_failures
         if failures:

@@ -14,18 +14,19 @@ import functools
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from provider import gojson, gotemplate
 from provider.config import SecretObject, check_object_name, json_pointer, key_filter
-from provider.errors import ConfigError, ProviderError, VaultNotFound, quote
+from provider.errors import ConfigError, ProviderError, ResponseTooLarge, VaultBadResponse, VaultNotFound, quote
 
 # What all the templates of one Mount may cost together, on top of each one's own limits:
 # a class of many templates must not hold a thread (and the GIL) for long.
-MOUNT_TEMPLATE_STEPS = 200_000
-MOUNT_TEMPLATE_SECONDS = 0.5
+MOUNT_TEMPLATE_STEPS = 100_000
+MOUNT_TEMPLATE_SECONDS = 1.0
 # A template stopped by its limits fails fast for this long: its class then costs the node
 # one over-limit render per interval, not one per Mount (remounts come every minute per pod).
 OVER_LIMIT_SECONDS = 300.0
@@ -201,33 +202,55 @@ class TemplateBudget:
             self._turn.release()
 
 
+# What one file may hold before it is built (the response limit of -max-response-bytes
+# applies to all files together, after).
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
 def object_files(
     obj: SecretObject,
     data: ObjectData | None,
     objects: Mapping[str, ObjectData],
     *,
     budget: TemplateBudget | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> list[RenderedFile]:
     """The files of one object (none with writeFile: false). `data` is its own reply (None
-    for a template without a secretPath); `objects` holds every object's reply by name."""
+    for a template without a secretPath); `objects` holds every object's reply by name.
+    A JSON file larger than `max_bytes` is refused before it is built."""
+    try:
+        return _object_files(obj, data, objects, budget or TemplateBudget(), max_bytes)
+    except RecursionError:
+        path = data.path if data is not None else obj.object_name
+        raise VaultBadResponse(f"Vault's reply at {path} is nested too deeply to write as a file") from None
+
+
+def _object_files(
+    obj: SecretObject,
+    data: ObjectData | None,
+    objects: Mapping[str, ObjectData],
+    budget: TemplateBudget,
+    max_bytes: int,
+) -> list[RenderedFile]:
     if not obj.write_file:
         return []
     if obj.parsed_template is not None:
-        contents = _template(obj, data, objects, budget or TemplateBudget())
+        contents = _template(obj, data, objects, budget)
         return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
     assert data is not None  # the parse requires a secretPath without a template
     if data.raw is not None:
         contents = _passed_through(obj, data)
         return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
     if obj.expand_keys:
-        return _expanded(obj, data)
+        return _expanded(obj, data, max_bytes)
     if obj.secret_key_path:
-        contents = decode(_text_of(_pointed(data, obj.secret_key_path)), obj)
+        contents = decode(_text_of(_pointed(data, obj.secret_key_path), max_bytes, data.path), obj)
     elif obj.format == "json":
-        contents = gojson.dumps(data.body.get("data"))
+        contents = _json_file(data.body.get("data"), max_bytes, data.path)
     elif obj.format:
         contents = _pem(obj, data)
     elif not obj.secret_key:
+        _json_file_size(data.body, max_bytes, data.path)
         return [
             RenderedFile(
                 obj=obj,
@@ -238,11 +261,11 @@ def object_files(
             )
         ]
     else:
-        contents = decode(key_value(data.body.get("data"), obj.secret_key, data.path), obj)
+        contents = decode(key_value(data.body.get("data"), obj.secret_key, data.path, max_bytes), obj)
     return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
 
 
-def key_value(data: Any, key: str, path: str) -> bytes:
+def key_value(data: Any, key: str, path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The value at key: under data.data when that is a map (KV v2), else data."""
     if not isinstance(data, Mapping):
         raise VaultNotFound(f"Vault returned no data at {path}")
@@ -250,14 +273,26 @@ def key_value(data: Any, key: str, path: str) -> bytes:
     values = nested if isinstance(nested, Mapping) else data
     if key not in values:
         raise VaultNotFound(f"key {quote(key)} does not exist at {path}")
-    return _text_of(values[key])
+    return _text_of(values[key], max_bytes, path)
 
 
-def _text_of(value: Any) -> bytes:
+def _text_of(value: Any, max_bytes: int, path: str) -> bytes:
     """A value as file bytes: a string as itself (UTF-8), anything else as Go's JSON."""
     if isinstance(value, str):
         return value.encode("utf-8")
+    return _json_file(value, max_bytes, path)
+
+
+def _json_file(value: Any, max_bytes: int, path: str) -> bytes:
+    _json_file_size(value, max_bytes, path)
     return gojson.dumps(value)
+
+
+def _json_file_size(value: Any, max_bytes: int, path: str) -> None:
+    """Refuse, before building it, JSON larger than max_bytes (escapes make a reply's
+    JSON up to six times its size)."""
+    if gojson.encoded_size(value, max_bytes) > max_bytes:
+        raise ResponseTooLarge(f"the JSON of the reply at {path} would be larger than {max_bytes} bytes")
 
 
 def _pointed(data: ObjectData, pointer: str) -> Any:
@@ -287,7 +322,7 @@ def _pointed(data: ObjectData, pointer: str) -> Any:
     return value
 
 
-def _expanded(obj: SecretObject, data: ObjectData) -> list[RenderedFile]:
+def _expanded(obj: SecretObject, data: ObjectData, max_bytes: int) -> list[RenderedFile]:
     values = data.values()
     where = f"expandKeys at {data.path}"
     include = key_filter(where, "includeKeys", obj.include_keys) if obj.include_keys else None
@@ -300,7 +335,7 @@ def _expanded(obj: SecretObject, data: ObjectData) -> list[RenderedFile]:
         if "/" in key or "\\" in key:
             raise ConfigError(f"expandKeys: key {quote(key)} at {data.path} is not a safe file name (it holds a slash)")
         check_object_name(path, f"expandKeys: key {quote(key)} at {data.path}")
-        contents = decode(_text_of(values[key]), obj, key)
+        contents = decode(_text_of(values[key], max_bytes, data.path), obj, key)
         files.append(
             RenderedFile(obj=obj, path=path, contents=contents, version_input=path.encode() + b"\0" + contents)
         )
@@ -394,41 +429,40 @@ def _template(
 
 
 class _OverLimit:
-    """Templates that ran out of their limits recently, by parsed object and tenant (the
-    pod's namespace, Vault and role: two classes with the same objects text share a parse,
-    never each other's failures). Forgotten with the class's parse."""
+    """Templates that ran out of their limits recently, by template text and tenant (the
+    pod's namespace, Vault and role: two classes with the same template share nothing,
+    and a class too large for the parse cache is still recognised). Bounded."""
 
-    # Tenants remembered per parsed object: a class is mounted by a few.
-    TENANTS = 64
+    # Entries kept: far more than a node's failing templates at any one time.
+    ENTRIES = 4096
 
     def __init__(self) -> None:
-        self._failed: weakref.WeakKeyDictionary[SecretObject, dict[Hashable, tuple[float, str]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._failed: OrderedDict[tuple[bytes, Hashable], tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def check(self, obj: SecretObject, tenant: Hashable) -> None:
+        key = (obj.template_digest, tenant)
         with self._lock:
-            failed = self._failed.get(obj, {}).get(tenant)
+            failed = self._failed.get(key)
         if failed is None:
             return
         since, message = failed
         waited = time.monotonic() - since
         if waited >= OVER_LIMIT_SECONDS:
             with self._lock:
-                self._failed.get(obj, {}).pop(tenant, None)
+                self._failed.pop(key, None)
             return
         raise ConfigError(
             f"template {message} (not rendered again for {OVER_LIMIT_SECONDS - waited:.0f} s: it ran out of its "
-            "limits; fix the template and the class is parsed anew)"
+            "limits; a changed template is rendered at once)"
         )
 
     def remember(self, obj: SecretObject, tenant: Hashable, message: str) -> None:
         with self._lock:
-            tenants = self._failed.setdefault(obj, {})
-            if len(tenants) >= self.TENANTS:
-                tenants.pop(next(iter(tenants)))
-            tenants[tenant] = (time.monotonic(), message)
+            self._failed[(obj.template_digest, tenant)] = (time.monotonic(), message)
+            self._failed.move_to_end((obj.template_digest, tenant))
+            while len(self._failed) > self.ENTRIES:
+                self._failed.popitem(last=False)
 
 
 _OVER_LIMIT = _OverLimit()
@@ -459,17 +493,19 @@ def mount_files(
     namespace: str = "",
     deadline: float = float("inf"),
     tenant: Hashable = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> tuple[list[RenderedFile], list[tuple[str, ProviderError]]]:
     """Every object's files, and each object that failed with its error. `replies` holds
     the reply of each object that has a secretPath; `namespace` is the pod's, `tenant`
     who mounts (see _OverLimit)."""
     by_name = {obj.object_name: replies[obj] for obj in objects if obj in replies}
     budget = TemplateBudget(namespace, deadline, tenant)
+    files_max = min(max_bytes, MAX_FILE_BYTES)
     files: list[RenderedFile] = []
     failures: list[tuple[str, ProviderError]] = []
     for obj in objects:
         try:
-            files += object_files(obj, replies.get(obj), by_name, budget=budget)
+            files += object_files(obj, replies.get(obj), by_name, budget=budget, max_bytes=files_max)
         except ProviderError as e:
             failures.append((obj.object_name, e))
     paths: dict[str, str] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import resource
 import time
 
 import pytest
@@ -73,3 +74,40 @@ def test_a_class_cannot_spend_more_than_its_token_budget_on_templates() -> None:
     objects = "".join(f"- {{objectName: t{i}, template: '{template}'}}\n" for i in range(4))
     with pytest.raises(ConfigError, match=r"more than 20000 tokens|more than 10000 tokens"):
         parse_objects(objects)
+
+
+def test_the_memo_recognises_a_class_too_large_for_the_parse_cache() -> None:
+    padding = "{{ 1 }}" * 2700  # ~5,400 tokens: weighs more than the parse cache keeps
+    text = (
+        "- objectName: spin\n  template: '{{ range $i := 40000 }}{{ $i }}{{ $i }}{{ end }}'\n"
+        f"- objectName: pad\n  template: '{padding}'\n"
+    )
+    timings = []
+    for _ in range(3):
+        objects = parse_objects(text)  # parsed anew each time: new objects
+        started = time.monotonic()
+        _, failures = render.mount_files(objects, {}, namespace="ns", tenant="t")
+        timings.append(time.monotonic() - started)
+        assert failures
+    assert timings[1] < 0.05 and timings[2] < 0.05, timings
+
+
+def test_a_reply_nested_too_deeply_fails_its_object_not_the_mount() -> None:
+    deep: object = "x"
+    for _ in range(3000):
+        deep = [deep]
+    objects = parse_objects("- {objectName: whole, secretPath: p}\n- {objectName: k, secretPath: p, secretKey: k}")
+    data = render.ObjectData(path="p", body={"data": {"k": "v", "deep": deep}})
+    files, failures = render.mount_files(objects, {objects[0]: data, objects[1]: data})
+    assert [f.path for f in files] == ["k"]
+    assert [(name, type(error).__name__) for name, error in failures] == [("whole", "VaultBadResponse")]
+
+
+def test_a_json_file_too_large_is_refused_before_it_is_built() -> None:
+    objects = parse_objects("- {objectName: whole, secretPath: p}\n- {objectName: doc, secretPath: p, format: json}")
+    data = render.ObjectData(path="p", body={"data": {"k": "<" * (2 * 1024 * 1024)}})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    files, failures = render.mount_files(objects, {o: data for o in objects}, max_bytes=4 * 1024 * 1024)
+    assert not files and {name for name, _ in failures} == {"whole", "doc"}
+    assert all("would be larger than 4194304 bytes" in str(error) for _, error in failures)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 20
