@@ -451,14 +451,15 @@ def test_one_namespaces_heavy_templates_do_not_hold_up_another_namespaces_mounts
     provider: ProviderClient, world: VaultWorld, good: Tenant, unique: str
 ) -> None:
     """Sixty pods, each of its own class (nothing remembered between them), whose templates
-    spin near their limits. Past a few thousand steps renders take turns per namespace, so
-    the noisy namespace burns one thread (and GIL share), not sixteen. Measured here: the
-    good pods' remounts took 0.24-0.36 s with turns, 0.76-1.33 s without, 0.07-0.09 s alone."""
+    spin just under their step limit. Past a few thousand steps renders take turns per
+    namespace, so the noisy namespace burns one thread (and GIL share), not sixteen.
+    Measured here: the good pods' remounts took 0.53-0.67 s with turns, 5.9-6.7 s without,
+    0.06-0.08 s alone."""
     world.bao.api("POST", f"secret/data/{unique}-noisy", {"data": {"k": "v"}})
     noisy_pod = world.grant(f"{unique}-noisy", [f"secret/data/{unique}-noisy"], namespace="noisy", service_account="n")
     calls = []
     for i in range(60):
-        template = f"{{{{/* class {i} */}}}}{{{{ range 90000 }}}}{{{{ end }}}}"
+        template = f"{{{{/* class {i} */}}}}{{{{ range $i := 14000 }}}}{{{{ $i }}}}{{{{ $i }}}}{{{{ end }}}}"
         objects = [{"objectName": "t", "secretPath": f"secret/data/{unique}-noisy", "template": template}]
         calls.append(Call(provider.request(noisy_pod, objects, role=f"{unique}-noisy"), 10))
     light = [*good.objects, {"objectName": "t", "template": "{{ .Objects.k.Secrets.k | upper }}"}]
@@ -467,7 +468,7 @@ def test_one_namespaces_heavy_templates_do_not_hold_up_another_namespaces_mounts
     assert all(o.code == grpc.StatusCode.OK for o in alone)
     outcomes = burst(provider, calls + good_calls)
     assert_all_final_and_in_time(outcomes)
-    limit = max(0.7, 6 * max(o.elapsed for o in alone))
+    limit = max(1.5, 10 * max(o.elapsed for o in alone))
     for o in outcomes[60:]:
         assert o.code == grpc.StatusCode.OK and o.elapsed < limit, (o.code, o.elapsed, limit, o.details)
     assert {o.code for o in outcomes[:60]} <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
