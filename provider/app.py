@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -21,11 +22,12 @@ from lightkube.config.kubeconfig import KubeConfig
 
 from provider import kube as kube_module
 from provider._proto import service_pb2, service_pb2_grpc
-from provider.admission import Admission
+from provider.admission import Admission, ParseGate
 from provider.breaker import Breakers, EndpointKey, State
 from provider.cache import HmacKeySource, TokenCache
 from provider.config import Settings
 from provider.dispatch import MountDispatcher
+from provider.flavour import of_endpoint
 from provider.health import ReadinessCheck, create_health_server
 from provider.leases import LeaseCache
 from provider.metrics import Metrics
@@ -76,10 +78,6 @@ class App:
         self.tokens = TokenCache(
             settings.cache_size, on_evict=lambda: self.metrics.token_cache.labels("eviction").inc()
         )
-        self.hmac_keys = HmacKeySource(
-            lambda: self.kube.get_or_create_hmac_key(namespace=namespace, name=settings.hmac_secret_name),
-            ttl=settings.hmac_key_ttl,
-        )
         self.leases = LeaseCache(
             metrics=self.metrics,
             max_entries=settings.lease_cache_size,
@@ -88,31 +86,52 @@ class App:
         self.sweeper = PodSweeper(
             kube=self.kube, vault=self.vault, tokens=self.tokens, leases=self.leases, metrics=self.metrics
         )
-        self.mounter = Mounter(
-            settings=settings,
-            vault=self.vault,
-            kube=self.kube,
-            tokens=self.tokens,
-            hmac_keys=self.hmac_keys,
-            metrics=self.metrics,
-            leases=self.leases if settings.lease_cache_size > 0 else None,
-        )
-        self.dispatcher = MountDispatcher(
-            mounter=self.mounter,
-            admission=self.admission,
-            breakers=self.breakers,
-            vault=self.vault,
-            metrics=self.metrics,
-            defaults=settings.vault,
-        )
+        # Per contract (flavour.py): its defaults, HMAC key Secret, Mounter and dispatcher.
+        # Everything else (tokens, leases, bulkheads, breakers, connections) is shared: its
+        # keys hold whatever tells one pod, class or Vault from another.
+        parse_gate = ParseGate()
+        self.dispatchers: dict[str, MountDispatcher] = {}
+        for endpoint in settings.endpoints:
+            flavour = of_endpoint(endpoint)
+            if flavour.name in self.dispatchers:
+                continue
+            hmac_keys = HmacKeySource(
+                functools.partial(
+                    self.kube.get_or_create_hmac_key, namespace=namespace, name=settings.hmac_secret_for(flavour)
+                ),
+                ttl=settings.hmac_key_ttl,
+            )
+            mounter = Mounter(
+                settings=settings,
+                vault=self.vault,
+                kube=self.kube,
+                tokens=self.tokens,
+                hmac_keys=hmac_keys,
+                metrics=self.metrics,
+                leases=self.leases if settings.lease_cache_size > 0 else None,
+                flavour=flavour,
+                defaults=settings.defaults_for(flavour),
+            )
+            self.dispatchers[flavour.name] = MountDispatcher(
+                mounter=mounter,
+                admission=self.admission,
+                breakers=self.breakers,
+                vault=self.vault,
+                metrics=self.metrics,
+                defaults=mounter.defaults,
+                parse_gate=parse_gate,
+            )
+        # The first socket's, for callers that serve one (tests, check).
+        self.dispatcher = self.dispatchers[of_endpoint(settings.endpoint).name]
+        self.mounter = self.dispatcher.mounter
         self._loop = _LoopThread()
-        self._grpc: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._health: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
-        self._socket_identity: tuple[int, int, int] | None = None
+        self._socket_identities: dict[str, tuple[int, int, int]] = {}
 
     def start(self) -> None:
-        endpoint = self.settings.endpoint
+        endpoints = self.settings.endpoints
         # The health port first: if it cannot be had, no socket is left behind.
         try:
             self._health = create_health_server(
@@ -121,45 +140,57 @@ class App:
         except (OSError, ValueError) as e:
             raise SystemExit(f"-health-addr {self.settings.health_addr}: cannot listen: {_reason(e)}") from None
         try:
-            _check_endpoint_directory(endpoint)
+            for endpoint in endpoints:
+                _check_endpoint_directory(endpoint)
             self._loop.start()
             self.admission.bind(self._loop.loop)
-            # gRPC binds a path of its own, and unlinks that path when it stops; the socket
-            # is then linked into place (a stale one removed just before, a live one refused),
-            # so the driver finds no socket for microseconds only, and stopping removes
-            # nothing another instance made at -endpoint meanwhile.
-            staging = _staging_path(endpoint)
-            self._grpc = self._loop.run(self._start_grpc(staging), timeout=30)
-            os.chmod(staging, 0o660)
-            _place_socket(staging, endpoint)
-            self._socket_identity = _identity(os.stat(endpoint))
-        except BaseException:  # leave nothing running: no health port, no server, no loop
+            for endpoint in endpoints:
+                # gRPC binds a path of its own, and unlinks that path when it stops; the
+                # socket is then linked into place (a stale one removed just before, a live
+                # one refused), so the driver finds no socket for microseconds only, and
+                # stopping removes nothing another instance made at -endpoint meanwhile.
+                staging = _staging_path(endpoint)
+                dispatcher = self.dispatchers[of_endpoint(endpoint).name]
+                self._servers.append(self._loop.run(self._start_grpc(staging, dispatcher), timeout=30))
+                os.chmod(staging, 0o660)
+                _place_socket(staging, endpoint)
+                self._socket_identities[endpoint] = _identity(os.stat(endpoint))
+        except BaseException:  # leave nothing running: no health port, no server, no socket, no loop
             self._health.server_close()
             self._health = None
-            if self._grpc is not None:
+            for server in self._servers:
                 with contextlib.suppress(Exception):
-                    self._loop.run(self._grpc.stop(0), timeout=5)
-                self._grpc = None
+                    self._loop.run(server.stop(0), timeout=5)
+            self._servers = []
+            self._remove_own_sockets()
             self._loop.stop()
             raise
         threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()
         if self.settings.revoke_deleted_pods:
             self.sweeper.start(self.settings.revocation_interval)
-        logger.info("serving on unix:%s; health on %s", endpoint, self.health_address)
+        for endpoint in endpoints:
+            logger.info("serving on unix:%s (the %s provider contract)", endpoint, of_endpoint(endpoint).product)
+        logger.info("health on %s", self.health_address)
 
-    def _socket_is_ours(self) -> bool:
+    def _socket_is_ours(self, endpoint: str) -> bool:
         try:
-            st = os.stat(self.settings.endpoint)
+            st = os.stat(endpoint)
         except OSError:
             return False
-        return stat.S_ISSOCK(st.st_mode) and _identity(st) == self._socket_identity
+        return stat.S_ISSOCK(st.st_mode) and _identity(st) == self._socket_identities.get(endpoint)
+
+    def _remove_own_sockets(self) -> None:
+        for endpoint in self.settings.endpoints:
+            if self._socket_is_ours(endpoint):  # never another instance's socket that replaced ours
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint)
 
     def _live(self) -> bool:
-        return self._socket_is_ours()
+        return all(self._socket_is_ours(endpoint) for endpoint in self.settings.endpoints)
 
-    async def _start_grpc(self, endpoint: str) -> grpc.aio.Server:
+    async def _start_grpc(self, endpoint: str, dispatcher: MountDispatcher) -> grpc.aio.Server:
         server = create_server(
-            ProviderServicer(self.dispatcher, self.metrics),
+            ProviderServicer(dispatcher, self.metrics),
             endpoint=endpoint,
             max_message_bytes=self.settings.max_response_bytes,
         )
@@ -187,12 +218,13 @@ class App:
         return f"{host!s}:{port}"
 
     def _probe(self) -> bool:
-        """A fresh connection to the path the driver dials, answered by this process."""
-        if not self._socket_is_ours():
-            return False
-        with grpc.insecure_channel(f"unix:{self.settings.endpoint}") as channel:
-            stub = service_pb2_grpc.CSIDriverProviderStub(channel)  # type: ignore[no-untyped-call]
-            stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=1.0)
+        """A fresh connection to each path the driver dials, answered by this process."""
+        for endpoint in self.settings.endpoints:
+            if not self._socket_is_ours(endpoint):
+                return False
+            with grpc.insecure_channel(f"unix:{endpoint}") as channel:
+                stub = service_pb2_grpc.CSIDriverProviderStub(channel)  # type: ignore[no-untyped-call]
+                stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=1.0)
         return True
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -201,15 +233,16 @@ class App:
         self._stopped.set()
         logger.info("stopping: letting in-flight Mounts finish (up to %.0fs)", grace)
         self.sweeper.stop()
-        if self._grpc is not None:
+        if self._servers:
             # Mounts still running near the end of the grace get a final answer from us;
             # gRPC would cancel them at the end (UNAVAILABLE: "uncertain" for kubelet).
             loop = self._loop.loop
-            loop.call_soon_threadsafe(
-                loop.call_later, max(grace - STOP_ANSWER_MARGIN_SECONDS, 0.0), self.dispatcher.stop_answering
-            )
+            for dispatcher in self.dispatchers.values():
+                loop.call_soon_threadsafe(
+                    loop.call_later, max(grace - STOP_ANSWER_MARGIN_SECONDS, 0.0), dispatcher.stop_answering
+                )
             with contextlib.suppress(Exception):
-                self._loop.run(self._grpc.stop(grace), timeout=grace + 2)
+                self._loop.run(_stop_all(self._servers, grace), timeout=grace + 2)
         self._loop.stop()
         if self._health is not None:
             self._health.shutdown()
@@ -217,13 +250,15 @@ class App:
         self.admission.close()
         self.vault.close()
         self.kube.close()
-        if self._socket_is_ours():  # never another instance's socket that replaced ours
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.settings.endpoint)
+        self._remove_own_sockets()
         logger.info("stopped")
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+async def _stop_all(servers: list[grpc.aio.Server], grace: float) -> None:
+    await asyncio.gather(*(server.stop(grace) for server in servers))
 
 
 class _LoopThread:

@@ -39,6 +39,7 @@ from provider.config import (
     parse_mount,
 )
 from provider.errors import ConfigError, ProviderError, quote
+from provider.flavour import FLAVOURS, PREFIXED, VAULT, Flavour
 from provider.metrics import Metrics
 from provider.mount import MountedFile, Mounter, MountRequest
 from provider.vault import VaultClient
@@ -66,6 +67,7 @@ class ClassReport:
     parameters: dict[str, str] = field(default_factory=dict)
     config: MountConfig | None = None
     secret_objects: list[Mapping[str, Any]] = field(default_factory=list)
+    flavour: Flavour = VAULT
 
 
 def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassReport:
@@ -76,8 +78,14 @@ def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassRe
     if not isinstance(spec, Mapping):
         report.errors.append("spec is missing")
         return report
-    if spec.get("provider") != "vault":
-        report.errors.append(f"spec.provider is {quote(str(spec.get('provider')))}; this provider answers 'vault'")
+    flavour = FLAVOURS.get(str(spec.get("provider")))
+    if flavour is None:
+        report.errors.append(
+            f"spec.provider is {quote(str(spec.get('provider')))}; this provider answers 'vault' (vault.sock) "
+            "and 'openbao' (openbao.sock)"
+        )
+        flavour = VAULT
+    report.flavour = flavour
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         report.errors.append("spec.parameters must be a map of strings")
@@ -88,11 +96,15 @@ def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassRe
     report.parameters = {str(k): v for k, v in parameters.items() if isinstance(v, str)}
     try:
         report.config = parse_mount(
-            attributes=json.dumps(report.parameters), target_path="/check", permission="420", defaults=defaults
+            attributes=json.dumps(report.parameters),
+            target_path="/check",
+            permission="420",
+            defaults=defaults,
+            flavour=flavour,
         )
     except ConfigError as e:
         report.errors.append(str(e))
-    report.warnings.extend(lint_parameters(report.parameters))
+    report.warnings.extend(lint_parameters(report.parameters, flavour))
     names = _files_of_config(report.config) if report.config else _object_names(report.parameters)
     raw_objects = spec.get("secretObjects") or []
     if not isinstance(raw_objects, list):
@@ -205,14 +217,30 @@ def did_you_mean(key: str, known: Sequence[str]) -> str:
     return f" (did you mean {quote(match)}?)" if match else ""
 
 
-def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
+def known_parameters(flavour: Flavour) -> tuple[str, ...]:
+    """The parameter names a class of this contract may use."""
+    if flavour is VAULT:
+        return KNOWN_PARAMETERS
+    prefixed = [f"{prefix}{suffix}" for prefix in flavour.prefixes for suffix in PREFIXED]
+    roles = [f"{prefix}RoleName" for prefix in flavour.prefixes]
+    return (*prefixed, *roles, "roleName", "audience", "objects")
+
+
+def lint_parameters(parameters: Mapping[str, str], flavour: Flavour = VAULT) -> list[str]:
     """Warnings for keys a Mount would ignore, and for what users commonly get wrong."""
     warnings = []
+    known = known_parameters(flavour)
     for key in parameters:
-        if key in KNOWN_PARAMETERS or key.startswith("csi.storage.k8s.io/"):
+        if key in known or key.startswith("csi.storage.k8s.io/"):
             continue
-        hint = f": {_HINTS[key]}" if key in _HINTS else did_you_mean(key, KNOWN_PARAMETERS)
+        hint = f": {_HINTS[key]}" if key in _HINTS else did_you_mean(key, known)
+        if flavour is VAULT and key.startswith(("bao", "openbao")):
+            hint = (
+                ": that is the OpenBao provider's name; set spec.provider: openbao, or write vault"
+                + key.split("bao", 1)[1]
+            )
         warnings.append(f"unknown parameter {quote(key)} is ignored{hint}")
+    parameters = flavour.canonical(parameters)[0]
     mount = parameters.get("vaultAuthMountPath") or parameters.get("vaultKubernetesMountPath") or ""
     if mount.strip("/").startswith("auth/"):
         warnings.append(
@@ -220,7 +248,7 @@ def lint_parameters(parameters: Mapping[str, str]) -> list[str]:
             f"({quote(mount.strip('/')[5:])}); logins go to auth/<mount>/login"
         )
     audience = parameters.get("audience", "")
-    if audience and audience != "vault":
+    if audience and audience != flavour.default_audience:
         warnings.append(
             f"audience {quote(audience)}: the CSI driver's tokenRequests must list it (driver-values.yaml), else "
             "Mounts fall back to requesting a token themselves (RBAC: serviceaccounts/token create)"
@@ -406,7 +434,7 @@ def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSetti
     with open(args.jwt_file, encoding="utf-8") as jwt_file:
         jwt = jwt_file.read().strip()
     assert report.config is not None
-    audience = report.config.audience or "vault"
+    audience = report.config.audience or report.flavour.default_audience
     attributes = {
         **report.parameters,
         "csi.storage.k8s.io/pod.name": args.pod_name,
@@ -425,6 +453,7 @@ def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSetti
         tokens=TokenCache(0),
         hmac_keys=HmacKeySource(lambda: key, ttl=float("inf")),
         metrics=metrics,
+        flavour=report.flavour,
     )
     try:
         result = mounter.mount(

@@ -120,7 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     def switch(name: str, help: str) -> None:
         flag(name, nargs="?", const=True, default=None, type=_bool, metavar="BOOL", help=help)
 
-    flag("endpoint", default="/tmp/vault.sock", type=_endpoint, help="path of the unix socket to serve gRPC on")
+    flag(
+        "endpoint",
+        action="append",
+        default=None,
+        type=_endpoint,
+        help="unix socket to serve gRPC on (default /tmp/vault.sock); give it again for more sockets: one named "
+        "openbao.sock speaks the OpenBao provider's contract, any other the Vault one",
+    )
     flag("log-level", default=None, type=_log_level, help="trace, debug, info, warn, error or off (any case)")
     switch("debug", "deprecated: same as -log-level=debug")
     flag("log-format", default="text", choices=["text", "json"], help="log line format")
@@ -149,29 +156,40 @@ def build_parser() -> argparse.ArgumentParser:
     flag("vault-tls-client-cert", default=None, help="client certificate (env VAULT_CLIENT_CERT)")
     flag("vault-tls-client-key", default=None, help="client key (env VAULT_CLIENT_KEY)")
     switch("vault-tls-skip-verify", "do not verify Vault's certificate (env VAULT_SKIP_VERIFY)")
+    # For classes on an openbao.sock, as openbao-csi-provider names them: BAO_* env, then VAULT_*.
+    flag("openbao-addr", default=None, help="default OpenBao address (env BAO_ADDR, then VAULT_ADDR)")
+    flag("openbao-mount", default="kubernetes", help="default OpenBao auth mount path")
+    flag("openbao-namespace", default=None, help="default OpenBao namespace (env BAO_NAMESPACE)")
+    flag("openbao-tls-ca-cert", default=None, help="CA certificate file (env BAO_CACERT)")
+    flag("openbao-tls-ca-directory", default=None, help="directory of CA certificates (env BAO_CAPATH)")
+    flag("openbao-tls-server-name", default=None, help="TLS server name (env BAO_TLS_SERVER_NAME)")
+    flag("openbao-tls-client-cert", default=None, help="client certificate (env BAO_CLIENT_CERT)")
+    flag("openbao-tls-client-key", default=None, help="client key (env BAO_CLIENT_KEY)")
+    switch("openbao-tls-skip-verify", "do not verify OpenBao's certificate (env BAO_SKIP_VERIFY)")
+    flag(
+        "openbao-hmac-secret-name",
+        default="openbao-csi-provider-hmac-key",
+        help="Secret holding the HMAC key of openbao.sock's versions",
+    )
     return parser
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Flags over environment over defaults."""
-
-    def pick(flag_value: str | None, env_name: str, default: str = "") -> str:
-        if flag_value is not None:
-            return flag_value
-        return environ.get(env_name, default)
-
-    skip = args.vault_tls_skip_verify
-    if skip is None:
-        skip = (
-            parse_bool("VAULT_SKIP_VERIFY", environ["VAULT_SKIP_VERIFY"]) if environ.get("VAULT_SKIP_VERIFY") else False
-        )
     level = args.log_level or ("debug" if args.debug else "info")
+    endpoints = args.endpoint or ["/tmp/vault.sock"]
+    repeated = sorted({e for e in endpoints if endpoints.count(e) > 1})
+    if repeated:
+        raise ConfigError(f"-endpoint {repeated[0]} is given more than once")
+    allowed = tuple(a.strip() for a in args.allowed_vault_addresses.split(",") if a.strip())
     return Settings(
-        endpoint=args.endpoint,
+        endpoint=endpoints[0],
+        extra_endpoints=tuple(endpoints[1:]),
         log_level=level,
         log_format=args.log_format,
         health_addr=args.health_addr,
         hmac_secret_name=args.hmac_secret_name,
+        openbao_hmac_secret_name=args.openbao_hmac_secret_name,
         hmac_key_ttl=args.hmac_key_ttl,
         cache_size=args.cache_size,
         max_response_bytes=args.max_response_bytes,
@@ -179,20 +197,47 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         lease_renew_fraction=args.lease_renew_fraction,
         revoke_deleted_pods=bool(args.revoke_leases_of_deleted_pods),
         revocation_interval=args.revocation_interval,
-        vault=VaultSettings(
-            address=pick(args.vault_addr, "VAULT_ADDR", "https://127.0.0.1:8200"),
-            auth_mount=args.vault_mount.strip("/"),
-            namespace=pick(args.vault_namespace, "VAULT_NAMESPACE"),
-            tls=TLSConfig(
-                ca_cert=pick(args.vault_tls_ca_cert, "VAULT_CACERT"),
-                ca_directory=pick(args.vault_tls_ca_directory, "VAULT_CAPATH"),
-                server_name=pick(args.vault_tls_server_name, "VAULT_TLS_SERVER_NAME"),
-                client_cert=pick(args.vault_tls_client_cert, "VAULT_CLIENT_CERT"),
-                client_key=pick(args.vault_tls_client_key, "VAULT_CLIENT_KEY"),
-                skip_verify=bool(skip),
-            ),
-            allowed_addresses=tuple(a.strip() for a in args.allowed_vault_addresses.split(",") if a.strip()),
+        vault=_server_settings(args, environ, "vault", ("VAULT",), allowed),
+        openbao=_server_settings(args, environ, "openbao", ("BAO", "VAULT"), allowed),
+    )
+
+
+def _server_settings(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    flag: str,
+    env_prefixes: Sequence[str],
+    allowed: tuple[str, ...],
+) -> VaultSettings:
+    """One contract's defaults: its -FLAG-* flags, else the first of its environment
+    prefixes that sets the variable (BAO_ADDR, then VAULT_ADDR), else the default."""
+
+    def pick(option: str, env_suffix: str, default: str = "") -> str:
+        value = getattr(args, f"{flag}_{option}")
+        if value is not None:
+            return str(value)
+        for prefix in env_prefixes:
+            if f"{prefix}_{env_suffix}" in environ:
+                return environ[f"{prefix}_{env_suffix}"]
+        return default
+
+    skip = getattr(args, f"{flag}_tls_skip_verify")
+    if skip is None:
+        text = pick("tls_skip_verify", "SKIP_VERIFY")
+        skip = parse_bool(f"{env_prefixes[0]}_SKIP_VERIFY", text) if text else False
+    return VaultSettings(
+        address=pick("addr", "ADDR", "https://127.0.0.1:8200"),
+        auth_mount=getattr(args, f"{flag}_mount").strip("/"),
+        namespace=pick("namespace", "NAMESPACE"),
+        tls=TLSConfig(
+            ca_cert=pick("tls_ca_cert", "CACERT"),
+            ca_directory=pick("tls_ca_directory", "CAPATH"),
+            server_name=pick("tls_server_name", "TLS_SERVER_NAME"),
+            client_cert=pick("tls_client_cert", "CLIENT_CERT"),
+            client_key=pick("tls_client_key", "CLIENT_KEY"),
+            skip_verify=bool(skip),
         ),
+        allowed_addresses=allowed,
     )
 
 

@@ -25,6 +25,7 @@ import yaml
 from provider import gojson, gotemplate, goyaml
 from provider.address import MAX_ADDRESS_LENGTH, Target, safe_describe
 from provider.errors import ConfigError, quote, truncate
+from provider.flavour import VAULT, Flavour
 
 # The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
 # near 1.5 MiB by etcd, so 2 MiB of attributes is more than any real class.
@@ -93,6 +94,9 @@ class Settings:
     """The daemon's configuration: flags over environment over defaults."""
 
     endpoint: str = "/tmp/vault.sock"
+    # More sockets (-endpoint given again); each speaks the contract its file name says
+    # (flavour.py: openbao.sock is OpenBao's).
+    extra_endpoints: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
     health_addr: str = ":8080"
@@ -105,6 +109,19 @@ class Settings:
     revoke_deleted_pods: bool = False
     revocation_interval: float = 60.0
     vault: VaultSettings = field(default_factory=VaultSettings)
+    # The defaults of classes on an openbao.sock: -openbao-* flags, BAO_* then VAULT_* env.
+    openbao: VaultSettings = field(default_factory=VaultSettings)
+    openbao_hmac_secret_name: str = "openbao-csi-provider-hmac-key"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint, *self.extra_endpoints)
+
+    def defaults_for(self, flavour: Flavour) -> VaultSettings:
+        return self.openbao if flavour.name == "openbao" else self.vault
+
+    def hmac_secret_for(self, flavour: Flavour) -> str:
+        return self.openbao_hmac_secret_name if flavour.name == "openbao" else self.hmac_secret_name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +215,7 @@ class MountConfig:
     pod: PodInfo
     target_path: str
     permission: int
+    flavour: Flavour = VAULT
 
 
 def parse_mount(
@@ -208,10 +226,17 @@ def parse_mount(
     defaults: VaultSettings,
     gate: Callable[[], AbstractContextManager[object]] | None = None,
     decoded: Any = None,
+    flavour: Flavour = VAULT,
 ) -> MountConfig:
     """Validate a Mount request's fields; raise ConfigError naming what to fix. `gate`
-    bounds concurrent parses of objects lists not yet cached (see parse_objects)."""
-    params = _parse_attributes(attributes, decoded)
+    bounds concurrent parses of objects lists not yet cached (see parse_objects).
+    `flavour` says how the class names its parameters (flavour.py); messages name the
+    parameter as the class wrote it."""
+    params, written = flavour.canonical(_parse_attributes(attributes, decoded))
+
+    def name(parameter: str) -> str:
+        return written.get(parameter, parameter)
+
     problems: list[str] = []
     if not target_path:
         problems.append("missing target path")
@@ -221,13 +246,13 @@ def parse_mount(
         problems.append("missing 'roleName' in SecretProviderClass parameters")
     if "vaultKubernetesMountPath" in params and "vaultAuthMountPath" in params:
         problems.append(
-            "set only one of 'vaultKubernetesMountPath' and 'vaultAuthMountPath' in "
+            f"set only one of {name('vaultKubernetesMountPath')!r} and {name('vaultAuthMountPath')!r} in "
             "SecretProviderClass parameters (both name the auth mount)"
         )
     auth_mount = params.get("vaultAuthMountPath") or params.get("vaultKubernetesMountPath") or ""
     tls = defaults.tls
     try:
-        tls = _merge_tls(defaults.tls, params)
+        tls = _merge_tls(defaults.tls, params, name)
     except ConfigError as e:
         problems.append(str(e))
     objects: tuple[SecretObject, ...] = ()
@@ -243,21 +268,22 @@ def parse_mount(
         namespace=params.get(POD_NAMESPACE, ""),
         uid=params.get(POD_UID, ""),
         service_account=params.get(SERVICE_ACCOUNT_NAME, ""),
-        token=_token_for_audience(params.get(SERVICE_ACCOUNT_TOKENS, ""), audience or DEFAULT_AUDIENCE),
+        token=_token_for_audience(params.get(SERVICE_ACCOUNT_TOKENS, ""), audience or flavour.default_audience),
     )
     vault_address, vault_namespace = vault_target(params, defaults)
-    source = "'vaultAddress' in SecretProviderClass parameters" if params.get("vaultAddress") else "-vault-addr"
+    flag = f"-{flavour.name}-addr"
+    source = f"{name('vaultAddress')!r} in SecretProviderClass parameters" if params.get("vaultAddress") else flag
     try:
         Target.parse(vault_address)
     except ValueError as e:
-        raise ConfigError(f"{source} is not a valid Vault address: {e}") from None
+        raise ConfigError(f"{source} is not a valid {flavour.product} address: {e}") from None
     if len(vault_namespace) > MAX_NAMESPACE_LENGTH:
-        raise ConfigError(f"'vaultNamespace' is longer than {MAX_NAMESPACE_LENGTH} characters")
+        raise ConfigError(f"{name('vaultNamespace')!r} is longer than {MAX_NAMESPACE_LENGTH} characters")
     if defaults.allowed_addresses and not address_allowed(vault_address, defaults):
         allowed = ", ".join(safe_describe(a) for a in defaults.allowed_addresses)
         raise ConfigError(
-            f"vaultAddress {quote(safe_describe(vault_address))} is not allowed on this node: the provider only "
-            f"reaches the addresses in its -allowed-vault-addresses ({allowed}) and its default address"
+            f"{name('vaultAddress')} {quote(safe_describe(vault_address))} is not allowed on this node: the provider "
+            f"only reaches the addresses in its -allowed-vault-addresses ({allowed}) and its default address"
         )
     return MountConfig(
         role_name=role,
@@ -270,6 +296,7 @@ def parse_mount(
         pod=pod,
         target_path=target_path,
         permission=mode,
+        flavour=flavour,
     )
 
 
@@ -306,7 +333,7 @@ class Route:
     decoded: Any = field(default=None, repr=False, compare=False)
 
 
-def peek_route(attributes: str, defaults: VaultSettings) -> Route:
+def peek_route(attributes: str, defaults: VaultSettings, flavour: Flavour = VAULT) -> Route:
     """The Route of a Mount request, read cheaply; a request too broken to read gets an
     empty one (its parse, later, says what is wrong). Raises ConfigError for attributes
     too costly to read at all."""
@@ -319,6 +346,7 @@ def peek_route(attributes: str, defaults: VaultSettings) -> Route:
     params = decoded
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         params = {}
+    params = flavour.canonical(params)[0]
     address, namespace = vault_target(params, defaults)
     if len(address) > MAX_ADDRESS_LENGTH or len(namespace) > MAX_NAMESPACE_LENGTH:
         address, namespace = "", ""  # refused by the parse; nothing of it is kept meanwhile
@@ -410,7 +438,7 @@ def parse_bool(name: str, text: str) -> bool:
     raise ConfigError(f"{name} must be a boolean (true or false), got {truncate(text, 40)!r}")
 
 
-def _merge_tls(base: TLSConfig, params: Mapping[str, str]) -> TLSConfig:
+def _merge_tls(base: TLSConfig, params: Mapping[str, str], name: Callable[[str], str] = str) -> TLSConfig:
     overrides: dict[str, Any] = {}
     for key, attr in (
         ("vaultCACertPath", "ca_cert"),
@@ -423,7 +451,7 @@ def _merge_tls(base: TLSConfig, params: Mapping[str, str]) -> TLSConfig:
             overrides[attr] = params[key]
     if "vaultSkipTLSVerify" in params:
         overrides["skip_verify"] = parse_bool(
-            "'vaultSkipTLSVerify' in SecretProviderClass parameters", params["vaultSkipTLSVerify"]
+            f"{name('vaultSkipTLSVerify')!r} in SecretProviderClass parameters", params["vaultSkipTLSVerify"]
         )
     return replace(base, **overrides)
 

@@ -65,8 +65,17 @@ class MountDispatcher:
         self._defaults = defaults
         self._clock = clock
 
+    @property
+    def mounter(self) -> Mounter:
+        return self._mounter
+
+    @property
+    def flavour(self) -> str:
+        """The contract of the socket this dispatcher answers for (a metrics label)."""
+        return self._mounter.flavour.name
+
     def route(self, request: MountRequest) -> Dispatched:
-        route = peek_route(request.attributes, self._defaults)
+        route = peek_route(request.attributes, self._defaults, self._mounter.flavour)
         try:
             endpoint = EndpointKey.of(route.vault_address, route.vault_namespace)
         except ValueError:  # the parse will say what is wrong; meanwhile it counts as no endpoint

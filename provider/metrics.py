@@ -26,13 +26,14 @@ class Metrics:
         r = self.registry
         self.mounts = Counter(
             "vault_csi_provider_mounts",
-            "Mount requests answered, by outcome and gRPC code.",
-            ["outcome", "code"],
+            "Mount requests answered, by outcome, gRPC code and provider contract (vault or openbao socket).",
+            ["outcome", "code", "provider"],
             registry=r,
         )
         self.mount_duration = Histogram(
             "vault_csi_provider_mount_duration_seconds",
-            "Time to answer a Mount.",
+            "Time to answer a Mount, by provider contract (vault or openbao socket).",
+            ["provider"],
             buckets=_MOUNT_BUCKETS,
             registry=r,
         )

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from provider import render
 from provider.cache import HmacKeySource, TokenCache, TokenGrant
-from provider.config import DEFAULT_AUDIENCE, MountConfig, SecretObject, Settings, parse_mount
+from provider.config import MountConfig, SecretObject, Settings, VaultSettings, parse_mount
 from provider.errors import (
     ConfigError,
     KubernetesError,
@@ -30,6 +30,7 @@ from provider.errors import (
     VaultPermissionDenied,
     quote,
 )
+from provider.flavour import VAULT, Flavour
 from provider.kube import KubeClient
 from provider.leases import LeaseCache, LeaseKey
 from provider.metrics import Metrics
@@ -129,7 +130,13 @@ class Mounter:
         hmac_keys: HmacKeySource,
         metrics: Metrics,
         leases: LeaseCache | None = None,
+        flavour: Flavour = VAULT,
+        defaults: VaultSettings | None = None,
     ) -> None:
+        """`flavour` is the contract of the socket this Mounter answers on; `defaults` its
+        default address, auth mount, namespace and TLS (settings.vault by default)."""
+        self.flavour = flavour
+        self.defaults = defaults or settings.vault
         self._settings = settings
         self._vault = vault
         self._kube = kube
@@ -149,7 +156,8 @@ class Mounter:
             attributes=request.attributes,
             target_path=request.target_path,
             permission=request.permission,
-            defaults=self._settings.vault,
+            defaults=self.defaults,
+            flavour=self.flavour,
             gate=gate,
             decoded=decoded,
         )
@@ -303,7 +311,8 @@ class Mounter:
         except VaultLoginDenied as e:
             self._metrics.logins.labels("denied").inc()
             raise VaultLoginDenied(
-                f"vault login failed for role {quote(config.role_name)} at auth/{config.auth_mount} as service "
+                f"{config.flavour.name} login failed for role {quote(config.role_name)} at auth/{config.auth_mount} "
+                "as service "
                 f"account {config.pod.namespace}/{config.pod.service_account}: {e}",
                 status=e.status,
             ) from None
@@ -317,7 +326,7 @@ class Mounter:
         if config.pod.token:
             return config.pod.token
         pod = config.pod
-        audience = config.audience or DEFAULT_AUDIENCE
+        audience = config.audience or config.flavour.default_audience
         missing = [
             name
             for name, value in (
@@ -397,7 +406,7 @@ class _Identity:
                 service_account=pod.service_account,
                 role=config.role_name,
                 auth_mount=config.auth_mount,
-                audience=config.audience,
+                audience=config.audience or config.flavour.default_audience,  # the JWT it logs in with
                 endpoint=endpoint,
             )
             if pod.uid

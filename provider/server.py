@@ -134,8 +134,8 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         self, started: float, outcome: str, code: grpc.StatusCode, pod: str, files: int | None, error: str
     ) -> None:
         elapsed = time.monotonic() - started
-        self._metrics.mounts.labels(outcome, code.name).inc()
-        self._metrics.mount_duration.observe(elapsed)
+        self._metrics.mounts.labels(outcome, code.name, self._dispatcher.flavour).inc()
+        self._metrics.mount_duration.labels(self._dispatcher.flavour).observe(elapsed)
         if outcome == "ok":
             logger.info("mount pod=%s files=%d outcome=ok duration_ms=%.1f", pod, files, elapsed * 1000)
         else:

@@ -157,12 +157,12 @@ def drive(nodes: dict[str, ProviderClient], world: VaultWorld, unique: str) -> N
             "secretKey": "certificate",
         }
     ]
-    for _ in range(10):
+    for _ in range(12):  # over ~6 s: several scrapes (1 s apart) see the counters grow
         nodes["node-a"].mount(pod, kv, role=unique)
         nodes["node-a"].mount(pod, pki, role=unique)
         with pytest.raises(Exception):  # noqa: B017  # any gRPC error: Vault is dead for node-b
             nodes["node-b"].mount(pod, kv, role=unique, timeout=5)
-        time.sleep(0.3)
+        time.sleep(0.5)
 
 
 def concrete(expr: str) -> str:
@@ -178,6 +178,13 @@ def test_a_real_prometheus_answers_every_dashboard_query_and_fires_the_failure_a
     for title, expr in dashboard_queries():
         assert metric_names(expr) <= exported, (title, metric_names(expr) - exported)
 
+    # Both targets scraped before the traffic starts, so rates see the counters grow.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        up = prometheus.query("up == 1")["data"]["result"]
+        if len(up) == 2:
+            break
+        time.sleep(0.2)
     drive(nodes, world, unique)
     pending = dict(dashboard_queries())
     answers: dict[str, Any] = {}

@@ -89,8 +89,8 @@ def test_metrics_count_mounts_and_never_carry_pods_paths_or_values(
     status, text = get(f"http://{provider.app.health_address}/metrics")
     assert status == 200
     for family in [
-        'vault_csi_provider_mounts_total{code="OK",outcome="ok"} 2.0',
-        'vault_csi_provider_mounts_total{code="NOT_FOUND",outcome="error"} 1.0',
+        'vault_csi_provider_mounts_total{code="OK",outcome="ok",provider="vault"} 2.0',
+        'vault_csi_provider_mounts_total{code="NOT_FOUND",outcome="error",provider="vault"} 1.0',
         "vault_csi_provider_mount_duration_seconds_bucket",
         'vault_csi_provider_vault_requests_total{operation="read",status="200"} 2.0',
         'vault_csi_provider_vault_requests_total{operation="read",status="404"} 1.0',
