@@ -65,7 +65,7 @@ def traffic(nodes: dict[str, Provider], kube: FakeKubernetes, stop: threading.Ev
         time.sleep(0.5)
 
 
-def series_of(prometheus: Prometheus, expr: str, start: float, end: float) -> list[tuple[str, list[float]]]:
+def series_of(prometheus: Prometheus, expr: str, start: float, end: float) -> list[tuple[dict[str, str], list[float]]]:
     concrete = expr.replace("$node", ".*").replace("$instance", ".*").replace("$__rate_interval", "30s")
     reply = prometheus.api("query_range", query=concrete, start=str(start), end=str(end), step=str(STEP))
     if reply.get("status") != "success":

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NamedTuple
 
 from provider import gojson
 
@@ -36,8 +36,9 @@ from provider import gojson
 MAX_TEMPLATE_BYTES = 64 * 1024
 # Nested control structures and parentheses; real templates use a handful.
 MAX_NESTING = 50
-# Tokens and text pieces of one template: a 100-line .env is about 600; parsing costs some
-# microseconds each, so this bounds a parse to tens of milliseconds.
+# Tokens and text pieces of one template: a 100-line .env is about 600; parsing costs about
+# 10 microseconds each, so this bounds a parse to about 0.1 s (and the ParseGate bounds how
+# many run at once).
 MAX_TOKENS = 10_000
 # ... and of all the templates of one class together.
 MAX_CLASS_TOKENS = 20_000
@@ -99,8 +100,7 @@ _TOKEN = re.compile(
 _TRIM_SPACE = " \t\r\n"
 
 
-@dataclass(frozen=True)
-class _Token:
+class _Token(NamedTuple):  # a tuple: thousands are made per parse, frozen dataclasses cost more
     kind: str
     text: str
     start: int
@@ -186,25 +186,23 @@ def _tokens(inner: str, line: int, budget: list[int]) -> tuple[_Token, ...]:
     tokens: list[_Token] = []
     pos = 0
     budget[0] -= 1  # the text before the action
-    while pos < len(inner):
-        match = _TOKEN.match(inner, pos)
-        if match is None or match.end() == pos:
-            raise TemplateError(f"unexpected {inner[pos]!r} in action", line)
+    for match in _TOKEN.finditer(inner):  # matches must follow one another: a gap is a stray character
+        start, end = match.span()
+        if start != pos:
+            break
         kind = match.lastgroup or ""
-        if (
-            kind == "number"
-            and match.end() < len(inner)
-            and (inner[match.end()].isalnum() or inner[match.end()] == "_")
-        ):
-            raise TemplateError(f"bad number syntax: {inner[pos : match.end() + 1]!r}", line)
+        if kind == "number" and end < len(inner) and (inner[end].isalnum() or inner[end] == "_"):
+            raise TemplateError(f"bad number syntax: {inner[start : end + 1]!r}", line)
         if kind != "space":
             budget[0] -= 1
             if budget[0] < 0:
                 raise TemplateError(
                     f"the template has more than {MAX_TOKENS} tokens (or the class's templates together)", line
                 )
-            tokens.append(_Token(kind, match.group(), match.start(), match.end()))
-        pos = match.end()
+            tokens.append(_Token(kind, match.group(), start, end))
+        pos = end
+    if pos < len(inner):
+        raise TemplateError(f"unexpected {inner[pos]!r} in action", line)
     return tuple(tokens)
 
 
@@ -462,6 +460,10 @@ def _declaration(tokens: Sequence[_Token], start: int, end: int, operator: str, 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
 
 
+_INTEGER = re.compile(r"[-+]?(0[xX][0-9a-fA-F]+|[0-9]+)")
+_OCTAL = re.compile(r"[-+]?0[0-9]+")
+
+
 def _literal(token: _Token, line: int) -> Any:
     text = token.text
     if token.kind == "raw":
@@ -477,8 +479,8 @@ def _literal(token: _Token, line: int) -> Any:
     if len(digits) > MAX_DIGITS:
         raise TemplateError(f"a number constant of more than {MAX_DIGITS} characters", line)
     try:
-        if re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F]+|[0-9]+)", digits):
-            number = int(digits, 0) if not re.fullmatch(r"[-+]?0[0-9]+", digits) else int(digits, 8)
+        if _INTEGER.fullmatch(digits):
+            number = int(digits, 0) if not _OCTAL.fullmatch(digits) else int(digits, 8)
             if not -(2**63) <= number < 2**64:  # Go's constants: int64 or uint64
                 raise TemplateError(f"integer constant {text} overflows 64 bits", line)
             return number

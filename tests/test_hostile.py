@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provider._proto import service_pb2
+from provider.check import KNOWN_OBJECT_KEYS
 from provider.config import MAX_MODE, ConfigError, VaultSettings, check_object_name, parse_mount
 from tests.conftest import ProviderClient, VaultWorld, files_of
 
@@ -113,31 +114,13 @@ def test_every_hostile_request_is_refused_quickly_while_others_are_served(
 
 DEFAULTS = VaultSettings(address="https://vault:8200")
 scalars = st.one_of(st.text(max_size=20), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=True))
-yaml_values = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=20,
-)
+def nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+yaml_values = st.recursive(scalars, nested, max_leaves=20)
 object_dicts = st.dictionaries(
-    st.sampled_from(
-        [
-            "objectName",
-            "secretPath",
-            "secretKey",
-            "method",
-            "secretArgs",
-            "filePermission",
-            "encoding",
-            "other",
-            "secretKeyPath",
-            "expandKeys",
-            "includeKeys",
-            "excludeKeys",
-            "format",
-            "template",
-            "writeFile",
-        ]
-    ),
+    st.sampled_from([*KNOWN_OBJECT_KEYS, "other"]),
     yaml_values | st.sampled_from(["{{ .Secrets.k }}", "/a/0", "^k", "json", "pem-bundle", "{{ .Objects.o }}"]),
     max_size=9,
 )
