@@ -114,6 +114,8 @@ def test_every_hostile_request_is_refused_quickly_while_others_are_served(
 
 DEFAULTS = VaultSettings(address="https://vault:8200")
 scalars = st.one_of(st.text(max_size=20), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=True))
+
+
 def nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
 
