@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import difflib
 import json
 import os
@@ -39,7 +40,7 @@ from provider.config import (
     parse_mount,
 )
 from provider.errors import ConfigError, ProviderError, quote
-from provider.flavour import FLAVOURS, PREFIXED, VAULT, Flavour
+from provider.flavour import FLAVOURS, OPENBAO, PREFIXED, VAULT, Flavour
 from provider.metrics import Metrics
 from provider.mount import MountedFile, Mounter, MountRequest
 from provider.vault import VaultClient
@@ -234,11 +235,10 @@ def lint_parameters(parameters: Mapping[str, str], flavour: Flavour = VAULT) -> 
         if key in known or key.startswith("csi.storage.k8s.io/"):
             continue
         hint = f": {_HINTS[key]}" if key in _HINTS else did_you_mean(key, known)
-        if flavour is VAULT and key.startswith(("bao", "openbao")):
-            hint = (
-                ": that is the OpenBao provider's name; set spec.provider: openbao, or write vault"
-                + key.split("bao", 1)[1]
-            )
+        if flavour is VAULT and key in known_parameters(OPENBAO) and not key.startswith("vault"):
+            suffix = key.split("bao", 1)[1]
+            vault_name = "roleName" if suffix == "RoleName" else f"vault{suffix}"
+            hint = f": that is the OpenBao provider's name; set spec.provider: openbao, or write {vault_name}"
         warnings.append(f"unknown parameter {quote(key)} is ignored{hint}")
     parameters = flavour.canonical(parameters)[0]
     mount = parameters.get("vaultAuthMountPath") or parameters.get("vaultKubernetesMountPath") or ""
@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("vault-mount", default="kubernetes", help="default auth mount")
     flag("vault-ca-cert", default=os.environ.get("VAULT_CACERT", ""))
     flag("vault-skip-verify", action="store_true")
+    bao = {name: os.environ.get(f"BAO_{name}") or os.environ.get(f"VAULT_{name}", "") for name in ("ADDR", "NAMESPACE")}
+    flag("openbao-addr", default=bao["ADDR"] or "https://127.0.0.1:8200", help="for provider: openbao classes")
+    flag("openbao-namespace", default=bao["NAMESPACE"], help="for provider: openbao classes")
     flag("jwt-file", help="the pod's service-account token (e.g. from `kubectl create token`)")
     flag("namespace", default="default", help="the pod's namespace")
     flag("service-account", default="default", help="the pod's service account")
@@ -407,9 +410,12 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
     if not classes:
         print(f"error: {args.file} holds no SecretProviderClass", file=out)
         return 1
+    openbao_defaults = dataclasses.replace(defaults, address=args.openbao_addr, namespace=args.openbao_namespace)
     failed = False
     for document in classes:
-        report = check_class(document, defaults)
+        spec = document.get("spec")
+        is_openbao = isinstance(spec, Mapping) and spec.get("provider") == OPENBAO.name
+        report = check_class(document, openbao_defaults if is_openbao else defaults)
         for message in report.errors:
             print(f"error: {report.name}: {message}", file=out)
         for message in report.warnings:
@@ -422,7 +428,7 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
             f"ok: {report.name}: {len(report.config.objects)} object(s), {len(report.secret_objects)} synced Secret(s)",
             file=out,
         )
-        if args.mount and not _dry_run(report, args, defaults, out):
+        if args.mount and not _dry_run(report, args, openbao_defaults if is_openbao else defaults, out):
             failed = True
     return 1 if failed else 0
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from provider import __version__
 from provider.config import Settings, TLSConfig, VaultSettings, parse_bool
 from provider.errors import ConfigError
+from provider.flavour import OPENBAO, of_endpoint
 
 TRACE = 5
 # The oldest Secrets Store CSI driver the provider works with, as the reference states it.
@@ -198,7 +199,12 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         revoke_deleted_pods=bool(args.revoke_leases_of_deleted_pods),
         revocation_interval=args.revocation_interval,
         vault=_server_settings(args, environ, "vault", ("VAULT",), allowed),
-        openbao=_server_settings(args, environ, "openbao", ("BAO", "VAULT"), allowed),
+        # Read only when an openbao.sock is served: a Vault-only node ignores BAO_* as before.
+        openbao=(
+            _server_settings(args, environ, "openbao", ("BAO", "VAULT"), allowed)
+            if any(of_endpoint(endpoint) is OPENBAO for endpoint in endpoints)
+            else VaultSettings(allowed_addresses=allowed)
+        ),
     )
 
 
@@ -210,21 +216,28 @@ def _server_settings(
     allowed: tuple[str, ...],
 ) -> VaultSettings:
     """One contract's defaults: its -FLAG-* flags, else the first of its environment
-    prefixes that sets the variable (BAO_ADDR, then VAULT_ADDR), else the default."""
+    prefixes that sets the variable to something (BAO_ADDR, then VAULT_ADDR; the last one
+    counts even when empty, as VAULT_ADDR always has), else the default."""
+
+    def variable(env_suffix: str) -> str | None:
+        """The environment variable that decides, if any."""
+        for index, prefix in enumerate(env_prefixes):
+            name = f"{prefix}_{env_suffix}"
+            if environ.get(name) or (name in environ and index == len(env_prefixes) - 1):
+                return name
+        return None
 
     def pick(option: str, env_suffix: str, default: str = "") -> str:
         value = getattr(args, f"{flag}_{option}")
         if value is not None:
             return str(value)
-        for prefix in env_prefixes:
-            if f"{prefix}_{env_suffix}" in environ:
-                return environ[f"{prefix}_{env_suffix}"]
-        return default
+        name = variable(env_suffix)
+        return environ[name] if name is not None else default
 
     skip = getattr(args, f"{flag}_tls_skip_verify")
     if skip is None:
-        text = pick("tls_skip_verify", "SKIP_VERIFY")
-        skip = parse_bool(f"{env_prefixes[0]}_SKIP_VERIFY", text) if text else False
+        name = variable("SKIP_VERIFY")
+        skip = parse_bool(name, environ[name]) if name is not None and environ[name] else False
     return VaultSettings(
         address=pick("addr", "ADDR", "https://127.0.0.1:8200"),
         auth_mount=getattr(args, f"{flag}_mount").strip("/"),

@@ -6,10 +6,10 @@ parameters, the default token audience and the HMAC key Secret; everything after
 parameters are read (logins, leases, templates, metrics) is the same code.
 
 The OpenBao contract (openbao-csi-provider 2.0) looks each connection parameter up with
-the prefixes ``bao``, then ``openbao``, then ``vault``: the first one written wins
-(``baoAddress`` over ``openbaoAddress`` over ``vaultAddress``); the role is ``roleName``
-or a prefixed ``baoRoleName``/``openbaoRoleName``/``vaultRoleName``. The Vault contract
-reads the reference's names only, exactly as before.
+the prefixes ``bao``, then ``openbao``, then ``vault``: the first one written (not empty)
+wins (``baoAddress`` over ``openbaoAddress`` over ``vaultAddress``); the role is a prefixed
+``baoRoleName``/``openbaoRoleName``/``vaultRoleName``, then ``roleName``. The Vault
+contract reads the reference's names only, exactly as before.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ class Flavour:
         written: dict[str, str] = {}
         for suffix in PREFIXED:
             for prefix in self.prefixes:
-                if f"{prefix}{suffix}" in params:
+                if params.get(f"{prefix}{suffix}"):  # an empty value is unset, as in the reference
                     canonical[f"vault{suffix}"] = params[f"{prefix}{suffix}"]
                     written[f"vault{suffix}"] = f"{prefix}{suffix}"
                     break
         for key in (*(f"{prefix}RoleName" for prefix in self.prefixes), ROLE):
-            if key in params:
+            if params.get(key):
                 canonical[ROLE] = params[key]
                 written[ROLE] = key
                 break

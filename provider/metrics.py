@@ -66,7 +66,7 @@ class Metrics:
         self.breaker_state = Gauge(
             "vault_csi_provider_breaker_state",
             "Circuit breaker per Vault endpoint: 0 closed, 1 half-open (probing), 2 open (failing fast).",
-            ["address", "namespace"],
+            ["address", "vault_namespace"],  # not "namespace": Prometheus Operator adds that (the pod's)
             registry=r,
         )
         self.mounts_refused = Counter(

@@ -383,6 +383,7 @@ class IdentityKey:
     auth_mount: str
     audience: str
     endpoint: Endpoint
+    flavour: str = "vault"
 
 
 class _Identity:
@@ -406,7 +407,8 @@ class _Identity:
                 service_account=pod.service_account,
                 role=config.role_name,
                 auth_mount=config.auth_mount,
-                audience=config.audience or config.flavour.default_audience,  # the JWT it logs in with
+                audience=config.audience,
+                flavour=config.flavour.name,  # the default audience, and the HMAC key, differ
                 endpoint=endpoint,
             )
             if pod.uid

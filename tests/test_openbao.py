@@ -216,6 +216,7 @@ def test_flags_and_environment_aliases_for_openbao() -> None:
     assert settings.openbao.namespace == "ns-v"  # then VAULT_*
     assert settings.openbao_hmac_secret_name == "openbao-csi-provider-hmac-key"
     flags = [
+        "-endpoint=/p/openbao.sock",
         "-openbao-addr=https://flag:8200",
         "-openbao-mount=jwt",
         "-openbao-namespace=team",
@@ -231,8 +232,9 @@ def test_flags_and_environment_aliases_for_openbao() -> None:
     assert openbao.tls.client_cert == "/c.pem" and openbao.tls.skip_verify
     assert settings.openbao_hmac_secret_name == "mine"
     assert settings.vault.tls == VaultSettings().tls  # the Vault defaults are untouched
-    assert settings_from(parse([]), {"BAO_SKIP_VERIFY": "true"}).openbao.tls.skip_verify
-    assert not settings_from(parse([]), {"BAO_SKIP_VERIFY": "true"}).vault.tls.skip_verify
+    with_openbao = parse(["-endpoint=/p/openbao.sock"])
+    assert settings_from(with_openbao, {"BAO_SKIP_VERIFY": "true"}).openbao.tls.skip_verify
+    assert not settings_from(with_openbao, {"BAO_SKIP_VERIFY": "true"}).vault.tls.skip_verify
 
 
 def test_a_socket_named_twice_is_refused() -> None:
@@ -319,3 +321,57 @@ def test_the_openbao_overlay_serves_both_sockets_from_one_daemonset() -> None:
     )
     assert settings.openbao.address == "https://openbao.openbao.svc:8200"
     assert settings.vault.address == "https://vault.vault.svc:8200"
+    # The provider may read both HMAC key Secrets (a copied openbao one is read, not created).
+    role = only(documents, "Role")
+    readable = [name for rule in role["rules"] if "get" in rule["verbs"] for name in rule.get("resourceNames", [])]
+    assert {settings.hmac_secret_name, settings.openbao_hmac_secret_name} <= set(readable)
+
+
+def test_an_empty_bao_variable_falls_back_to_vault_and_vault_only_nodes_ignore_bao() -> None:
+    from provider.errors import ConfigError
+
+    parse = build_parser().parse_args
+    both_sockets = parse(["-endpoint=/p/vault.sock", "-endpoint=/p/openbao.sock"])
+    env = {"BAO_ADDR": "", "VAULT_ADDR": "https://vault:8200", "BAO_SKIP_VERIFY": "", "VAULT_SKIP_VERIFY": "true"}
+    settings = settings_from(both_sockets, env)
+    assert settings.openbao.address == "https://vault:8200" and settings.openbao.tls.skip_verify
+    with pytest.raises(ConfigError, match="BAO_SKIP_VERIFY must be a boolean"):
+        settings_from(both_sockets, {"BAO_SKIP_VERIFY": "nope"})
+    with pytest.raises(ConfigError, match="VAULT_SKIP_VERIFY must be a boolean"):  # the variable actually read
+        settings_from(both_sockets, {"VAULT_SKIP_VERIFY": "garbage"})
+    # A node serving vault.sock alone starts as before, whatever BAO_* holds.
+    vault_only = settings_from(parse(["-vault-tls-skip-verify=false"]), {"BAO_SKIP_VERIFY": "nope"})
+    assert not vault_only.vault.tls.skip_verify
+
+
+def test_empty_openbao_parameters_count_as_unset() -> None:
+    from provider.flavour import OPENBAO
+
+    params, written = OPENBAO.canonical({"baoRoleName": "", "roleName": "r", "baoAddress": "", "vaultAddress": "v"})
+    assert params["roleName"] == "r" and written["roleName"] == "roleName"
+    assert params["vaultAddress"] == "v" and written["vaultAddress"] == "vaultAddress"
+
+
+def test_check_hints_openbao_names_on_a_vault_class_only_for_real_ones(tmp_path: Path) -> None:
+    from provider import check
+
+    warnings = check.lint_parameters({"baoRoleName": "r", "openbaoAddress": "a", "baobab": "x", "roleName": "r"})
+    assert any(
+        '"baoRoleName" is ignored: that is the OpenBao provider\'s name' in w and "write roleName" in w
+        for w in warnings
+    )
+    assert any('"openbaoAddress"' in w and "write vaultAddress" in w for w in warnings)
+    assert not any('"baobab"' in w and "OpenBao" in w for w in warnings)
+
+
+def test_check_uses_the_openbao_defaults_for_openbao_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provider import check
+
+    monkeypatch.setenv("BAO_ADDR", "https://bao.example:8200")
+    monkeypatch.setenv("VAULT_ADDR", "not a url")
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(
+        OPENBAO_CLASS.replace("PROVIDER", "openbao").replace("    baoAddress: https://openbao.openbao:8200\n", "")
+    )
+    out = io.StringIO()
+    assert check.main([str(spc)], out=out) == 0, out.getvalue()

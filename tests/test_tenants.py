@@ -164,7 +164,9 @@ def test_a_hundred_pods_against_a_dead_vault_fail_fast_once_it_is_known_down(
     assert max(times) < 0.1, sorted(times)[-5:]
     metrics = provider.app.metrics.registry
     address = bad.params["vaultAddress"]
-    assert metrics.get_sample_value("vault_csi_provider_breaker_state", {"address": address, "namespace": ""}) in (
+    assert metrics.get_sample_value(
+        "vault_csi_provider_breaker_state", {"address": address, "vault_namespace": ""}
+    ) in (
         State.OPEN,
         State.HALF_OPEN,
     )

@@ -61,11 +61,11 @@ CASES: list[dict[str, Any]] = [
     {
         "alert": "VaultCSIProviderVaultUnreachable",
         "fires": [
-            series("vault_csi_provider_breaker_state", {**A, "address": "https://vault:8200", "namespace": ""}, "2x20")
+            series("vault_csi_provider_breaker_state", {**A, "address": "https://vault:8200", "vault_namespace": ""}, "2x20")
         ],
         "expect": [({**A, "address": "https://vault:8200"}, 2)],
         "quiet": [
-            series("vault_csi_provider_breaker_state", {**A, "address": "https://vault:8200", "namespace": ""}, "1x20")
+            series("vault_csi_provider_breaker_state", {**A, "address": "https://vault:8200", "vault_namespace": ""}, "1x20")
         ],
         "at": "10m",
     },
