@@ -24,6 +24,7 @@ import requests
 import yaml
 
 from bench import lean
+from bench.classes import kv_objects, pki_object
 from provider._proto import service_pb2, service_pb2_grpc
 from tests.fault_proxy import FaultProxy, Rule
 from tests.kube_fake import FakeKubernetes, FakePod
@@ -197,23 +198,12 @@ def main() -> int:
             configure(bao, kube)
             provider = Provider(work, bao, kube)
             pods = [kube.add_pod("bench", f"pod-{i}", "bench") for i in range(BURST_PODS + COLD_ROUNDS + 2)]
-            one = [{"objectName": "p", "secretPath": "secret/data/app/0", "secretKey": "password"}]
-            ten = [
-                {"objectName": f"p{i}", "secretPath": f"secret/data/app/{i}", "secretKey": "password"}
-                for i in range(10)
-            ]
+            one = [{**kv_objects(1)[0], "objectName": "p"}]
+            ten = kv_objects(10)
             five = ten[:5]
             env = "".join(f"P{i}={{{{ .Objects.p{i}.Secrets.password }}}}\n" for i in range(5))
             five_templated = [*five, {"objectName": ".env", "template": env}]
-            pki = [
-                {
-                    "objectName": "crt",
-                    "secretPath": "pki/issue/web",
-                    "method": "PUT",
-                    "secretKey": "certificate",
-                    "secretArgs": {"common_name": "a.example.com", "ttl": "6s"},
-                }
-            ]
+            pki = [pki_object("6s")]
 
             # The issue's table first: lean floors, medians of several runs, then ~1 ms of network.
             lean_pods = [kube.add_pod("bench", f"lean-{i}", "bench") for i in range(lean.RUNS * lean.COLD_ROUNDS + 2)]

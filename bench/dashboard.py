@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import Provider, configure
+from bench.classes import kv_objects, pki_object
 from tests.kube_fake import FakeKubernetes
 from tests.openbao import OpenBao, free_port
 from tests.prometheus import Prometheus
@@ -34,16 +35,8 @@ PALETTE = ["#73bf69", "#f2cc0c", "#5794f2", "#ff7383", "#b877d9", "#ff9830", "#8
 
 def traffic(nodes: dict[str, Provider], kube: FakeKubernetes, stop: threading.Event) -> None:
     pods = [kube.add_pod("bench", f"dash-{i}", "bench") for i in range(12)]
-    kv = [{"objectName": f"p{i}", "secretPath": f"secret/data/app/{i}", "secretKey": "password"} for i in range(3)]
-    pki = [
-        {
-            "objectName": "crt",
-            "secretPath": "pki/issue/web",
-            "method": "PUT",
-            "secretKey": "certificate",
-            "secretArgs": {"common_name": "a.example.com", "ttl": "30s"},
-        }
-    ]
+    kv = kv_objects(3)
+    pki = [pki_object("30s")]
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     rounds = 0

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.classes import kv_objects
 from bench.floors import ParallelReads, RawVault, sequential
 
 __all__ = ["COLD_ROUNDS", "RUNS", "RawVault", "delayed_case", "lean_table"]
@@ -51,8 +52,7 @@ def line(name: str, value: float, unit: str, target: str) -> None:
 def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, jwts: Callable[[], str]) -> None:
     """The issue's table: warm, cold and 10-object Mounts over lean floors; CPU per Mount
     and per extra object. Median over RUNS runs of p50s."""
-    one = [{"objectName": "p", "secretPath": "secret/data/app/0", "secretKey": "password"}]
-    ten = [{"objectName": f"p{i}", "secretPath": f"secret/data/app/{i}", "secretKey": "password"} for i in range(10)]
+    one, ten = kv_objects(1), kv_objects(10)
     paths = [f"secret/data/app/{i}" for i in range(10)]
     raw = RawVault(bao.port)
     parallel = ParallelReads(bao.port, paths, token)
