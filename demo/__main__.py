@@ -45,6 +45,12 @@ spec:
         filePermission: 0400
       - objectName: db.json
         secretPath: secret/data/shop/db
+      - objectName: .pgpass
+        filePermission: 0400
+        template: |
+          {{- with index .Objects "db.json" -}}
+          db.shop:5432:shop:{{ .Secrets.username }}:{{ .Secrets.password }}
+          {{ end -}}
 """
 
 
