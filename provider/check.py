@@ -40,7 +40,7 @@ from provider.config import (
     parse_mount,
 )
 from provider.errors import ConfigError, ProviderError, quote
-from provider.flavour import FLAVOURS, OPENBAO, PREFIXED, VAULT, Flavour
+from provider.flavour import FLAVOURS, OPENBAO, VAULT, Flavour
 from provider.metrics import Metrics
 from provider.mount import MountedFile, Mounter, MountRequest
 from provider.vault import VaultClient
@@ -222,9 +222,7 @@ def known_parameters(flavour: Flavour) -> tuple[str, ...]:
     """The parameter names a class of this contract may use."""
     if flavour is VAULT:
         return KNOWN_PARAMETERS
-    prefixed = [f"{prefix}{suffix}" for prefix in flavour.prefixes for suffix in PREFIXED]
-    roles = [f"{prefix}RoleName" for prefix in flavour.prefixes]
-    return (*prefixed, *roles, "roleName", "audience", "objects")
+    return (*sorted(flavour.aliases), "audience", "objects")
 
 
 def lint_parameters(parameters: Mapping[str, str], flavour: Flavour = VAULT) -> list[str]:

@@ -54,7 +54,6 @@ MAX_MODE = 0o777
 ENCODINGS = ("utf-8", "base64", "hex")
 # Vault's verbs for reading; DELETE would let a class destroy what it mounts.
 METHODS = ("GET", "POST", "PUT", "LIST")
-DEFAULT_AUDIENCE = "vault"
 
 POD_NAME = "csi.storage.k8s.io/pod.name"
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"

@@ -14,6 +14,7 @@ contract reads the reference's names only, exactly as before.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,14 +44,18 @@ class Flavour:
     default_audience: str
     default_hmac_secret: str
 
+    @functools.cached_property
+    def aliases(self) -> frozenset[str]:
+        """Every connection and role parameter name of this contract (built once)."""
+        names = {f"{prefix}{suffix}" for prefix in self.prefixes for suffix in PREFIXED}
+        return frozenset(names | {f"{prefix}RoleName" for prefix in self.prefixes} | {ROLE})
+
     def canonical(self, params: Mapping[str, str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
         """The parameters under the reference's names (vaultAddress, roleName, ...), and
         for each renamed one the name the class wrote, for messages."""
         if self.prefixes == ("vault",):
             return params, {}
-        aliases = {f"{prefix}{suffix}" for prefix in self.prefixes for suffix in PREFIXED}
-        aliases |= {f"{prefix}RoleName" for prefix in self.prefixes}
-        canonical = {key: value for key, value in params.items() if key not in aliases and key != ROLE}
+        canonical = {key: value for key, value in params.items() if key not in self.aliases}
         written: dict[str, str] = {}
         for suffix in PREFIXED:
             for prefix in self.prefixes:

@@ -168,7 +168,8 @@ class TemplateBudget:
         self.tenant = tenant  # whose over-limit failures are remembered together
         self.steps = MOUNT_TEMPLATE_STEPS
         self.seconds = MOUNT_TEMPLATE_SECONDS
-        self._turn = _TURNS.lock(namespace)
+        self._namespace = namespace
+        self._turn: threading.Lock | None = None  # looked up by the first heavy render only
         self._wait_until = wait_until
         self._holding = False
 
@@ -189,6 +190,8 @@ class TemplateBudget:
     def _take_turn(self) -> None:
         if self._holding:
             return
+        if self._turn is None:
+            self._turn = _TURNS.lock(self._namespace)
         wait = min(self._wait_until - time.monotonic(), 30.0)
         if wait <= 0 or not self._turn.acquire(timeout=wait):
             raise gotemplate.TemplateError(
@@ -197,7 +200,7 @@ class TemplateBudget:
         self._holding = True
 
     def release(self) -> None:
-        if self._holding:
+        if self._holding and self._turn is not None:
             self._holding = False
             self._turn.release()
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provider import gojson
 
@@ -52,3 +56,29 @@ def test_nan_is_refused() -> None:
         gojson.dumps(float("nan"))
     with pytest.raises(ValueError):
         gojson.loads("[NaN]")
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+
+
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(alphabet=st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)), max_size=12)
+    | st.from_regex(r"-?[0-9]{1,25}(\.[0-9]{1,5})?", fullmatch=True).map(gojson.Number),
+    _nested,
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES)
+def test_encoded_size_never_undercounts_what_dumps_writes(value: Any) -> None:
+    """Callers refuse a file on this estimate before building it; an undercount would let a
+    reply through that is larger than the limit."""
+    text = gojson.dumps(value).decode("utf-8")  # the estimate counts characters, as the limits do
+    assert gojson.encoded_size(value, 10**9) >= len(text)
+    limit = len(text) // 2
+    assert gojson.encoded_size(value, limit) > limit or limit == 0  # stops early, still over

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import ProviderClient, VaultWorld, files_of, versions_of
+from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.kube_fake import FakePod
 from tests.postgres import Postgres
 from tests.test_dynamic import Database, grant_db, logs_in
@@ -432,3 +433,21 @@ def test_every_shape_on_every_engine_is_cut_from_one_reply_and_stable_on_remount
     for _ in range(2):  # KV is read again, unchanged; database and PKI replies are kept for the pod
         again = provider.mount(pod, objects, role=unique)
         assert files_of(again) == files and versions_of(again) == versions_of(first)
+
+
+def test_a_json_file_too_large_is_refused_before_it_is_built(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    """`<` is six characters in Go's JSON: a 40 KB value makes a 240 KB whole response,
+    refused against -max-response-bytes before it is written, naming the limit."""
+    client = start_provider(tmp_path, world, max_response_bytes=100_000)
+    try:
+        pod = kv2_pod(world, unique, {"k": "<" * 40_000})
+        path = f"secret/data/{unique}"
+        for obj in (
+            {"objectName": "whole", "secretPath": path},
+            {"objectName": "doc", "secretPath": path, "format": "json"},
+        ):
+            error = refused(client, pod, [obj], unique)
+            assert f"the JSON of the reply at {path} would be larger than 100000 bytes" in error.details()
+        assert files_of(client.mount(pod, [{"objectName": "k", "secretPath": path, "secretKey": "k"}], role=unique))
+    finally:
+        client.close()
