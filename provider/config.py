@@ -278,6 +278,8 @@ def parse_mount(
         raise ConfigError(f"{source} is not a valid {flavour.product} address: {e}") from None
     if len(vault_namespace) > MAX_NAMESPACE_LENGTH:
         raise ConfigError(f"{name('vaultNamespace')!r} is longer than {MAX_NAMESPACE_LENGTH} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in vault_namespace):  # it travels as an HTTP header
+        raise ConfigError(f"{name('vaultNamespace')!r} must not contain control characters")
     if defaults.allowed_addresses and not address_allowed(vault_address, defaults):
         allowed = ", ".join(safe_describe(a) for a in defaults.allowed_addresses)
         raise ConfigError(

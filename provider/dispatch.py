@@ -12,6 +12,8 @@ The gRPC server answers on an asyncio event loop that never blocks. For each Mou
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -105,32 +107,26 @@ class MountDispatcher:
             else:  # not by address: any class can make a bulkhead full, and labels must stay few
                 self._metrics.mounts_refused.labels("", "busy").inc()
             raise
+        # The caller waits on a future of its own, answered by the thread when it is done
+        # or by the backstop timer: the job goes on when the caller stops waiting
+        # (deadline, shutdown) and frees its thread when its own deadline ends. One
+        # future and one timer: each further hop between thread and loop costs CPU.
         loop = asyncio.get_running_loop()
+        answer: asyncio.Future[MountResult] = loop.create_future()
+        job = functools.partial(self._run, request, dispatched.route, deadline, ticket, breaker if probe else None)
         try:
-            job = loop.run_in_executor(
-                self._admission.executor,
-                self._run,
-                request,
-                dispatched.route,
-                deadline,
-                ticket,
-                breaker if probe else None,
-            )
+            self._admission.executor.submit(_answering, loop, answer, job)
         except RuntimeError:  # shutting down
             ticket.release()
             raise MountRejected(STOPPING) from None
-        # The caller waits on a future of its own: the job goes on when the caller stops
-        # waiting (deadline, shutdown) and frees its thread when its own deadline ends.
-        answer: asyncio.Future[MountResult] = loop.create_future()
-        job.add_done_callback(lambda done: _settle(done, answer))
+        backstop = loop.call_at(
+            loop.time() + max(deadline + BACKSTOP_SECONDS - self._clock(), 0), _too_late, answer, endpoint
+        )
         self._answers.add(answer)
         try:
-            return await asyncio.wait_for(answer, timeout=max(deadline + BACKSTOP_SECONDS - self._clock(), 0))
-        except TimeoutError:
-            raise VaultUnreachable(
-                f"the Mount did not finish before its deadline: Vault at {endpoint.describe()} is answering slowly"
-            ) from None
+            return await answer
         finally:
+            backstop.cancel()
             self._answers.discard(answer)
 
     def stop_answering(self) -> None:
@@ -172,14 +168,32 @@ class MountDispatcher:
             raise breaker.refusal() or e from None
 
 
-def _settle(job: asyncio.Future[MountResult], answer: asyncio.Future[MountResult]) -> None:
+def _answering(
+    loop: asyncio.AbstractEventLoop, answer: asyncio.Future[MountResult], job: Callable[[], MountResult]
+) -> None:
+    """On a Mount thread: run the job, then hand its outcome to the loop."""
+    try:
+        outcome: MountResult | BaseException = job()
+    except BaseException as e:  # handed over, never lost: the caller's answer is this error
+        outcome = e
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_settle, answer, outcome)
+
+
+def _settle(answer: asyncio.Future[MountResult], outcome: MountResult | BaseException) -> None:
     """Hand a job's outcome to its caller, if the caller still waits."""
-    error = None if job.cancelled() else job.exception()  # retrieved either way: never "unretrieved"
     if answer.done():
         return
-    if job.cancelled():
-        answer.cancel()
-    elif error is not None:
-        answer.set_exception(error)
+    if isinstance(outcome, BaseException):
+        answer.set_exception(outcome)
     else:
-        answer.set_result(job.result())
+        answer.set_result(outcome)
+
+
+def _too_late(answer: asyncio.Future[MountResult], endpoint: EndpointKey) -> None:
+    if not answer.done():
+        answer.set_exception(
+            VaultUnreachable(
+                f"the Mount did not finish before its deadline: Vault at {endpoint.describe()} is answering slowly"
+            )
+        )

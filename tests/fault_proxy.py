@@ -26,6 +26,7 @@ class Rule:
     drop: bool = False  # close the connection without answering
     drip_seconds: float = 0.0  # with status: send the reply one byte at a time, this far apart
     drip_headers: bool = False  # drip the status line and headers too, not only the body
+    chunked: bool = False  # with status: send the body chunked (64 KiB chunks), no Content-Length
     times: int | None = None  # apply this many times, then stop matching
     hits: int = 0
 
@@ -79,6 +80,9 @@ class FaultProxy:
                     if rule.status is not None and rule.drip_seconds:
                         self._drip(rule)
                         return
+                    if rule.status is not None and rule.chunked:
+                        self._chunked(rule)
+                        return
                     if rule.status is not None:
                         self.send_response(rule.status)
                         for key, value in rule.headers.items():
@@ -106,6 +110,20 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _chunked(self, rule: Rule) -> None:
+                assert rule.status is not None
+                self.send_response(rule.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for start in range(0, len(rule.body), 65536):
+                        chunk = rule.body[start : start + 65536]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.close_connection = True  # the client stopped reading: as it should past a limit
 
             def _drip(self, rule: Rule) -> None:
                 head = (

@@ -82,3 +82,30 @@ def test_encoded_size_never_undercounts_what_dumps_writes(value: Any) -> None:
     assert gojson.encoded_size(value, 10**9) >= len(text)
     limit = len(text) // 2
     assert gojson.encoded_size(value, limit) > limit or limit == 0  # stops early, still over
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+        max_leaves=30,
+    )
+)
+def test_values_are_counted_alike_in_place_and_in_a_copy(value: Any) -> None:
+    """Both ways of counting (in place between few strings, in a blanked copy for many)
+    agree, and count every scalar and container the decoder would build."""
+    raw = gojson.dumps(value)
+    in_place = gojson.count_values(raw, few_strings=1_000_000)
+    copied = gojson.count_values(raw, few_strings=0)
+    assert in_place == copied == _values_in(value)
+
+
+def _values_in(value: Any) -> int:
+    """Values as count_values counts them: each scalar and container (a map's keys ride
+    with their values), an empty container as two (the count bounds, it need not be exact)."""
+    if isinstance(value, dict):
+        return 1 + (sum(_values_in(v) for v in value.values()) if value else 1)
+    if isinstance(value, list):
+        return 1 + (sum(_values_in(v) for v in value) if value else 1)
+    return 1

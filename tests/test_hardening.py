@@ -85,7 +85,7 @@ def test_redirects_stay_on_the_scheme_and_make_no_new_pools(
     pod = world.grant(unique, [f"kv1/{unique}"])
     objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
     proxied.mount(pod, objects, role=unique)
-    pools = len(proxied.app.vault._pools)
+    pools = len(proxied.app.vault._transport.pools)
     for i in range(20):
         target = location.format(i=i, port=world.bao.port, name=unique)
         proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=307, headers={"Location": target}, times=1))
@@ -95,7 +95,7 @@ def test_redirects_stay_on_the_scheme_and_make_no_new_pools(
             with pytest.raises(grpc.RpcError) as error:
                 proxied.mount(pod, objects, role=unique)
             assert "Vault answered 307" in error.value.details()
-    assert len(proxied.app.vault._pools) <= pools + 1
+    assert len(proxied.app.vault._transport.pools) <= pools + 1
 
 
 # 6. A path and user info in vaultAddress are kept, as the reference keeps them.

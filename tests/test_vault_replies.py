@@ -7,8 +7,12 @@ import time
 import grpc
 import pytest
 
+from provider.config import TLSConfig
+from provider.errors import VaultBadResponse
+from provider.vault import Endpoint, VaultClient
 from tests.conftest import ProviderClient, VaultWorld, files_of
 from tests.fault_proxy import FaultProxy, Rule
+from tests.openbao import ROOT_TOKEN
 
 LOGIN = "/v1/auth/kubernetes/login"
 
@@ -88,3 +92,33 @@ def test_unusable_read_replies(
     assert 'object "k"' in error.value.details() and message in error.value.details()
     proxy.clear()
     assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_reply_over_the_body_limit_is_refused_without_being_read(
+    proxy: FaultProxy, world: VaultWorld, unique: str, chunked: bool
+) -> None:
+    """The limit holds whether Vault says the size up front or streams an endless reply."""
+    limit = 100_000
+    client = VaultClient(max_body_bytes=limit)
+    endpoint = Endpoint(address=proxy.url, tls=TLSConfig())
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    try:
+        padding = b"x" * (20 * limit)
+        body = b'{"data":{"k":"v"},"padding":"' + padding + b'"}'
+        rule = proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=200, body=body, chunked=chunked))
+        with pytest.raises(VaultBadResponse, match=f"Vault's reply is larger than {limit} bytes"):
+            client.read(endpoint, token=ROOT_TOKEN, method="GET", path=f"kv1/{unique}")
+        assert rule.hits == 1  # refused, not retried
+        # A reply at the limit is read whole; the client is fine afterwards.
+        proxy.clear()
+        exact = b'{"data":{"k":"' + b"y" * (limit - 17) + b'"}}'
+        assert len(exact) == limit
+        proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=200, body=exact, chunked=chunked))
+        secret = client.read(endpoint, token=ROOT_TOKEN, method="GET", path=f"kv1/{unique}")
+        assert secret.data == {"k": "y" * (limit - 17)}
+        proxy.clear()
+        real = client.read(endpoint, token=ROOT_TOKEN, method="GET", path=f"kv1/{unique}")
+        assert real.data == {"k": "v"}
+    finally:
+        client.close()
