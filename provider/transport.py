@@ -261,7 +261,9 @@ def _failure(handle: pycurl.Curl, error: pycurl.error, *, timeout: float, limit:
         if not reused and not handle.getinfo(pycurl.CONNECT_TIME):
             return NotConnected(f"no connection within {timeout:.1f}s")
         return TimedOut(message)
-    if code in _TLS_ERRORS:
+    if code in _TLS_ERRORS or (code in (pycurl.E_RECV_ERROR, pycurl.E_SEND_ERROR) and "alert" in message):
+        # A TLS 1.3 server refuses a client certificate after the handshake: an alert at
+        # the first read, which is still the TLS settings' failure, not the network's.
         return TLSFailed(message)
     return TransportError(message)
 

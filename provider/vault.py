@@ -456,7 +456,10 @@ class VaultClient:
                 f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s"
             ) from None
         except TLSFailed as e:
-            raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}") from None
+            hint = ""
+            if "certificate required" in str(e):
+                hint = " (it requires a client certificate: set vaultTLSClientCertPath and vaultTLSClientKeyPath)"
+            raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}{hint}") from None
         except TransportError as e:
             raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
 

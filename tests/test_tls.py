@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from provider.config import TLSConfig, VaultSettings
 from tests.conftest import ProviderClient, VaultWorld, configure, files_of, start_provider
-from tests.openbao import OpenBao
+from tests.openbao import OpenBao, free_port
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +95,114 @@ def test_ca_directory(client: ProviderClient, tls_world: VaultWorld, tmp_path: P
     ).stdout.strip()
     shutil.copy(tls_world.bao.ca_path, directory / f"{digest}.0")
     assert mount(client, tls_world, vaultCADirectory=str(directory)) == {"k": b"over-tls"}
+
+
+# Mutual TLS: a listener of OpenBao's that requires a client certificate.
+
+
+@dataclass(frozen=True)
+class _MutualTLS:
+    world: VaultWorld
+    url: str
+    server_ca: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _certificate(
+    directory: Path, name: str, *, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A P-256 key and certificate: a CA when `issuer` is None, else a leaf for 127.0.0.1
+    signed by it. Both are written to directory/name.pem and name-key.pem."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+    certificate = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    (directory / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}-key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return certificate, key
+
+
+@pytest.fixture(scope="module")
+def mutual_tls(tmp_path_factory: pytest.TempPathFactory, world: VaultWorld) -> Iterator[_MutualTLS]:
+    files = tmp_path_factory.mktemp("mtls-files")
+    server_ca = _certificate(files, "server-ca")
+    _certificate(files, "server", issuer=server_ca)
+    client_ca = _certificate(files, "client-ca")
+    _certificate(files, "client", issuer=client_ca)
+    port = free_port()
+    listener = f"""
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  tls_cert_file = "{files / "server.pem"}"
+  tls_key_file = "{files / "server-key.pem"}"
+  tls_require_and_verify_client_cert = true
+  tls_client_ca_file = "{files / "client-ca.pem"}"
+}}
+"""
+    bao = OpenBao(tmp_path_factory.mktemp("openbao-mtls"), config=listener)
+    bao.start()  # its dev listener (plain http) sets it up; the Mounts go to the mutual-TLS one
+    try:
+        mtls = VaultWorld(bao=bao, kube=world.kube)
+        configure(mtls)
+        bao.api("POST", "kv1/app", {"k": "over-mutual-tls"})
+        mtls.grant("tls-role", ["kv1/app"], service_account="tls-app")
+        yield _MutualTLS(
+            world=mtls,
+            url=f"https://127.0.0.1:{port}",
+            server_ca=files / "server-ca.pem",
+            client_cert=files / "client.pem",
+            client_key=files / "client-key.pem",
+        )
+    finally:
+        bao.stop()
+
+
+def test_a_client_certificate_from_the_class_opens_a_mutual_tls_listener(
+    client: ProviderClient, mutual_tls: _MutualTLS
+) -> None:
+    tls = {"vaultAddress": mutual_tls.url, "vaultCACertPath": str(mutual_tls.server_ca)}
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        mount(client, mutual_tls.world, **tls)  # no client certificate: the handshake is refused
+    assert error.value.code() == grpc.StatusCode.UNKNOWN
+    assert f"TLS to Vault at {mutual_tls.url} failed" in error.value.details()
+    assert "it requires a client certificate: set vaultTLSClientCertPath" in error.value.details()
+    assert time.monotonic() - started < 5, "a refused handshake is not retried until the deadline"
+    files = mount(
+        client,
+        mutual_tls.world,
+        **tls,
+        vaultTLSClientCertPath=str(mutual_tls.client_cert),
+        vaultTLSClientKeyPath=str(mutual_tls.client_key),
+    )
+    assert files == {"k": b"over-mutual-tls"}
+
+
+def test_a_client_certificate_from_the_flags(tmp_path: Path, mutual_tls: _MutualTLS) -> None:
+    tls = TLSConfig(
+        ca_cert=str(mutual_tls.server_ca),
+        client_cert=str(mutual_tls.client_cert),
+        client_key=str(mutual_tls.client_key),
+    )
+    provider = start_provider(tmp_path, mutual_tls.world, vault=VaultSettings(address=mutual_tls.url, tls=tls))
+    try:
+        assert mount(provider, mutual_tls.world) == {"k": b"over-mutual-tls"}
+    finally:
+        provider.app.stop(grace=1)
