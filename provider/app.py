@@ -18,7 +18,6 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
-from lightkube.config.kubeconfig import KubeConfig
 
 from provider import kube as kube_module
 from provider._proto import service_pb2, service_pb2_grpc
@@ -29,6 +28,7 @@ from provider.config import Settings
 from provider.dispatch import MountDispatcher
 from provider.flavour import of_endpoint
 from provider.health import ReadinessCheck, create_health_server
+from provider.kube import KubeConfig
 from provider.leases import LeaseCache
 from provider.metrics import Metrics
 from provider.mount import Mounter

@@ -277,9 +277,6 @@ def setup_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LOG_LEVELS[level])
-    # Libraries log request lines (with URLs) at debug; keep them out unless tracing.
-    for noisy in ("urllib3", "httpx2", "httpcore", "hpack"):
-        logging.getLogger(noisy).setLevel(max(LOG_LEVELS[level], logging.INFO if level == "trace" else logging.WARNING))
 
 
 def version_text(output: str) -> str:

@@ -1,78 +1,76 @@
-"""HTTP exchanges with Vault through libcurl (pycurl): pooled, bounded, held to a deadline.
+"""HTTP exchanges (with Vault, and with the Kubernetes API): pooled, bounded, held to a deadline.
 
-Why libcurl: a Vault read is most of a Mount's CPU, and per read (thread CPU against the
-same OpenBao, measured here) pycurl costs about 0.11 ms, http.client 0.26 ms and
-urllib3 0.5 ms. libcurl parses the reply in C, without the GIL.
+Python's own http.client on kept-alive connections, the leanest client Python has:
+measured here per read (process CPU against the same OpenBao), http.client 0.26 ms,
+urllib3 0.5 ms, pycurl 0.11 ms. pycurl was tried and dropped: libcurl builds an OpenSSL
+context, with its own copy of the CA store, for every connection (0.45 MiB each with
+one CA, 0.8 MiB with the system's, and 2.4 to 13 ms of CPU per handshake), where one
+ssl.SSLContext per pool serves every connection for 8 to 32 KiB each. A burst of 32
+TLS connections to one Vault would have cost a quarter of the DaemonSet's memory.
 
 - A Vault address arrives parsed (address.Target): scheme, host, port or socket, path
   prefix, basic auth.
-- Handles (each keeping its connection alive) are pooled by what a connection is:
-  scheme, host, port or socket, and TLS settings. Paths, user info and spelling do not
-  make new pools, and at most MAX_POOLS are kept, the least recently used closed first,
-  so no class can make the provider hold sockets without bound.
-- Each exchange is bounded as a whole (connect, headers and body) by libcurl's own
-  timeout: a server dripping one byte a second cannot hold a thread past its deadline.
-- The reply is read up to a size limit; a larger one is cut off, not buffered.
-- Nothing is taken from the environment: no proxy variables, no .netrc, no cookies.
-  TLS verification is on unless the class or flags turn it off; with no CA configured,
-  the system's trust store (as Python's ssl module finds it) is used.
+- Connections are pooled by what a connection is: scheme, host, port or socket, and TLS
+  settings. Paths, user info and spelling do not make new pools, and at most MAX_POOLS
+  are kept, the least recently used closed first, so no class can make the provider
+  hold sockets without bound. Each pool has one SSLContext.
+- http.client's timeouts bound each socket operation, not an exchange: a server
+  dripping one byte a second would hold a thread for as long as it likes. A single
+  watchdog thread shuts down the socket of any exchange still running at its deadline.
+- The reply is read up to a size limit; a larger one is refused, not buffered.
+- Nothing is taken from the environment: no proxy variables. TLS verification is on
+  unless the class or flags turn it off; with no CA configured, the system's trust
+  store is used.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import heapq
+import http.client
+import itertools
 import logging
-import os
+import select
+import socket
 import ssl
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import pycurl
+from typing import NamedTuple
 
 from provider.address import Target
 from provider.config import TLSConfig
 
 logger = logging.getLogger(__name__)
 
-# Idle handles (connections) kept per pool: one per concurrent request we allow to one
-# Vault. More may be in use at once; those beyond this are closed when done.
+# Idle connections kept per pool: one per concurrent request we allow to one Vault.
+# More may be open at once; those beyond this are closed when done.
 POOL_SIZE = 32
 # Pools kept at most: a node talks to a handful of Vaults; standby redirects add one per
 # cluster node. Beyond this the least recently used pool is closed.
 MAX_POOLS = 64
-# libcurl's errors that mean no connection was made: the request never reached Vault.
-_NOT_CONNECTED = frozenset({pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY})
-# libcurl's errors of the TLS layer: certificates, names, handshakes.
-_TLS_ERRORS = frozenset(
-    {
-        pycurl.E_SSL_CONNECT_ERROR,
-        pycurl.E_PEER_FAILED_VERIFICATION,
-        pycurl.E_SSL_CERTPROBLEM,
-        pycurl.E_SSL_CIPHER,
-        pycurl.E_SSL_CACERT_BADFILE,
-        pycurl.E_SSL_CRL_BADFILE,
-        pycurl.E_SSL_ISSUER_ERROR,
-        pycurl.E_SSL_ENGINE_INITFAILED,
-        pycurl.E_SSL_PINNEDPUBKEYNOTMATCH,
-        pycurl.E_USE_SSL_FAILED,
-    }
-)
+# How late the watchdog may cut an exchange past its deadline, at most: Mount deadlines
+# keep a 0.5 s margin to the caller's, so 50 ms of slack costs nothing.
+WATCHDOG_TICK_SECONDS = 0.05
+# Errors of a kept-alive connection the server closed while it sat idle: met before any
+# byte of a reply, so a request that may be sent twice is sent again on a new one.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 class Reply(NamedTuple):
-    """What Vault answered: the status, the body's bytes and the headers the client uses."""
+    """What the server answered: the status, the body's bytes and the headers used."""
 
     status: int
     body: bytes
-    location: str  # the absolute URL of a Location header, or ""
+    location: str  # the Location header as sent, or ""
     content_type: str
     retry_after: float | None
 
 
 class TransportError(Exception):
-    """An exchange that did not produce a whole reply; the message is libcurl's, never data."""
+    """An exchange that did not produce a whole reply; the message never holds data."""
 
 
 class NotConnected(TransportError):
@@ -80,7 +78,7 @@ class NotConnected(TransportError):
 
 
 class TLSFailed(TransportError):
-    """The TLS handshake failed: certificates, names, versions."""
+    """The TLS layer failed: certificates, names, handshakes, alerts."""
 
 
 class TimedOut(TransportError):
@@ -100,49 +98,131 @@ class _PoolKey:
     tls: TLSConfig
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (VAULT_ADDR=unix:///path, e.g. a Vault Agent)."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    """TLS whose certificate is checked against `server_name` (vaultTLSServerName) when
+    set, while the connection and Host header go to the address, as Go's client does."""
+
+    def __init__(self, host: str, port: int, *, context: ssl.SSLContext, server_name: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._server_name = server_name or host
+        self.on_socket: Callable[[socket.socket], None] | None = None  # sees the socket before the handshake
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            if self.on_socket is not None:
+                self.on_socket(sock)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = self._context.wrap_socket(sock, server_hostname=self._server_name)  # type: ignore[attr-defined]
+        except BaseException:
+            sock.close()
+            raise
+
+
 class Pool:
-    """Idle libcurl handles for one kind of connection, most recently used first."""
+    """Idle connections to one place with one TLS configuration, most recent first."""
 
     def __init__(self, target: Target, tls: TLSConfig, *, size: int = POOL_SIZE) -> None:
-        self._options = _connection_options(target, tls)
-        self._idle: list[pycurl.Curl] = []
+        self._target = target
+        self._tls = tls
+        self._context = _context(tls) if target.scheme == "https" else None
+        self._idle: list[http.client.HTTPConnection] = []
         self._size = size
         self._lock = threading.Lock()
         self._closed = False
 
-    def take(self) -> pycurl.Curl:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return pycurl.Curl()
+    def take(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection and whether it was kept alive from an earlier exchange."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new(), False
+            if _usable(conn):
+                return conn, True
+            conn.close()  # the server closed it while idle
 
-    def give(self, handle: pycurl.Curl, *, reusable: bool = True) -> None:
+    def give(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            if reusable and not self._closed and len(self._idle) < self._size:
-                self._idle.append(handle)
+            if not self._closed and len(self._idle) < self._size:
+                self._idle.append(conn)
                 return
-        handle.close()
+        conn.close()
 
-    def configure(self, handle: pycurl.Curl) -> None:
-        """Every option a request needs before its own: after reset, from scratch."""
-        handle.reset()
-        for option, value in self._options:
-            handle.setopt(option, value)
+    def fresh(self) -> http.client.HTTPConnection:
+        return self._new()
 
     def close(self) -> None:
-        """Close idle handles; handles in use are closed when given back."""
+        """Close idle connections; those in use are closed when given back."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for handle in idle:
-            handle.close()
+        for conn in idle:
+            conn.close()
+
+    def _new(self) -> http.client.HTTPConnection:
+        target = self._target
+        if target.scheme == "unix":
+            return _UnixConnection(target.socket_path, timeout=0)
+        if self._context is not None:
+            return _TLSConnection(
+                target.host, target.port, context=self._context, server_name=self._tls.server_name, timeout=0
+            )
+        return http.client.HTTPConnection(target.host, target.port, timeout=0)
+
+
+def _usable(conn: http.client.HTTPConnection) -> bool:
+    """A kept-alive connection with nothing to read: not closed by the server meanwhile."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    poller = select.poll()  # not select(): it fails on descriptors past 1024
+    try:
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
+
+
+def _context(tls: TLSConfig) -> ssl.SSLContext:
+    """One pool's TLS context: the class's CA (or the system's), its client
+    certificate; verification on unless it says skip."""
+    if tls.skip_verify:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        # Only the CA the class names, as Vault's own client does; else the system's.
+        context = ssl.create_default_context(cafile=tls.ca_cert or None, capath=tls.ca_directory or None)
+    if tls.client_cert and tls.client_key:
+        context.load_cert_chain(tls.client_cert, tls.client_key)
+    return context
 
 
 class Pools:
     """Pools by what a connection is; bounded; thread-safe."""
 
-    def __init__(self, *, max_pools: int = MAX_POOLS) -> None:
+    def __init__(self, *, max_pools: int = MAX_POOLS, service: str = "Vault") -> None:
         self._max = max_pools
+        self._service = service
         self._pools: OrderedDict[_PoolKey, Pool] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -151,6 +231,7 @@ class Pools:
             return len(self._pools)
 
     def get(self, target: Target, tls: TLSConfig) -> Pool:
+        """The pool for target and tls; raises TLSFailed when the TLS files cannot be loaded."""
         # TLS settings matter only to https; an http pool is one pool whatever the class set.
         key = _PoolKey(
             target.scheme,
@@ -159,19 +240,25 @@ class Pools:
             target.socket_path,
             tls if target.scheme == "https" else TLSConfig(),
         )
-        closing: list[Pool] = []
         with self._lock:
             pool = self._pools.get(key)
             if pool is not None:
                 self._pools.move_to_end(key)
                 return pool
-            pool = self._pools[key] = Pool(target, key.tls)
+        try:
+            made = Pool(target, key.tls)  # outside the lock: loading a CA store takes a while
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise TLSFailed(f"cannot load the TLS files: {_describe(e)}") from None
+        closing: list[Pool] = []
+        with self._lock:
+            pool = self._pools.setdefault(key, made)
+            self._pools.move_to_end(key)
             while len(self._pools) > self._max:
                 closing.append(self._pools.popitem(last=False)[1])
         for old in closing:
-            old.close()  # in-flight requests on it finish; their handles are then closed
-        if target.scheme == "https" and tls.skip_verify:
-            logger.warning("TLS verification of Vault at %s is disabled (vaultSkipTLSVerify)", target.describe())
+            old.close()  # in-flight requests on it finish; their connections are then closed
+        if pool is made and target.scheme == "https" and tls.skip_verify:
+            logger.warning("TLS verification of %s at %s is disabled", self._service, target.describe())
         return pool
 
     def close(self) -> None:
@@ -185,12 +272,15 @@ class Pools:
 class Transport:
     """Sends one HTTP request and reads its reply; thread-safe."""
 
-    def __init__(self, *, max_body_bytes: int, max_pools: int = MAX_POOLS) -> None:
+    def __init__(self, *, max_body_bytes: int, max_pools: int = MAX_POOLS, service: str = "Vault") -> None:
+        """`service` names the server in what the transport logs."""
         self._max_body_bytes = max_body_bytes
-        self.pools = Pools(max_pools=max_pools)
+        self.pools = Pools(max_pools=max_pools, service=service)
+        self._watchdog = _Watchdog()
 
     def close(self) -> None:
         self.pools.close()
+        self._watchdog.close()
 
     def send(
         self,
@@ -199,133 +289,203 @@ class Transport:
         method: str,
         url_path: str,
         body: bytes | None,
-        headers: list[str],
+        headers: dict[str, str],
         timeout: float,
         *,
         replayable: bool,
     ) -> Reply:
-        """`url_path` is the path and query; `headers` are "Name: value" lines. The whole
-        exchange ends within `timeout` seconds.
-
-        libcurl sends a request again, on a new connection, when a kept-alive one dies
-        before any reply; a request that is not `replayable` (a write that may create
-        credentials) therefore goes on a new connection, where it never does that."""
+        """`url_path` is the path and query. The whole exchange ends within `timeout`
+        seconds. A kept-alive connection the server closed while idle is met before any
+        reply: a `replayable` request is then sent again on a new connection; any other
+        (a write that may create credentials) fails rather than risk being sent twice."""
         pool = self.pools.get(target, tls)
-        handle = pool.take()
-        reusable = False
-        # libcurl writes into it from C, and stops the transfer at the limit (a larger
-        # Content-Length at once; a chunked reply when it gets there).
-        buffer = io.BytesIO()
+        deadline = time.monotonic() + timeout
+        guard = self._watchdog.watch(deadline)
         try:
-            pool.configure(handle)
-            handle.setopt(pycurl.URL, _origin(target, tls) + url_path)
-            handle.setopt(pycurl.HTTPHEADER, headers)
-            handle.setopt(pycurl.WRITEFUNCTION, buffer.write)
-            handle.setopt(pycurl.MAXFILESIZE_LARGE, self._max_body_bytes)
-            handle.setopt(pycurl.TIMEOUT_MS, max(int(timeout * 1000), 1))
-            if not replayable:
-                handle.setopt(pycurl.FRESH_CONNECT, 1)
-            if method != "GET" or body is not None:
-                handle.setopt(pycurl.POSTFIELDS, body or b"")
-                if method != "POST":
-                    handle.setopt(pycurl.CUSTOMREQUEST, method)
+            conn, reused = pool.take()
             try:
-                handle.perform()
-            except pycurl.error as e:
-                raise _failure(handle, e, timeout=timeout, limit=self._max_body_bytes) from None
-            reply = Reply(
-                status=handle.getinfo(pycurl.RESPONSE_CODE),
-                body=buffer.getvalue(),
-                location=handle.getinfo(pycurl.REDIRECT_URL) or "",
-                content_type=handle.getinfo(pycurl.CONTENT_TYPE) or "",
-                retry_after=_retry_after(handle),
-            )
-            reusable = True
-            return reply
+                return self._exchange(pool, conn, guard, method, url_path, body, headers, deadline)
+            except _Stale:
+                if not (reused and replayable):
+                    raise TransportError("the connection was closed before a reply") from None
+            try:
+                return self._exchange(pool, pool.fresh(), guard, method, url_path, body, headers, deadline)
+            except _Stale:
+                raise TransportError("the connection was closed before a reply") from None
         finally:
-            handle.setopt(pycurl.WRITEFUNCTION, _discard)  # the handle keeps no reference to the reply
-            pool.give(handle, reusable=reusable)
+            guard.finish()
+
+    def _exchange(
+        self,
+        pool: Pool,
+        conn: http.client.HTTPConnection,
+        guard: _Guard,
+        method: str,
+        url_path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        deadline: float,
+    ) -> Reply:
+        keep = False
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimedOut("no time left before the deadline")
+            conn.timeout = remaining
+            if conn.sock is None:
+                if isinstance(conn, _TLSConnection):
+                    conn.on_socket = guard.attach  # the handshake is held to the deadline too
+                try:
+                    conn.connect()
+                except ssl.SSLError as e:
+                    raise TLSFailed(_describe(e)) from None
+                except TimeoutError:
+                    raise NotConnected(f"no connection within {remaining:.1f}s") from None
+                except OSError as e:
+                    raise NotConnected(_describe(e)) from None
+            else:
+                conn.sock.settimeout(remaining)
+            guard.attach(conn.sock)
+            try:
+                conn.request(method, url_path, body=body, headers=headers)
+                response = conn.getresponse()
+            except _STALE:
+                if guard.expired:
+                    raise TimedOut("the deadline passed") from None
+                raise _Stale() from None
+            except (http.client.HTTPException, OSError, ValueError) as e:
+                raise self._failure(e, guard) from None
+            try:
+                if response.length is not None and response.length > self._max_body_bytes:
+                    raise TooLarge(f"the reply is larger than {self._max_body_bytes} bytes")
+                data = response.read(self._max_body_bytes + 1)
+                if len(data) > self._max_body_bytes:
+                    raise TooLarge(f"the reply is larger than {self._max_body_bytes} bytes")
+                if guard.expired:
+                    raise TimedOut("the deadline passed")
+                if not response.isclosed():  # fewer bytes than it announced
+                    raise TransportError("the reply was cut short")
+            except (http.client.HTTPException, OSError, ValueError) as e:
+                raise self._failure(e, guard) from None
+            keep = not response.will_close and not guard.expired
+            return Reply(
+                status=response.status,
+                body=data,
+                location=response.getheader("Location") or "",
+                content_type=response.getheader("Content-Type") or "",
+                retry_after=_retry_after(response.getheader("Retry-After")),
+            )
+        finally:
+            if keep:
+                pool.give(conn)
+            else:
+                conn.close()
+
+    @staticmethod
+    def _failure(error: Exception, guard: _Guard) -> TransportError:
+        if guard.expired or isinstance(error, TimeoutError):
+            return TimedOut("the deadline passed")
+        if isinstance(error, ssl.SSLError):
+            return TLSFailed(_describe(error))
+        return TransportError(_describe(error))
 
 
-def _failure(handle: pycurl.Curl, error: pycurl.error, *, timeout: float, limit: int) -> TransportError:
-    """libcurl's error as what it means for the request."""
-    code = error.args[0] if error.args else 0
-    message = str(error.args[1]) if len(error.args) > 1 else str(error)
-    if code == pycurl.E_FILESIZE_EXCEEDED:
-        return TooLarge(f"the reply is larger than {limit} bytes")
-    if code in _NOT_CONNECTED:
-        errno = handle.getinfo(pycurl.OS_ERRNO)
-        return NotConnected(os.strerror(errno) if errno else message)
-    if code == pycurl.E_OPERATION_TIMEDOUT:
-        reused = handle.getinfo(pycurl.NUM_CONNECTS) == 0
-        if not reused and not handle.getinfo(pycurl.CONNECT_TIME):
-            return NotConnected(f"no connection within {timeout:.1f}s")
-        return TimedOut(message)
-    if code in _TLS_ERRORS or (code in (pycurl.E_RECV_ERROR, pycurl.E_SEND_ERROR) and "alert" in message):
-        # A TLS 1.3 server refuses a client certificate after the handshake: an alert at
-        # the first read, which is still the TLS settings' failure, not the network's.
-        return TLSFailed(message)
-    return TransportError(message)
+class _Stale(Exception):
+    """A kept-alive connection was found closed before any reply."""
 
 
-def _discard(data: bytes) -> None:
-    return None
+def _describe(error: BaseException) -> str:
+    """The error's own words: 'Connection refused', not its repr."""
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, ssl.SSLError):
+        return error.strerror
+    return str(error) or type(error).__name__
 
 
-def _retry_after(handle: pycurl.Curl) -> float | None:
-    seconds = handle.getinfo(pycurl.RETRY_AFTER)
-    return float(seconds) if isinstance(seconds, int) and seconds > 0 else None
+def _retry_after(header: str | None) -> float | None:
+    try:
+        return max(float(header), 0.0) if header else None
+    except ValueError:
+        return None
 
 
-def _origin(target: Target, tls: TLSConfig) -> str:
-    """The URL's scheme and authority: the TLS server name when one is set (SNI and
-    verification use it; CONNECT_TO sends the connection to the real address)."""
-    if target.scheme == "unix":
-        return "http://localhost"
-    host = tls.server_name if target.scheme == "https" and tls.server_name else target.host
-    host = f"[{host}]" if ":" in host else host
-    return f"{target.scheme}://{host}:{target.port}"
+class _Guard:
+    """One exchange's deadline and the socket it is using."""
+
+    __slots__ = ("deadline", "done", "expired", "lock", "sock")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.sock: socket.socket | None = None
+        self.expired = False
+        self.done = False
+        self.lock = threading.Lock()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self.lock:
+            self.sock = sock
+            if self.expired and sock is not None:
+                _cut(sock)
+
+    def expire(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.expired = True
+            if self.sock is not None:
+                _cut(self.sock)
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = True
 
 
-def _connection_options(target: Target, tls: TLSConfig) -> list[tuple[int, Any]]:
-    options: list[tuple[int, Any]] = [
-        (pycurl.NOSIGNAL, 1),
-        (pycurl.NOPROGRESS, 1),
-        (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
-        (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1),
-        (pycurl.PROXY, ""),  # never a proxy from the environment
-        (pycurl.PATH_AS_IS, 1),  # the path as the class wrote it, as Go sends it
-        (pycurl.FOLLOWLOCATION, 0),  # redirects are the client's decision
-        (pycurl.NETRC, pycurl.NETRC_IGNORED),
-    ]
-    if target.scheme == "unix":
-        options.append((pycurl.UNIX_SOCKET_PATH, target.socket_path))
-        return options
-    if target.scheme != "https":
-        return options
-    if tls.server_name:
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        options.append((pycurl.CONNECT_TO, [f"{tls.server_name}:{target.port}:{host}:{target.port}"]))
-    if tls.skip_verify:
-        options += [(pycurl.SSL_VERIFYPEER, 0), (pycurl.SSL_VERIFYHOST, 0)]
-    else:
-        options += [(pycurl.SSL_VERIFYPEER, 1), (pycurl.SSL_VERIFYHOST, 2)]
-        if tls.ca_cert or tls.ca_directory:  # only what the class names, as Vault's client does
-            options += [(pycurl.CAINFO, tls.ca_cert or None), (pycurl.CAPATH, tls.ca_directory or None)]
-        else:
-            options += _system_trust()
-    if tls.client_cert and tls.client_key:
-        options += [(pycurl.SSLCERT, tls.client_cert), (pycurl.SSLKEY, tls.client_key)]
-    return options
+def _cut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for TLS sockets: it wakes a blocked read at once,
+    # without touching the TLS object another thread is using.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def _system_trust() -> list[tuple[int, Any]]:
-    """The trust store OpenSSL's defaults name (SSL_CERT_FILE and SSL_CERT_DIR included),
-    where present: the wheel's libcurl was built on another system and may look elsewhere."""
-    paths = ssl.get_default_verify_paths()
-    options: list[tuple[int, Any]] = []
-    if paths.cafile:
-        options.append((pycurl.CAINFO, paths.cafile))
-    if paths.capath:
-        options.append((pycurl.CAPATH, paths.capath))
-    return options
+class _Watchdog:
+    """One thread that cuts exchanges running past their deadlines."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._compacted = 0  # the heap's size after the last compaction
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, deadline: float) -> _Guard:
+        guard = _Guard(deadline)
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="http-watchdog", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline, next(self._seq), guard))
+            if self._heap[0][2] is guard:
+                self._cond.notify()
+            if len(self._heap) > max(64, 2 * self._compacted):  # most guards end long before their deadline
+                self._heap = [item for item in self._heap if not item[2].done]
+                heapq.heapify(self._heap)
+                self._compacted = len(self._heap)
+        return guard
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2].done or self._heap[0][0] <= now):
+                    _, _, guard = heapq.heappop(self._heap)
+                    guard.expire()
+                # Sleep until the earliest deadline, but never less than a tick: most guards
+                # end long before their deadline, and waking for each would cost a thread
+                # switch per request.
+                timeout = max(self._heap[0][0] - now, WATCHDOG_TICK_SECONDS) if self._heap else None
+                self._cond.wait(timeout)

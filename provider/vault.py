@@ -7,7 +7,7 @@ module as one of provider.errors' Vault errors.
 
 It speaks Vault's plain HTTP API (login, read, lease renew and revoke) with Vault's own
 headers (X-Vault-Token, X-Vault-Namespace, X-Vault-Request) through provider.transport
-(libcurl). hvac, the Python Vault client, is kept for tests and the demo: through its
+(http.client, kept-alive). hvac, the Python Vault client, is kept for tests and the demo: through its
 requests adapter a read costs about five times the CPU, and a Mount of many objects is
 bound by exactly that.
 """
@@ -373,16 +373,15 @@ class VaultClient:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
                 raise VaultUnreachable(f"{method} {path}: no time left before the Mount deadline")
-        # X-Vault-Request guards against SSRF, as Vault's own clients send it. "Expect:"
-        # keeps libcurl from waiting for a 100-continue before a large body.
-        headers = ["X-Vault-Request: true", "Expect:"]
+        # X-Vault-Request guards against SSRF, as Vault's own clients send it.
+        headers = {"X-Vault-Request": "true"}
         if token:
-            headers.append(f"X-Vault-Token: {_header_value(token, 'token')}")
+            headers["X-Vault-Token"] = _header_value(token, "token")
         if endpoint.namespace:
-            headers.append(f"X-Vault-Namespace: {_header_value(endpoint.namespace, 'namespace')}")
+            headers["X-Vault-Namespace"] = _header_value(endpoint.namespace, "namespace")
         data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
         if data is not None:
-            headers.append("Content-Type: application/json")
+            headers["Content-Type"] = "application/json"
         target = endpoint.target
         url = target.prefix + "/v1/" + quote(path, safe=_PATH_SAFE)
         if params:
@@ -434,7 +433,7 @@ class VaultClient:
         method: str,
         url: str,
         data: bytes | None,
-        headers: list[str],
+        headers: dict[str, str],
         timeout: float,
         path: str,
         replayable: bool,
@@ -442,7 +441,7 @@ class VaultClient:
         """One HTTP exchange; its failures as the Vault errors callers and breakers know."""
         address = target.describe()
         if target.authorization:  # the address's user info, for its own host only
-            headers = [*headers, f"Authorization: {target.authorization}"]
+            headers = {**headers, "Authorization": target.authorization}
         try:
             return self._transport.send(target, tls, method, url, data, headers, timeout, replayable=replayable)
         except TooLarge:
@@ -457,8 +456,10 @@ class VaultClient:
             ) from None
         except TLSFailed as e:
             hint = ""
-            if "certificate required" in str(e):
-                hint = " (it requires a client certificate: set vaultTLSClientCertPath and vaultTLSClientKeyPath)"
+            # A TLS 1.3 server refuses a missing client certificate after the handshake: an
+            # alert, or (as Python's ssl often reports it) the connection closed mid-protocol.
+            if not tls.client_cert and any(sign in str(e) for sign in ("certificate required", "EOF occurred")):
+                hint = " (if it requires a client certificate: set vaultTLSClientCertPath and vaultTLSClientKeyPath)"
             raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}{hint}") from None
         except TransportError as e:
             raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None

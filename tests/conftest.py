@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from lightkube.config.kubeconfig import KubeConfig
 
 from provider._proto import service_pb2, service_pb2_grpc
 from provider.admission import Admission
 from provider.app import App
 from provider.config import Settings, VaultSettings
+from provider.kube import KubeConfig
 from tests.fault_proxy import FaultProxy
 from tests.kube_fake import FakeKubernetes, FakePod
 from tests.openbao import OpenBao, enable_kubernetes_auth, free_port, pki_engine

@@ -356,9 +356,8 @@ def test_hmac_key_is_read_once_per_ttl(provider: ProviderClient, world: VaultWor
 def test_unreachable_kubernetes_gives_empty_versions_and_a_warning(
     tmp_path: Path, world: VaultWorld, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lightkube.config.kubeconfig import KubeConfig
-
     from provider.app import App
+    from provider.kube import KubeConfig
     from tests.conftest import ProviderClient, make_settings
     from tests.openbao import free_port
 

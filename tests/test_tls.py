@@ -183,7 +183,7 @@ def test_a_client_certificate_from_the_class_opens_a_mutual_tls_listener(
         mount(client, mutual_tls.world, **tls)  # no client certificate: the handshake is refused
     assert error.value.code() == grpc.StatusCode.UNKNOWN
     assert f"TLS to Vault at {mutual_tls.url} failed" in error.value.details()
-    assert "it requires a client certificate: set vaultTLSClientCertPath" in error.value.details()
+    assert "if it requires a client certificate: set vaultTLSClientCertPath" in error.value.details()
     assert time.monotonic() - started < 5, "a refused handshake is not retried until the deadline"
     files = mount(
         client,
