@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import re
 import threading
 import unicodedata
 from collections import OrderedDict
@@ -278,8 +279,8 @@ def parse_mount(
         raise ConfigError(f"{source} is not a valid {flavour.product} address: {e}") from None
     if len(vault_namespace) > MAX_NAMESPACE_LENGTH:
         raise ConfigError(f"{name('vaultNamespace')!r} is longer than {MAX_NAMESPACE_LENGTH} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in vault_namespace):  # it travels as an HTTP header
-        raise ConfigError(f"{name('vaultNamespace')!r} must not contain control characters")
+    if not (vault_namespace.isascii() and vault_namespace.isprintable()):  # it travels as an HTTP header
+        raise ConfigError(f"{name('vaultNamespace')!r} must be printable ASCII")
     if defaults.allowed_addresses and not address_allowed(vault_address, defaults):
         allowed = ", ".join(safe_describe(a) for a in defaults.allowed_addresses)
         raise ConfigError(
@@ -439,6 +440,10 @@ def parse_bool(name: str, text: str) -> bool:
     raise ConfigError(f"{name} must be a boolean (true or false), got {truncate(text, 40)!r}")
 
 
+# A TLS server name: a DNS name (labels of letters, digits, '-' and '_') or an IP address.
+_SERVER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
+
+
 def _merge_tls(base: TLSConfig, params: Mapping[str, str], name: Callable[[str], str] = str) -> TLSConfig:
     overrides: dict[str, Any] = {}
     for key, attr in (
@@ -450,6 +455,11 @@ def _merge_tls(base: TLSConfig, params: Mapping[str, str], name: Callable[[str],
     ):
         if params.get(key):
             overrides[attr] = params[key]
+    server_name = overrides.get("server_name", "")
+    if server_name and not _SERVER_NAME.fullmatch(server_name):
+        raise ConfigError(
+            f"{name('vaultTLSServerName')!r} must be a DNS name or an IP address (letters, digits, '-', '.', ':')"
+        )
     if "vaultSkipTLSVerify" in params:
         overrides["skip_verify"] = parse_bool(
             f"{name('vaultSkipTLSVerify')!r} in SecretProviderClass parameters", params["vaultSkipTLSVerify"]

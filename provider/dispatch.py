@@ -184,6 +184,8 @@ def _settle(answer: asyncio.Future[MountResult], outcome: MountResult | BaseExce
     """Hand a job's outcome to its caller, if the caller still waits."""
     if answer.done():
         return
+    if isinstance(outcome, StopIteration):  # a future refuses it: keep the caller answered
+        outcome = RuntimeError(f"the Mount raised {outcome!r}")
     if isinstance(outcome, BaseException):
         answer.set_exception(outcome)
     else:

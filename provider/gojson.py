@@ -58,8 +58,9 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text, parse_int=Number, parse_float=Number, parse_constant=_reject_constant)
 
 
-# A JSON string literal, escapes included; linear, no backtracking.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A JSON string literal, escapes included, or an unterminated one up to the end: that
+# also matches, so a scan never restarts from each quote inside it (quadratic time).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
 
 
 def count_values(raw: bytes, *, few_strings: int = 10_000) -> int:

@@ -18,7 +18,8 @@ TLS connections to one Vault would have cost a quarter of the DaemonSet's memory
   dripping one byte a second would hold a thread for as long as it likes. A single
   watchdog thread shuts down the socket of any exchange still running at its deadline.
 - The reply is read up to a size limit; a larger one is refused, not buffered.
-- Nothing is taken from the environment: no proxy variables. TLS verification is on
+- Nothing is taken from the environment: no proxy variables, no SSLKEYLOGFILE (TLS
+  keys written to a file would expose every token). TLS verification is on
   unless the class or flags turn it off; with no CA configured, the system's trust
   store is used.
 """
@@ -212,6 +213,7 @@ def _context(tls: TLSConfig) -> ssl.SSLContext:
     else:
         # Only the CA the class names, as Vault's own client does; else the system's.
         context = ssl.create_default_context(cafile=tls.ca_cert or None, capath=tls.ca_directory or None)
+        context.keylog_filename = None  # type: ignore[assignment]  # never TLS keys to a file (SSLKEYLOGFILE)
     if tls.client_cert and tls.client_key:
         context.load_cert_chain(tls.client_cert, tls.client_key)
     return context
@@ -337,7 +339,7 @@ class Transport:
                     conn.on_socket = guard.attach  # the handshake is held to the deadline too
                 try:
                     conn.connect()
-                except ssl.SSLError as e:
+                except (ssl.SSLError, ValueError) as e:  # ValueError: a name TLS cannot carry
                     raise TLSFailed(_describe(e)) from None
                 except TimeoutError:
                     raise NotConnected(f"no connection within {remaining:.1f}s") from None

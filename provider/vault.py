@@ -170,6 +170,8 @@ class VaultClient:
         token = auth.get("client_token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not token:
             raise VaultBadResponse(f"login at {path} returned no auth block (HTTP {status})", status=status)
+        if not (token.isascii() and token.isprintable()):  # never cached: no request could carry it
+            raise VaultBadResponse(f"login at {path} returned a token that cannot be sent in an HTTP header")
         assert isinstance(auth, dict)
         duration = auth.get("lease_duration")
         accessor = auth.get("accessor")
@@ -466,9 +468,10 @@ class VaultClient:
 
 
 def _header_value(value: str, what: str) -> str:
-    """A value bound for an HTTP header: a line break would start a header of its own."""
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise VaultBadResponse(f"the Vault {what} contains control characters; it cannot be sent")
+    """A value bound for an HTTP header: printable ASCII only (a line break would start a
+    header of its own; other characters have no agreed encoding)."""
+    if not (value.isascii() and value.isprintable()):
+        raise VaultBadResponse(f"the Vault {what} holds characters that cannot be sent in an HTTP header")
     return value
 
 

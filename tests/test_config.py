@@ -97,6 +97,18 @@ def test_token_for_the_audience_is_taken_from_the_driver() -> None:
             "420",
             "serviceAccount.tokens is not valid JSON",
         ),
+        (
+            {"roleName": "r", "objects": ONE_OBJECT, "vaultTLSServerName": "localhost/"},
+            "/t",
+            "420",
+            "'vaultTLSServerName' must be a DNS name or an IP address",
+        ),
+        (
+            {"roleName": "r", "objects": ONE_OBJECT, "vaultNamespace": "\u00e9quipe"},
+            "/t",
+            "420",
+            "'vaultNamespace' must be printable ASCII",
+        ),
     ],
     ids=[
         "no-target-path",
@@ -114,6 +126,8 @@ def test_token_for_the_audience_is_taken_from_the_driver() -> None:
         "bad-bool",
         "both-mount-paths",
         "bad-tokens-json",
+        "server-name-not-a-name",
+        "namespace-not-ascii",
     ],
 )
 def test_invalid_requests_name_what_to_fix(

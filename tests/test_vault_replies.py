@@ -40,8 +40,13 @@ LOGIN = "/v1/auth/kubernetes/login"
             grpc.StatusCode.UNAUTHENTICATED,
             "Vault answered 403: permission denied",
         ),
+        (
+            Rule("POST", LOGIN, status=200, body='{"auth":{"client_token":"tok\u00e9n\u2028"}}'.encode()),
+            grpc.StatusCode.UNKNOWN,
+            "returned a token that cannot be sent in an HTTP header",
+        ),
     ],
-    ids=["no-auth-block", "empty-body", "204", "not-json", "null-token", "login-403"],
+    ids=["no-auth-block", "empty-body", "204", "not-json", "null-token", "login-403", "token-not-ascii"],
 )
 def test_unusable_login_replies(
     proxied: ProviderClient,
