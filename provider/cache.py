@@ -32,7 +32,7 @@ HMAC_RETRY_SECONDS = 5.0
 HMAC_WAIT_SECONDS = 3.5
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TokenGrant:
     """A login handed to a Mount: the token, whether it came from the cache, and when
     it expires (monotonic; infinity for a token without a TTL)."""
@@ -42,7 +42,7 @@ class TokenGrant:
     expires_at: float
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class _TokenSlot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     login: Login | None = None

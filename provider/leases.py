@@ -20,6 +20,7 @@ is never shared between pods.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -48,7 +49,7 @@ DEFAULT_MAX_ENTRIES = 5000
 PURGE_INTERVAL_SECONDS = 30.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LeaseKey:
     """One pod's one request: the unit of reuse."""
 
@@ -60,7 +61,7 @@ class LeaseKey:
     request: Hashable  # method, path, query, body
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class _Entry:
     secret: Secret = field(repr=False)
     lease_id: str = field(repr=False)
@@ -72,7 +73,7 @@ class _Entry:
     issuer: Any = field(repr=False)  # what issued it (the pod's Vault login), for revocation
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     entry: _Entry | None = None
@@ -80,7 +81,7 @@ class _Slot:
     dead: bool = False  # removed from the cache: whoever still holds it looks again
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class KeptLease:
     """A lease the cache held for a pod, and the login that issued it."""
 
@@ -260,6 +261,7 @@ class LeaseCache:
         if lifetime <= 0:
             return None
         token_left = not_after - now
+        _share_long_strings(secret.body)
         return _Entry(
             secret=secret,
             lease_id=lease_id,
@@ -318,3 +320,30 @@ def _is_certificate(data: Any) -> bool:
         and isinstance(data.get("serial_number"), str)
         and isinstance(data.get("expiration"), gojson.Number)
     )
+
+
+# Strings at least this long in a kept reply are shared with equal ones kept for other
+# pods: every certificate of a PKI role carries the same issuing CA and chain (about 2.4
+# KiB per pod with a 2048-bit CA), which would otherwise be held once per pod.
+SHARED_STRING_CHARS = 256
+
+
+def _share_long_strings(value: Any) -> None:
+    """Replace long strings in a decoded reply, in place, by the interpreter's one copy
+    (sys.intern): equal bytes, not a shared answer. The interned copy lives only while a
+    reply holds it. Walks at most the reply's own values (bounded when decoded)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if isinstance(inner, str) and len(inner) >= SHARED_STRING_CHARS:
+                    item[key] = sys.intern(inner)
+                elif isinstance(inner, dict | list):
+                    pending.append(inner)
+        elif isinstance(item, list):
+            for index, inner in enumerate(item):
+                if isinstance(inner, str) and len(inner) >= SHARED_STRING_CHARS:
+                    item[index] = sys.intern(inner)
+                elif isinstance(inner, dict | list):
+                    pending.append(inner)

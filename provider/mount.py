@@ -7,6 +7,7 @@ file, and version it with the cluster's HMAC key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -19,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from provider import render
 from provider.cache import HmacKeySource, TokenCache, TokenGrant
-from provider.config import MountConfig, SecretObject, Settings, VaultSettings, parse_mount
+from provider.config import MountConfig, SecretObject, Settings, TLSConfig, VaultSettings, parse_mount
 from provider.errors import (
     ConfigError,
     KubernetesError,
@@ -45,6 +46,8 @@ T = TypeVar("T")
 SECRET_SYNC_LIMIT = 1024 * 1024
 # Room for the protobuf framing around the file bytes in a MountResponse.
 RESPONSE_OVERHEAD_PER_FILE = 512
+# Endpoints kept built (a few hundred bytes each): more than a node's Vaults and namespaces.
+ENDPOINTS_KEPT = 256
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
@@ -87,7 +90,7 @@ class MountResult:
     files: tuple[MountedFile, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SecretRequest:
     """One distinct Vault request; objects that share it share one reply."""
 
@@ -358,7 +361,7 @@ class Mounter:
             ) from None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Issuer:
     """Where and with which token a leased reply was issued: what revokes it."""
 
@@ -367,11 +370,18 @@ class Issuer:
 
 
 def endpoint_of(config: MountConfig) -> Endpoint:
-    """Where a class's requests go."""
-    return Endpoint(address=config.vault_address, tls=config.tls, namespace=config.vault_namespace)
+    """Where a class's requests go: one shared Endpoint per address, TLS and namespace,
+    so its parsed address and keys are worked out once, not per Mount, and a token or
+    lease kept per pod does not hold a copy of its own."""
+    return _endpoint(config.vault_address, config.tls, config.vault_namespace)
 
 
-@dataclass(frozen=True, kw_only=True)
+@functools.lru_cache(maxsize=ENDPOINTS_KEPT)
+def _endpoint(address: str, tls: TLSConfig, namespace: str) -> Endpoint:
+    return Endpoint(address=address, tls=tls, namespace=namespace)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IdentityKey:
     """Everything that makes a Vault identity: a token is cached under this, per pod."""
 

@@ -90,7 +90,7 @@ class Endpoint:
         return EndpointKey(address=self.target.key(), namespace=self.namespace)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Login:
     """A Vault token from a login, with the lifetime Vault gave it."""
 
@@ -100,7 +100,7 @@ class Login:
     renewable: bool
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Secret:
     """A Vault reply to a read, its numbers kept exactly as sent (gojson.Number)."""
 

@@ -72,3 +72,28 @@ def test_unkept_replies_leave_no_slot_behind() -> None:
     for i in range(100):
         cache.fetch(key(f"kv-{i}"), issue=lambda: kv, renew=lambda lease, inc: kv, deadline=float("inf"))
     assert len(cache) == 0 and cache.pods() == set()
+
+
+def test_kept_replies_share_long_equal_strings_and_nothing_else() -> None:
+    """Every certificate of a PKI role carries the same CA: kept once, not once per pod.
+    The replies stay each pod's own: only equal strings are shared, short ones never."""
+    cache = LeaseCache(metrics=Metrics())
+
+    def certificate(pod: str) -> Secret:
+        ca = "".join(["-----BEGIN CERTIFICATE-----\n", "A" * 1200, "\n-----END CERTIFICATE-----"])  # a new str each
+        return Secret(
+            body={
+                "lease_id": f"pki/issue/web/{pod}",
+                "lease_duration": gojson.Number("1000000"),
+                "data": {"issuing_ca": ca, "ca_chain": [ca], "private_key": f"key-of-{pod}-" + "k" * 300},
+            }
+        )
+
+    kept = [
+        cache.fetch(key(pod), issue=lambda pod=pod: certificate(pod), renew=lambda lease, inc: leased(0), deadline=1e9)
+        for pod in ("a", "b")
+    ]
+    first, second = (secret.data for secret in kept)
+    assert first["issuing_ca"] is second["issuing_ca"] is first["ca_chain"][0] is second["ca_chain"][0]
+    assert first["private_key"] != second["private_key"]
+    assert kept[0].lease_id != kept[1].lease_id
