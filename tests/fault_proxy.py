@@ -109,7 +109,10 @@ class FaultProxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (its deadline): nothing to answer
+                    self.close_connection = True
 
             def _chunked(self, rule: Rule) -> None:
                 assert rule.status is not None
