@@ -118,6 +118,11 @@ class LeaseCache:
         with self._lock:
             return sum(1 for slot in self._slots.values() if slot.entry is not None)
 
+    def holds(self, key: LeaseKey) -> bool:
+        """Whether a reply for key is kept, or being fetched."""
+        with self._lock:
+            return key in self._slots
+
     def fetch(
         self,
         key: LeaseKey,

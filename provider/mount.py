@@ -35,7 +35,7 @@ from provider.flavour import VAULT, Flavour
 from provider.kube import KubeClient
 from provider.leases import LeaseCache, LeaseKey
 from provider.metrics import Metrics
-from provider.vault import Endpoint, Login, Secret, VaultClient
+from provider.vault import Endpoint, Login, Read, Secret, VaultClient
 from provider.versions import object_version
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ SECRET_SYNC_LIMIT = 1024 * 1024
 RESPONSE_OVERHEAD_PER_FILE = 512
 # Endpoints kept built (a few hundred bytes each): more than a node's Vaults and namespaces.
 ENDPOINTS_KEPT = 256
+# Plain reads of one Mount sent together at most, each on its own connection.
+MAX_PREFETCH_PER_BATCH = 16
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
@@ -216,10 +218,15 @@ class Mounter:
     def _fetch_all(
         self, identity: _Identity, requests: list[SecretRequest], deadline: float, lanes: Lanes
     ) -> dict[SecretRequest, Secret | ProviderError]:
-        """Each distinct request once: this thread and any it may borrow take requests
-        from one queue until it is empty, so borrowed threads are never idle."""
-        pending = deque(requests)
-        replies: dict[SecretRequest, Secret | ProviderError] = {}
+        """Each distinct request once. Plain reads are first sent together from this
+        thread (one round trip for all, no hand-offs); what that leaves, this thread and
+        any it may borrow take from one queue until it is empty, so borrowed threads are
+        never idle."""
+        prefetched = self._prefetch(identity, requests, deadline)
+        replies: dict[SecretRequest, Secret | ProviderError] = {
+            request: self._fetch_outcome(identity, request, deadline, reply) for request, reply in prefetched.items()
+        }
+        pending = deque(request for request in requests if request not in prefetched)
 
         def drain() -> None:
             while True:
@@ -230,7 +237,7 @@ class Mounter:
                 replies[request] = self._fetch_outcome(identity, request, deadline)
 
         helpers: list[Future[None]] = []
-        for _ in range(min(len(requests), MAX_FETCH_PER_MOUNT) - 1):
+        for _ in range(min(len(pending), MAX_FETCH_PER_MOUNT) - 1):
             helper = lanes.try_submit(drain)
             if helper is None:
                 break
@@ -240,26 +247,84 @@ class Mounter:
             helper.result()  # every request inside is bounded by the deadline
         return replies
 
-    def _fetch_outcome(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret | ProviderError:
+    def _prefetch(
+        self, identity: _Identity, requests: list[SecretRequest], deadline: float
+    ) -> dict[SecretRequest, Secret | ProviderError]:
+        """Replies to the Mount's plain reads (GET or LIST, no body, nothing kept for
+        this pod), sent together in batches; a read that attempt did not settle is left
+        out, and goes the usual way (retries, a new login after a 403, redirects)."""
+        reads = [
+            request
+            for request in requests
+            if request.method in ("GET", "LIST") and request.body is None and not self._kept(identity, request)
+        ]
+        if len(reads) < 2:
+            return {}
         try:
-            return self._fetch(identity, request, deadline)
+            token = identity.token()
+        except ProviderError:
+            return {}  # the usual way reports it, once per Mount
+        settled: dict[SecretRequest, Secret | ProviderError] = {}
+        for start in range(0, len(reads), MAX_PREFETCH_PER_BATCH):
+            batch = reads[start : start + MAX_PREFETCH_PER_BATCH]
+            try:
+                answers = self._vault.read_many(
+                    identity.endpoint,
+                    token=token,
+                    reads=[Read(request.method, request.path, request.params() or None) for request in batch],
+                    deadline=deadline,
+                )
+            except ProviderError:
+                return settled
+            for request, answer in zip(batch, answers, strict=True):
+                if answer is not None and not isinstance(answer, VaultPermissionDenied):
+                    settled[request] = answer
+        return settled
+
+    def _kept(self, identity: _Identity, request: SecretRequest) -> bool:
+        """Whether the lease cache holds (or is fetching) this pod's reply to request:
+        then it is not read ahead, which for dynamic secrets would issue credentials."""
+        key = self._lease_key(identity, request)
+        return key is not None and self._leases is not None and self._leases.holds(key)
+
+    def _lease_key(self, identity: _Identity, request: SecretRequest) -> LeaseKey | None:
+        if self._leases is None or identity.key is None:
+            return None
+        return LeaseKey(
+            pod_uid=identity.key.pod_uid,
+            pod_namespace=identity.key.pod_namespace,
+            pod_name=identity.key.pod_name,
+            target_path=identity.target_path,
+            identity=identity.key,
+            request=request,
+        )
+
+    def _fetch_outcome(
+        self,
+        identity: _Identity,
+        request: SecretRequest,
+        deadline: float,
+        prefetched: Secret | ProviderError | None = None,
+    ) -> Secret | ProviderError:
+        try:
+            return self._fetch(identity, request, deadline, prefetched)
         except ProviderError as e:
             return e
 
-    def _fetch(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret:
-        if self._leases is None or identity.key is None:
-            return self._fetch_from_vault(identity, request, deadline)
+    def _fetch(
+        self,
+        identity: _Identity,
+        request: SecretRequest,
+        deadline: float,
+        prefetched: Secret | ProviderError | None = None,
+    ) -> Secret:
+        key = self._lease_key(identity, request)
+        if key is None or self._leases is None:
+            return self._fetch_from_vault(identity, request, deadline, prefetched)
         identity.token()
         return self._leases.fetch(
-            LeaseKey(
-                pod_uid=identity.key.pod_uid,
-                pod_namespace=identity.key.pod_namespace,
-                pod_name=identity.key.pod_name,
-                target_path=identity.target_path,
-                identity=identity.key,
-                request=request,
-            ),
-            issue=lambda: self._fetch_from_vault(identity, request, deadline),
+            key,
+            issue=lambda: self._fetch_from_vault(identity, request, deadline, prefetched),
             renew=lambda lease_id, increment: self._vault.renew_lease(
                 identity.endpoint, token=identity.token(), lease_id=lease_id, increment=increment, deadline=deadline
             ),
@@ -268,9 +333,19 @@ class Mounter:
             issuer=identity.issuer,
         )
 
-    def _fetch_from_vault(self, identity: _Identity, request: SecretRequest, deadline: float) -> Secret:
+    def _fetch_from_vault(
+        self,
+        identity: _Identity,
+        request: SecretRequest,
+        deadline: float,
+        prefetched: Secret | ProviderError | None = None,
+    ) -> Secret:
         token = identity.token()
         try:
+            if isinstance(prefetched, Secret):
+                return prefetched
+            if prefetched is not None:
+                raise prefetched
             return self._read(identity.endpoint, token, request, deadline)
         except VaultPermissionDenied:
             fresh = identity.refresh(token)

@@ -300,35 +300,55 @@ class Transport:
         seconds. A kept-alive connection the server closed while idle is met before any
         reply: a `replayable` request is then sent again on a new connection; any other
         (a write that may create credentials) fails rather than risk being sent twice."""
-        pool = self.pools.get(target, tls)
-        deadline = time.monotonic() + timeout
-        guard = self._watchdog.watch(deadline)
-        try:
-            conn, reused = pool.take()
-            try:
-                return self._exchange(pool, conn, guard, method, url_path, body, headers, deadline)
-            except _Stale:
-                if not (reused and replayable):
-                    raise TransportError("the connection was closed before a reply") from None
-            try:
-                return self._exchange(pool, pool.fresh(), guard, method, url_path, body, headers, deadline)
-            except _Stale:
-                raise TransportError("the connection was closed before a reply") from None
-        finally:
-            guard.finish()
+        request = Request(target, tls, method, url_path, body, headers, timeout, replayable)
+        outcome = self.send_many([request])[0]
+        if isinstance(outcome, TransportError):
+            raise outcome
+        return outcome
 
-    def _exchange(
-        self,
-        pool: Pool,
-        conn: http.client.HTTPConnection,
-        guard: _Guard,
-        method: str,
-        url_path: str,
-        body: bytes | None,
-        headers: dict[str, str],
-        deadline: float,
-    ) -> Reply:
-        keep = False
+    def send_many(self, requests: list[Request]) -> list[Reply | TransportError]:
+        """Each request's reply (or failure), in order. All are sent before any reply is
+        read, each on its own connection, so from one thread they take about one round
+        trip, not one each; each keeps its own deadline."""
+        started = [self._start(request) for request in requests]
+        outcomes: list[Reply | TransportError] = []
+        for request, exchange in zip(requests, started, strict=True):
+            if isinstance(exchange, TransportError):
+                outcomes.append(exchange)
+                continue
+            try:
+                try:
+                    outcomes.append(self._finish(exchange))
+                    continue
+                except _Stale:
+                    if not (exchange.reused and request.replayable):
+                        raise TransportError("the connection was closed before a reply") from None
+                again = self._start(request, fresh=True, guard=exchange.guard)
+                if isinstance(again, TransportError):
+                    raise again
+                try:
+                    outcomes.append(self._finish(again))
+                except _Stale:
+                    raise TransportError("the connection was closed before a reply") from None
+            except TransportError as e:
+                outcomes.append(e)
+            finally:
+                exchange.guard.finish()
+        return outcomes
+
+    def _start(
+        self, request: Request, *, fresh: bool = False, guard: _Guard | None = None
+    ) -> _Exchange | TransportError:
+        """Connect (or take a kept-alive connection) and send the request."""
+        deadline = guard.deadline if guard is not None else time.monotonic() + request.timeout
+        guard = guard or self._watchdog.watch(deadline)
+        try:
+            pool = self.pools.get(request.target, request.tls)
+        except TransportError as e:
+            guard.finish()
+            return e
+        conn, reused = (pool.fresh(), False) if fresh else pool.take()
+        exchange = _Exchange(pool=pool, conn=conn, reused=reused, guard=guard)
         try:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -349,7 +369,29 @@ class Transport:
                 conn.sock.settimeout(remaining)
             guard.attach(conn.sock)
             try:
-                conn.request(method, url_path, body=body, headers=headers)
+                conn.request(request.method, request.url_path, body=request.body, headers=request.headers)
+            except _STALE:
+                if guard.expired:
+                    raise TimedOut("the deadline passed") from None
+                if reused and request.replayable and not fresh:
+                    conn.close()
+                    return self._start(request, fresh=True, guard=guard)
+                raise TransportError("the connection was closed before a reply") from None
+            except (http.client.HTTPException, OSError, ValueError) as e:
+                raise self._failure(e, guard) from None
+        except TransportError as e:
+            conn.close()
+            guard.finish()
+            return e
+        return exchange
+
+    def _finish(self, exchange: _Exchange) -> Reply:
+        """Read the reply to a sent request; raises _Stale when a kept-alive connection
+        turns out closed before any byte of it."""
+        conn, guard = exchange.conn, exchange.guard
+        keep = False
+        try:
+            try:
                 response = conn.getresponse()
             except _STALE:
                 if guard.expired:
@@ -379,7 +421,7 @@ class Transport:
             )
         finally:
             if keep:
-                pool.give(conn)
+                exchange.pool.give(conn)
             else:
                 conn.close()
 
@@ -390,6 +432,29 @@ class Transport:
         if isinstance(error, ssl.SSLError):
             return TLSFailed(_describe(error))
         return TransportError(_describe(error))
+
+
+class Request(NamedTuple):
+    """One HTTP request: where, how, and within how many seconds."""
+
+    target: Target
+    tls: TLSConfig
+    method: str
+    url_path: str  # path and query
+    body: bytes | None
+    headers: dict[str, str]
+    timeout: float
+    replayable: bool  # safe to send again when a kept-alive connection was found closed
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """A request sent, its reply not yet read."""
+
+    pool: Pool
+    conn: http.client.HTTPConnection
+    reused: bool
+    guard: _Guard
 
 
 class _Stale(Exception):

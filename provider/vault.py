@@ -38,7 +38,16 @@ from provider.errors import (
     truncate,
 )
 from provider.metrics import Metrics
-from provider.transport import NotConnected, Reply, TimedOut, TLSFailed, TooLarge, Transport, TransportError
+from provider.transport import (
+    NotConnected,
+    Reply,
+    Request,
+    TimedOut,
+    TLSFailed,
+    TooLarge,
+    Transport,
+    TransportError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,14 +214,53 @@ class VaultClient:
             deadline=deadline,
             operation=operation,
         )
-        _raise_for_status(method, path, status, body)
-        if isinstance(body, RawBody):
-            if operation != "read":
-                raise VaultBadResponse(f"{method} {path}: Vault's reply is not JSON (HTTP {status})", status=status)
-            return Secret(body={}, raw=body.data)
-        if not isinstance(body, dict):
-            raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
-        return Secret(body=_enveloped(body))
+        return _secret(method, path, status, body, operation)
+
+    def read_many(
+        self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float
+    ) -> list[Secret | VaultError | None]:
+        """One attempt at each read (GET or LIST), all sent before any reply is read, so
+        a Mount's reads from one thread take about one round trip, with no thread
+        hand-offs. Each answer is the Secret, the error Vault's reply means, or None when
+        that attempt settled nothing (no connection, a status worth retrying, a
+        redirect): send that one again with read(), which retries and follows."""
+        if self._breaker(endpoint).refusal() is not None:
+            return [None] * len(reads)
+        timeout = min(self._timeout, deadline - time.monotonic())
+        if timeout <= MIN_ATTEMPT_SECONDS:
+            return [None] * len(reads)
+        requests = []
+        for read in reads:
+            url, data, headers = _request_parts(endpoint, read.method, read.path, token, read.params, None)
+            requests.append(
+                Request(endpoint.target, endpoint.tls, read.method, url, data, headers, timeout, replayable=True)
+            )
+        started = time.monotonic()
+        outcomes = self._transport.send_many(requests)
+        elapsed = time.monotonic() - started
+        answers: list[Secret | VaultError | None] = []
+        for read, outcome in zip(reads, outcomes, strict=True):
+            label = "error" if isinstance(outcome, TransportError) else str(outcome.status)
+            if self._metrics is not None:
+                self._metrics.vault_requests.labels("read", label).inc()
+                self._metrics.vault_duration.labels("read").observe(elapsed)
+            if isinstance(outcome, TransportError):
+                if isinstance(outcome, NotConnected):
+                    self._breaker(endpoint, failed=True).record_failure(
+                        f"cannot reach Vault at {endpoint.target.describe()}: {truncate(str(outcome))}"
+                    )
+                answers.append(None)
+                continue
+            self._breaker(endpoint).record_success()
+            if outcome.status in RETRY_STATUSES or (outcome.status in (307, 308) and outcome.location):
+                answers.append(None)
+                continue
+            try:
+                status, body, _ = self._decoded(read.method, read.path, outcome)
+                answers.append(_secret(read.method, read.path, status, body, "read"))
+            except VaultError as e:
+                answers.append(e)
+        return answers
 
     def renew_lease(
         self, endpoint: Endpoint, *, token: str, lease_id: str, increment: int, deadline: float | None = None
@@ -375,19 +423,8 @@ class VaultClient:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
                 raise VaultUnreachable(f"{method} {path}: no time left before the Mount deadline")
-        # X-Vault-Request guards against SSRF, as Vault's own clients send it.
-        headers = {"X-Vault-Request": "true"}
-        if token:
-            headers["X-Vault-Token"] = _header_value(token, "token")
-        if endpoint.namespace:
-            headers["X-Vault-Namespace"] = _header_value(endpoint.namespace, "namespace")
-        data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        url, data, headers = _request_parts(endpoint, method, path, token, params, json_body)
         target = endpoint.target
-        url = target.prefix + "/v1/" + quote(path, safe=_PATH_SAFE)
-        if params:
-            url += "?" + urlencode(params, doseq=True)
         for hop_count in range(MAX_REDIRECTS + 1):
             try:
                 reply = self._roundtrip(target, endpoint.tls, method, url, data, headers, timeout, path, replayable)
@@ -408,6 +445,11 @@ class VaultClient:
                 break
             url = (hop.path or "/") + (f"?{hop.query}" if hop.query else "")
             logger.debug("vault %s %s redirected to %s", method, path, target.describe())
+        return self._decoded(method, path, reply)
+
+    def _decoded(self, method: str, path: str, reply: Reply) -> _Reply:
+        """A reply's body decoded: JSON (its values counted first), raw bytes for a
+        successful reply that is not JSON, text for a failed one."""
         status, raw = reply.status, reply.body
         logger.debug("vault %s %s -> %d (%d bytes)", method, path, status, len(raw))
         if not raw.strip():
@@ -465,6 +507,50 @@ class VaultClient:
             raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}{hint}") from None
         except TransportError as e:
             raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
+
+
+class Read(NamedTuple):
+    """One of several reads sent together (read_many)."""
+
+    method: str  # GET or LIST
+    path: str  # without /v1/
+    params: Mapping[str, list[str]] | None
+
+
+def _request_parts(
+    endpoint: Endpoint,
+    method: str,
+    path: str,
+    token: str,
+    params: Mapping[str, list[str]] | None,
+    json_body: Mapping[str, Any] | bytes | None,
+) -> tuple[str, bytes | None, dict[str, str]]:
+    """A Vault request's URL (path and query), body and headers."""
+    # X-Vault-Request guards against SSRF, as Vault's own clients send it.
+    headers = {"X-Vault-Request": "true"}
+    if token:
+        headers["X-Vault-Token"] = _header_value(token, "token")
+    if endpoint.namespace:
+        headers["X-Vault-Namespace"] = _header_value(endpoint.namespace, "namespace")
+    data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    url = endpoint.target.prefix + "/v1/" + quote(path, safe=_PATH_SAFE)
+    if params:
+        url += "?" + urlencode(params, doseq=True)
+    return url, data, headers
+
+
+def _secret(method: str, path: str, status: int, body: Any, operation: str) -> Secret:
+    """A decoded reply as a Secret, or the error its status means."""
+    _raise_for_status(method, path, status, body)
+    if isinstance(body, RawBody):
+        if operation != "read":
+            raise VaultBadResponse(f"{method} {path}: Vault's reply is not JSON (HTTP {status})", status=status)
+        return Secret(body={}, raw=body.data)
+    if not isinstance(body, dict):
+        raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
+    return Secret(body=_enveloped(body))
 
 
 def _header_value(value: str, what: str) -> str:

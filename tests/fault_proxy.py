@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a Mount opening ten connections at once would
+    # see SYNs dropped and retried a second later, which no real Vault (Go: 4096) does.
+    request_queue_size = 128
+
+
 @dataclass
 class Rule:
     method: str  # "*" for any
@@ -148,7 +154,7 @@ class FaultProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 

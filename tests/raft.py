@@ -55,7 +55,9 @@ class Node:
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None, token: str = "") -> Any:
         headers = {"X-Vault-Token": token} if token else {}
-        response = requests.request(method, f"{self.url}/v1/{path}", json=body, headers=headers, timeout=10)
+        # sys/init writes the keyring through Raft with fsyncs: seen to take over 10 s on a
+        # loaded 2-core machine, so the admin calls wait longer than a Mount would.
+        response = requests.request(method, f"{self.url}/v1/{path}", json=body, headers=headers, timeout=60)
         if response.status_code >= 400:
             raise AssertionError(f"{self.name} {method} {path}: {response.status_code} {response.text}")
         return response.json() if response.content else None

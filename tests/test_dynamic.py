@@ -12,6 +12,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from provider.admission import Admission
 from provider.config import VaultSettings
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.fault_proxy import FaultProxy, Rule
@@ -391,3 +392,49 @@ def test_kv_reads_do_not_take_the_room_of_kept_credentials(tmp_path: Path, world
         assert metric(provider, "issued") == 1
     finally:
         provider.app.stop(grace=1)
+
+
+def test_a_mounts_plain_reads_go_out_together_from_one_thread(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    """With no thread to borrow (one per class), ten reads held 0.4 s each by the proxy
+    still take about one round trip: they are sent before any reply is read."""
+    paths = [f"kv1/{unique}/{i}" for i in range(10)]
+    for i, path in enumerate(paths):
+        world.bao.api("POST", path, {"k": f"v{i}"})
+    pod = world.grant(unique, [f"kv1/{unique}/*"])
+    proxy = FaultProxy(world.bao.port)
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}/", delay_seconds=0.4))
+    provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url), admission=Admission(per_class=1))
+    try:
+        objects = [{"objectName": f"o{i}", "secretPath": paths[i], "secretKey": "k"} for i in range(10)]
+        provider.mount(pod, objects[:1], role=unique)  # log in first: measure only the reads
+        started = time.monotonic()
+        response = provider.mount(pod, objects, role=unique)
+        elapsed = time.monotonic() - started
+        assert files_of(response) == {f"o{i}": f"v{i}".encode() for i in range(10)}
+        assert elapsed < 3 * 0.4, f"10 reads of 0.4 s on one thread took {elapsed:.2f} s: not sent together"
+    finally:
+        provider.app.stop(grace=1)
+        proxy.close()
+
+
+def test_kept_credentials_are_not_read_ahead(
+    provider: ProviderClient, world: VaultWorld, postgres: Postgres, unique: str
+) -> None:
+    """Two database roles in one class: both users are issued together on the first
+    Mount, then kept; remounts read neither again (a read of database creds issues one)."""
+    first_db = Database(world, postgres, f"{unique}a", ttl="1h", max_ttl="2h")
+    second_db = Database(world, postgres, f"{unique}b", ttl="1h", max_ttl="2h")
+    objects = [
+        {"objectName": "a-user", "secretPath": first_db.path, "secretKey": "username"},
+        {"objectName": "b-user", "secretPath": second_db.path, "secretKey": "username"},
+        {"objectName": "kv", "secretPath": f"kv1/{unique}", "secretKey": "k"},
+    ]
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    pod = world.grant(unique, [first_db.path, second_db.path, f"kv1/{unique}", "sys/leases/*"])
+    first = provider.mount(pod, objects, role=unique)
+    for _ in range(5):
+        assert files_of(provider.mount(pod, objects, role=unique)) == files_of(first)
+    assert len(first_db.leases()) == 1 and len(second_db.leases()) == 1  # one user each, ever
+    users = files_of(first)
+    assert users["a-user"] != users["b-user"]
+    assert postgres.users(users["a-user"].decode()) == {users["a-user"].decode()}  # a real role
