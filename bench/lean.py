@@ -45,6 +45,13 @@ def cpu_ms_per_call(provider: Any, call: Callable[[], object], rounds: int) -> f
     return (provider.cpu_seconds() - before) * 1000 / rounds
 
 
+def thread_cpu_ms_per_call(call: Callable[[], object], rounds: int) -> float:
+    before = time.thread_time()
+    for _ in range(rounds):
+        call()
+    return (time.thread_time() - before) * 1000 / rounds
+
+
 def line(name: str, value: float, unit: str, target: str) -> None:
     print(f"  {name:<66} {value:7.2f}{unit:<3} {target}")
 
@@ -73,6 +80,8 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
             "warm": p50_ms(lambda: provider.mount(warm_pod, one, "bench"), ROUNDS),
             "warm_ten": p50_ms(lambda: provider.mount(warm_pod, ten, "bench"), ROUNDS // 2),
             "cold": p50_ms(lambda: provider.mount(next(cold_pods), one, "bench"), COLD_ROUNDS),
+            "cpu_noop": cpu_ms_per_call(provider, noop, ROUNDS),
+            "cpu_read": thread_cpu_ms_per_call(lambda: raw.read(paths[0], token), ROUNDS),
             "cpu_one": cpu_ms_per_call(provider, lambda: provider.mount(warm_pod, one, "bench"), ROUNDS),
             "cpu_ten": cpu_ms_per_call(provider, lambda: provider.mount(warm_pod, ten, "bench"), ROUNDS // 2),
         }
@@ -103,6 +112,9 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     )
     line("provider CPU per warm 1-object Mount", m["cpu_one"], "ms", "target <= 0.5 ms")
     line("provider CPU per extra object in a Mount", (m["cpu_ten"] - m["cpu_one"]) / 9, "ms", "target <= 0.15 ms")
+    print("what bounds the CPU targets (same run)")
+    line("provider CPU per no-op gRPC Version (grpcio's own cost)", m["cpu_noop"], "ms", "")
+    line("CPU per raw http.client read (the floor's client, this process)", m["cpu_read"], "ms", "")
 
 
 def delayed_case(provider: Any, bao: Any, pod: Any, token: str) -> None:
