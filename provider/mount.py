@@ -322,16 +322,35 @@ class Mounter:
         if key is None or self._leases is None:
             return self._fetch_from_vault(identity, request, deadline, prefetched)
         identity.token()
-        return self._leases.fetch(
-            key,
-            issue=lambda: self._fetch_from_vault(identity, request, deadline, prefetched),
-            renew=lambda lease_id, increment: self._vault.renew_lease(
-                identity.endpoint, token=identity.token(), lease_id=lease_id, increment=increment, deadline=deadline
-            ),
-            deadline=deadline,
-            not_after=identity.expires_at,
-            issuer=identity.issuer,
-        )
+        issued = False
+
+        def issue() -> Secret:
+            nonlocal issued
+            issued = True
+            return self._fetch_from_vault(identity, request, deadline, prefetched)
+
+        try:
+            return self._leases.fetch(
+                key,
+                issue=issue,
+                renew=lambda lease_id, increment: self._vault.renew_lease(
+                    identity.endpoint, token=identity.token(), lease_id=lease_id, increment=increment, deadline=deadline
+                ),
+                deadline=deadline,
+                not_after=identity.expires_at,
+                issuer=identity.issuer,
+            )
+        finally:
+            if not issued and isinstance(prefetched, Secret) and prefetched.lease_id:
+                # A concurrent Mount of this pod kept its own reply meanwhile: the one read
+                # ahead is used by nobody, so it is revoked now rather than left to expire.
+                self._revoke_unused(identity, prefetched.lease_id, deadline)
+
+    def _revoke_unused(self, identity: _Identity, lease_id: str, deadline: float) -> None:
+        try:
+            self._vault.revoke_lease(identity.endpoint, token=identity.token(), lease_id=lease_id, deadline=deadline)
+        except ProviderError as e:
+            logger.warning("could not revoke a lease read ahead and not used for %s: %s", identity.describe(), e)
 
     def _fetch_from_vault(
         self,

@@ -310,7 +310,8 @@ class Transport:
         """Each request's reply (or failure), in order. All are sent before any reply is
         read, each on its own connection, so from one thread they take about one round
         trip, not one each; each keeps its own deadline."""
-        started = [self._start(request) for request in requests]
+        now = time.monotonic()  # one clock for the batch: its connects never add up past a deadline
+        started = [self._start(request, deadline=now + request.timeout) for request in requests]
         outcomes: list[Reply | TransportError] = []
         for request, exchange in zip(requests, started, strict=True):
             if isinstance(exchange, TransportError):
@@ -337,10 +338,11 @@ class Transport:
         return outcomes
 
     def _start(
-        self, request: Request, *, fresh: bool = False, guard: _Guard | None = None
+        self, request: Request, *, deadline: float = 0.0, fresh: bool = False, guard: _Guard | None = None
     ) -> _Exchange | TransportError:
-        """Connect (or take a kept-alive connection) and send the request."""
-        deadline = guard.deadline if guard is not None else time.monotonic() + request.timeout
+        """Connect (or take a kept-alive connection) and send the request, by `deadline`
+        (or the guard's)."""
+        deadline = guard.deadline if guard is not None else deadline
         guard = guard or self._watchdog.watch(deadline)
         try:
             pool = self.pools.get(request.target, request.tls)
@@ -399,6 +401,8 @@ class Transport:
                 raise _Stale() from None
             except (http.client.HTTPException, OSError, ValueError) as e:
                 raise self._failure(e, guard) from None
+            if response.status < 200:  # http.client skips only 100: the final reply would follow
+                raise TransportError(f"an interim reply (HTTP {response.status}) where the answer belongs")
             try:
                 if response.length is not None and response.length > self._max_body_bytes:
                     raise TooLarge(f"the reply is larger than {self._max_body_bytes} bytes")
@@ -420,7 +424,7 @@ class Transport:
                 retry_after=_retry_after(response.getheader("Retry-After")),
             )
         finally:
-            if keep:
+            if keep and guard.release():  # no later cut reaches whoever takes the connection next
                 exchange.pool.give(conn)
             else:
                 conn.close()
@@ -504,6 +508,12 @@ class _Guard:
     def finish(self) -> None:
         with self.lock:
             self.done = True
+
+    def release(self) -> bool:
+        """Stop watching the socket (it goes back to a pool); False if already cut."""
+        with self.lock:
+            self.sock = None
+            return not self.expired
 
 
 def _cut(sock: socket.socket) -> None:

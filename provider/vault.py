@@ -232,6 +232,8 @@ class VaultClient:
         requests = []
         for read in reads:
             url, data, headers = _request_parts(endpoint, read.method, read.path, token, read.params, None)
+            if endpoint.target.authorization:  # the address's user info, as _roundtrip sends it
+                headers["Authorization"] = endpoint.target.authorization
             requests.append(
                 Request(endpoint.target, endpoint.tls, read.method, url, data, headers, timeout, replayable=True)
             )

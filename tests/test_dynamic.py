@@ -438,3 +438,33 @@ def test_kept_credentials_are_not_read_ahead(
     users = files_of(first)
     assert users["a-user"] != users["b-user"]
     assert postgres.users(users["a-user"].decode()) == {users["a-user"].decode()}  # a real role
+
+
+def test_concurrent_mounts_of_one_pod_leave_one_user_per_role(
+    provider: ProviderClient, world: VaultWorld, postgres: Postgres, unique: str
+) -> None:
+    """Mounts of one pod racing (the driver's rotation beside kubelet's republish), each
+    reading ahead: whatever one of them read and the lease cache did not keep is revoked,
+    so each role ends with one lease, the one served."""
+    first_db = Database(world, postgres, f"{unique}a", ttl="1h", max_ttl="2h")
+    second_db = Database(world, postgres, f"{unique}b", ttl="1h", max_ttl="2h")
+    pod = world.grant(unique, [first_db.path, second_db.path, "sys/leases/*"])
+    objects = [
+        {"objectName": "a-user", "secretPath": first_db.path, "secretKey": "username"},
+        {"objectName": "b-user", "secretPath": second_db.path, "secretKey": "username"},
+    ]
+    results: list[dict[str, bytes]] = []
+    barrier = threading.Barrier(4)
+
+    def mount() -> None:
+        barrier.wait()
+        results.append(files_of(provider.mount(pod, objects, role=unique)))
+
+    threads = [threading.Thread(target=mount) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 4
+    assert len({r["a-user"] for r in results}) == 1 and len({r["b-user"] for r in results}) == 1
+    assert len(first_db.leases()) == 1 and len(second_db.leases()) == 1

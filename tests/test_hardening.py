@@ -113,11 +113,15 @@ def test_a_vault_address_with_a_path_and_credentials_reaches_vault_through_a_gat
     provider: ProviderClient, gateway: FaultProxy, world: VaultWorld, unique: str
 ) -> None:
     world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
-    pod = world.grant(unique, [f"kv1/{unique}"])
-    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    world.bao.api("POST", f"kv1/{unique}-2", {"k": "v2"})
+    pod = world.grant(unique, [f"kv1/{unique}", f"kv1/{unique}-2"])
+    objects = [
+        {"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"},
+        {"objectName": "k2", "secretPath": f"kv1/{unique}-2", "secretKey": "k"},  # two reads: sent together
+    ]
     address = gateway.url.replace("http://", "http://gw-user:s%40cret@") + "/vault/"
-    assert files_of(provider.mount(pod, objects, role=unique, vaultAddress=address)) == {"k": b"v"}
-    assert set(gateway.authorizations) == {"Basic Z3ctdXNlcjpzQGNyZXQ="}  # gw-user:s@cret
+    assert files_of(provider.mount(pod, objects, role=unique, vaultAddress=address)) == {"k": b"v", "k2": b"v2"}
+    assert set(gateway.authorizations) == {"Basic Z3ctdXNlcjpzQGNyZXQ="}  # gw-user:s@cret, on every request
     assert "s%40cret" not in str(provider.app.metrics.registry.collect())  # never in a label
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
 from provider.config import TLSConfig
-from provider.errors import VaultBadResponse
-from provider.vault import Endpoint, VaultClient
+from provider.errors import VaultBadResponse, VaultUnreachable
+from provider.vault import Endpoint, Read, VaultClient
 from tests.conftest import ProviderClient, VaultWorld, files_of
 from tests.fault_proxy import FaultProxy, Rule
 from tests.openbao import ROOT_TOKEN
@@ -127,3 +133,92 @@ def test_a_reply_over_the_body_limit_is_refused_without_being_read(
         assert real.data == {"k": "v"}
     finally:
         client.close()
+
+
+class _RawServer:
+    """A loopback server that answers each request with `answer(path, token)` bytes (or
+    holds the connection when it returns None): a gateway misbehaving in front of Vault."""
+
+    def __init__(self, answer: Callable[[str, str], bytes | None]) -> None:
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._listener.accept()
+                self._held.append(conn)
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a TLS hello is no request line
+            reader = conn.makefile("rb")
+            while line := reader.readline():
+                path, token = line.split()[1].decode(), ""
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    if header.lower().startswith(b"x-vault-token:"):
+                        token = header.split(b":", 1)[1].strip().decode()
+                reply = self._answer(path, token)
+                if reply is None:
+                    return  # hold: never answer
+                conn.sendall(reply)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+
+
+def _json_reply(body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+
+
+def test_an_interim_reply_never_leaves_its_answer_for_the_next_request() -> None:
+    """A gateway sending 103 Early Hints before the real reply: the 103 fails that read,
+    and the connection is not kept, so the next read (another pod's token) gets its own."""
+
+    def answer(path: str, token: str) -> bytes:
+        late = _json_reply({"data": {"path": path, "for_token": token}})
+        return b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n" + late
+
+    server = _RawServer(answer)
+    client = VaultClient()
+    endpoint = Endpoint(address=f"http://127.0.0.1:{server.port}", tls=TLSConfig())
+    try:
+        with pytest.raises(VaultUnreachable, match=r"an interim reply \(HTTP 103\)"):
+            client.read(endpoint, token="token-a", method="GET", path="team-a/db", deadline=time.monotonic() + 1)
+        for token, path in (("token-b", "team-b/app"), ("token-c", "team-c/x")):
+            try:
+                secret = client.read(endpoint, token=token, method="GET", path=path, deadline=time.monotonic() + 1)
+            except VaultUnreachable:
+                continue  # refused again: fine, as long as nobody gets another's reply
+            assert secret.data == {"path": f"/v1/{path}", "for_token": token}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_reads_sent_together_share_one_deadline() -> None:
+    """Sixteen reads to a server that accepts the TLS connections and never answers: the
+    batch ends at its deadline, not sixteen deadlines later (one handshake after another)."""
+    server = _RawServer(lambda path, token: None)
+    client = VaultClient()
+    endpoint = Endpoint(address=f"https://127.0.0.1:{server.port}", tls=TLSConfig(skip_verify=True))
+    try:
+        started = time.monotonic()
+        answers = client.read_many(
+            endpoint,
+            token="t",
+            reads=[Read("GET", f"kv/{i}", None) for i in range(16)],
+            deadline=started + 1.5,
+        )
+        elapsed = time.monotonic() - started
+        assert answers == [None] * 16  # nothing settled: each goes the usual way, which reports it
+        assert elapsed < 2.5, f"a batch with a 1.5 s deadline took {elapsed:.1f} s"
+    finally:
+        client.close()
+        server.close()
