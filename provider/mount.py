@@ -253,6 +253,8 @@ class Mounter:
         """Replies to the Mount's plain reads (GET or LIST, no body, nothing kept for
         this pod), sent together in batches; a read that attempt did not settle is left
         out, and goes the usual way (retries, a new login after a 403, redirects)."""
+        if len(requests) < 2:
+            return {}  # a 1-object Mount: nothing to send together, no lease lookups for it
         reads = [
             request
             for request in requests

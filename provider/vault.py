@@ -243,14 +243,10 @@ class VaultClient:
         answers: list[Secret | VaultError | None] = []
         for read, outcome in zip(reads, outcomes, strict=True):
             label = "error" if isinstance(outcome, TransportError) else str(outcome.status)
-            if self._metrics is not None:
-                self._metrics.vault_requests.labels("read", label).inc()
-                self._metrics.vault_duration.labels("read").observe(elapsed)
+            self._count("read", label, elapsed)
             if isinstance(outcome, TransportError):
                 if isinstance(outcome, NotConnected):
-                    self._breaker(endpoint, failed=True).record_failure(
-                        f"cannot reach Vault at {endpoint.target.describe()}: {truncate(str(outcome))}"
-                    )
+                    self._breaker(endpoint, failed=True).record_failure(_cannot_reach(endpoint.target, outcome))
                 answers.append(None)
                 continue
             self._breaker(endpoint).record_success()
@@ -311,6 +307,12 @@ class VaultClient:
         except VaultUnreachable as e:
             self._breaker(endpoint, failed=True).record_failure(str(e))  # connected, but no answer in time
             raise
+
+    def _count(self, operation: str, label: str, seconds: float) -> None:
+        """One attempt in the metrics: its outcome (HTTP status or "error") and duration."""
+        if self._metrics is not None:
+            self._metrics.vault_requests.labels(operation, label).inc()
+            self._metrics.vault_duration.labels(operation).observe(seconds)
 
     def _breaker(self, endpoint: Endpoint, *, failed: bool = False) -> Breaker | _NoBreaker:
         """The endpoint's breaker; made only to record a failure (an endpoint that never
@@ -383,9 +385,7 @@ class VaultClient:
                 retryable = (idempotent or isinstance(e, _NotSent)) and not isinstance(e, _TLSFailure)
                 failure = e
             finally:
-                if self._metrics is not None:
-                    self._metrics.vault_requests.labels(operation, label).inc()
-                    self._metrics.vault_duration.labels(operation).observe(time.monotonic() - started)
+                self._count(operation, label, time.monotonic() - started)
             delay = _backoff(attempt, retry_after)
             now = time.monotonic()
             if failure is not None and retryable:
@@ -495,7 +495,7 @@ class VaultClient:
                 f"{method} {path}: Vault's reply is larger than {self._max_body_bytes} bytes"
             ) from None
         except NotConnected as e:
-            raise _NotSent(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
+            raise _NotSent(_cannot_reach(target, e)) from None
         except TimedOut:
             raise VaultUnreachable(
                 f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s"
@@ -508,7 +508,7 @@ class VaultClient:
                 hint = " (if it requires a client certificate: set vaultTLSClientCertPath and vaultTLSClientKeyPath)"
             raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}{hint}") from None
         except TransportError as e:
-            raise VaultUnreachable(f"cannot reach Vault at {address}: {truncate(str(e))}") from None
+            raise VaultUnreachable(_cannot_reach(target, e)) from None
 
 
 class Read(NamedTuple):
@@ -553,6 +553,10 @@ def _secret(method: str, path: str, status: int, body: Any, operation: str) -> S
     if not isinstance(body, dict):
         raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
     return Secret(body=_enveloped(body))
+
+
+def _cannot_reach(target: Target, error: TransportError) -> str:
+    return f"cannot reach Vault at {target.describe()}: {truncate(str(error))}"
 
 
 def _header_value(value: str, what: str) -> str:

@@ -415,11 +415,13 @@ def test_no_secret_material_in_logs(
 ) -> None:
     canary = f"canary-{unique}-value"
     world.bao.api("POST", f"kv1/{unique}", {"k": canary})
-    pod = world.grant(unique, [f"kv1/{unique}"])
+    world.bao.api("POST", f"kv1/{unique}-2", {"k": canary})  # a second path: the reads are sent together
+    pod = world.grant(unique, [f"kv1/{unique}", f"kv1/{unique}-2"])
     attributes = provider.attributes(
         pod,
         [
             {"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"},
+            {"objectName": "k2", "secretPath": f"kv1/{unique}-2", "secretKey": "k"},
             {"objectName": "all", "secretPath": f"kv1/{unique}"},
             {"objectName": "pointer", "secretPath": f"kv1/{unique}", "secretKeyPath": "/k"},
             {"objectName": "keys", "secretPath": f"kv1/{unique}", "expandKeys": True},
