@@ -27,10 +27,13 @@ TLS connections to one Vault would have cost a quarter of the DaemonSet's memory
 from __future__ import annotations
 
 import contextlib
+import email.parser
 import heapq
 import http.client
+import io
 import itertools
 import logging
+import re
 import select
 import socket
 import ssl
@@ -58,6 +61,14 @@ WATCHDOG_TICK_SECONDS = 0.05
 # Errors of a kept-alive connection the server closed while it sat idle: met before any
 # byte of a reply, so a request that may be sent twice is sent again on a new one.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+# A reply's header block at most: http.client's own limits per line and in lines (the
+# empty line that ends the block counted, as it counts it), and in all, ours: Vault sends
+# a few hundred bytes, and the email parser costs 50 ms of CPU on 64 KiB of bare CRs.
+MAX_HEADER_LINE = 65536
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 65536
+# A header name the email parser reads as one: visible ASCII but the colon.
+_HEADER_NAME = re.compile(rb"[!-9;-~]+")
 
 
 class Reply(NamedTuple):
@@ -99,7 +110,90 @@ class _PoolKey:
     tls: TLSConfig
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class _Response(http.client.HTTPResponse):
+    """http.client's reply with its header block read without the email parser, which
+    cost a fifth of a Vault read's CPU (95 against 18 µs for Vault's five headers).
+    Plain `Name: value` lines go straight into the same HTTPMessage; a block with any
+    other line (folded, no colon, an odd name) goes to the email parser as before. A
+    header block larger than MAX_HEADER_BYTES, or with a bare CR in a line (RFC 9112
+    lets a client refuse it), is refused. The rest is http.client's own begin() less
+    its debug printing."""
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:  # http.client skips 100 Continue replies; so do we (others are refused later)
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            _header_lines(self.fp)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = _header_message(_header_lines(self.fp))
+        transfer_encoding = self.headers.get("transfer-encoding")
+        self.chunked = bool(transfer_encoding and transfer_encoding.lower() == "chunked")
+        if self.chunked:
+            self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            with contextlib.suppress(ValueError):
+                self.length = int(length)
+            if self.length is not None and self.length < 0:
+                self.length = None
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
+def _header_lines(fp: io.BufferedIOBase) -> list[bytes]:
+    """A reply's header lines, up to the empty line, within the limits above."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = fp.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise http.client.LineTooLong("header line")
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise http.client.HTTPException(f"the reply's headers are larger than {MAX_HEADER_BYTES} bytes")
+        lines.append(line)
+        if len(lines) > MAX_HEADERS:
+            raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+        if line in (b"\r\n", b"\n", b""):
+            return lines[:-1]
+
+
+def _header_message(lines: list[bytes]) -> http.client.HTTPMessage:
+    """The header lines as http.client.parse_headers reads them, without its email parser
+    for plain `Name: value` lines."""
+    texts = [
+        line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith((b"\n", b"\r")) else line for line in lines
+    ]
+    if any(b"\r" in text for text in texts):
+        raise http.client.HTTPException("a header line of the reply holds a bare CR")
+    message = http.client.HTTPMessage()
+    for text in texts:
+        name, colon, value = text.partition(b":")
+        if not colon or _HEADER_NAME.fullmatch(name) is None:
+            return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(b"".join(lines).decode("iso-8859-1"))
+        message[name.decode("ascii")] = value.lstrip(b" \t").decode("iso-8859-1")
+    return message
+
+
+class _Connection(http.client.HTTPConnection):
+    response_class = _Response
+
+
+class _UnixConnection(_Connection):
     """HTTP over a unix socket (VAULT_ADDR=unix:///path, e.g. a Vault Agent)."""
 
     def __init__(self, socket_path: str, timeout: float) -> None:
@@ -120,6 +214,8 @@ class _UnixConnection(http.client.HTTPConnection):
 class _TLSConnection(http.client.HTTPSConnection):
     """TLS whose certificate is checked against `server_name` (vaultTLSServerName) when
     set, while the connection and Host header go to the address, as Go's client does."""
+
+    response_class = _Response
 
     def __init__(self, host: str, port: int, *, context: ssl.SSLContext, server_name: str, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
@@ -187,7 +283,7 @@ class Pool:
             return _TLSConnection(
                 target.host, target.port, context=self._context, server_name=self._tls.server_name, timeout=0
             )
-        return http.client.HTTPConnection(target.host, target.port, timeout=0)
+        return _Connection(target.host, target.port, timeout=0)
 
 
 def _usable(conn: http.client.HTTPConnection) -> bool:

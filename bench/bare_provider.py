@@ -1,0 +1,85 @@
+"""The barest Mount Python can serve: what the provider's shape costs before any of its work.
+
+A grpc.aio server on a unix socket whose Mount reads its paths from Vault with
+`http.client`, all requests sent on kept-alive connections (one each) before any reply is
+read, and answers each body as a file: no class parsing, login, cache, versions, metrics
+or logs. With `thread` the read runs on a worker thread handed the job
+the way the provider hands a Mount (one future, one call back to the loop); with `loop`
+it blocks the event loop (no thread, which a real provider cannot afford). The bench
+measures it like the provider: the gap between the two is what Python and grpcio charge
+for a Mount's shape, the gap to the provider what the provider's own work costs.
+
+Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop
+Mount attributes: {"paths": [...], "token": ...}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from provider._proto import service_pb2, service_pb2_grpc
+
+
+class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
+    def __init__(self, vault_port: int, mode: str) -> None:
+        self._port = vault_port
+        self._mode = mode
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=4)
+
+    def _read(self, attributes: str) -> list[bytes]:
+        parsed = json.loads(attributes)
+        paths: list[str] = parsed["paths"]
+        connections: list[http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", [])
+        while len(connections) < len(paths):
+            connections.append(http.client.HTTPConnection("127.0.0.1", self._port, timeout=30))
+        used = connections[: len(paths)]
+        for connection, path in zip(used, paths, strict=True):
+            connection.request("GET", f"/v1/{path}", headers={"X-Vault-Token": parsed["token"]})
+        return [connection.getresponse().read() for connection in used]
+
+    async def Version(self, request: Any, context: Any) -> service_pb2.VersionResponse:
+        return service_pb2.VersionResponse(version="v1alpha1", runtime_name="bare", runtime_version="0")
+
+    async def Mount(self, request: Any, context: Any) -> service_pb2.MountResponse:
+        if self._mode == "loop":
+            bodies = self._read(request.attributes)
+        else:
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[list[bytes]] = loop.create_future()
+
+            def job() -> None:
+                outcome = self._read(request.attributes)
+                loop.call_soon_threadsafe(answer.set_result, outcome)
+
+            self._executor.submit(job)
+            bodies = await answer
+        names = [f"secret-{i}" for i in range(len(bodies))]
+        return service_pb2.MountResponse(
+            files=[
+                service_pb2.File(path=name, mode=0o644, contents=body) for name, body in zip(names, bodies, strict=True)
+            ],
+            object_version=[service_pb2.ObjectVersion(id=name, version="0") for name in names],
+        )
+
+
+async def serve(socket: str, vault_port: int, mode: str) -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_CSIDriverProviderServicer_to_server(BareProvider(vault_port, mode), server)
+    server.add_insecure_port(f"unix:{socket}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
