@@ -54,8 +54,13 @@ class Number:
 
 
 def loads(text: str | bytes) -> Any:
-    """Decode JSON, keeping numbers as :class:`Number` (their exact text)."""
-    return json.loads(text, parse_int=Number, parse_float=Number, parse_constant=_reject_constant)
+    """Decode JSON, keeping numbers as :class:`Number` (their exact text). What
+    json.loads does, with one decoder made once rather than one per call."""
+    if isinstance(text, bytes):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    elif text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
 
 
 # A JSON string literal, escapes included, or an unterminated one up to the end: that
@@ -88,6 +93,9 @@ def _structure(raw: bytes, start: int, end: int) -> int:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_int=Number, parse_float=Number, parse_constant=_reject_constant)
 
 
 # What encoded_size deletes to count the characters JSON writes as \u00XX escapes.

@@ -59,6 +59,16 @@ class LeaseKey:
     target_path: str
     identity: Hashable  # the token cache key: role, auth mount, address, namespace, TLS
     request: Hashable  # method, path, query, body
+    # Computed once: a key is hashed several times per fetch, and its fields nest
+    # dataclasses whose own hashes are not cached.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.pod_uid, self.pod_namespace, self.pod_name, self.target_path, self.identity, self.request)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(kw_only=True, slots=True)
@@ -122,6 +132,18 @@ class LeaseCache:
         """Whether a reply for key is kept, or being fetched."""
         with self._lock:
             return key in self._slots
+
+    def would_keep(self, secret: Secret) -> bool:
+        """Whether a reply like this one is kept: a lease, or a certificate not yet expired."""
+        return self._lifetime(secret)[0] > 0
+
+    def _lifetime(self, secret: Secret) -> tuple[float, str]:
+        """How long a reply may be kept (0 or less: not at all), and its lease."""
+        if secret.lease_id and secret.lease_duration > 0:
+            return secret.lease_duration, secret.lease_id
+        if _is_certificate(secret.data):
+            return secret.data["expiration"].as_int() - self._wall_clock(), ""
+        return 0.0, ""
 
     def fetch(
         self,
@@ -256,13 +278,7 @@ class LeaseCache:
 
     def _entry_for(self, secret: Secret, not_after: float, issuer: Any) -> _Entry | None:
         now = self._clock()
-        lifetime: float = 0.0
-        lease_id = secret.lease_id
-        if lease_id and secret.lease_duration > 0:
-            lifetime = secret.lease_duration
-        elif _is_certificate(secret.data):
-            lifetime = secret.data["expiration"].as_int() - self._wall_clock()
-            lease_id = ""
+        lifetime, lease_id = self._lifetime(secret)
         if lifetime <= 0:
             return None
         token_left = not_after - now

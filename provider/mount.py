@@ -252,7 +252,8 @@ class Mounter:
     ) -> dict[SecretRequest, Secret | ProviderError]:
         """Replies to the Mount's plain reads (GET or LIST, no body, nothing kept for
         this pod), sent together in batches; a read that attempt did not settle is left
-        out, and goes the usual way (retries, a new login after a 403, redirects)."""
+        out, and goes the usual way (retries, a new login after a 403, redirects). A
+        reply the lease cache would not keep (a KV secret) then skips its bookkeeping."""
         if len(requests) < 2:
             return {}  # a 1-object Mount: nothing to send together, no lease lookups for it
         reads = [
@@ -286,20 +287,8 @@ class Mounter:
     def _kept(self, identity: _Identity, request: SecretRequest) -> bool:
         """Whether the lease cache holds (or is fetching) this pod's reply to request:
         then it is not read ahead, which for dynamic secrets would issue credentials."""
-        key = self._lease_key(identity, request)
+        key = identity.lease_key(request)
         return key is not None and self._leases is not None and self._leases.holds(key)
-
-    def _lease_key(self, identity: _Identity, request: SecretRequest) -> LeaseKey | None:
-        if self._leases is None or identity.key is None:
-            return None
-        return LeaseKey(
-            pod_uid=identity.key.pod_uid,
-            pod_namespace=identity.key.pod_namespace,
-            pod_name=identity.key.pod_name,
-            target_path=identity.target_path,
-            identity=identity.key,
-            request=request,
-        )
 
     def _fetch_outcome(
         self,
@@ -320,9 +309,11 @@ class Mounter:
         deadline: float,
         prefetched: Secret | ProviderError | None = None,
     ) -> Secret:
-        key = self._lease_key(identity, request)
+        key = identity.lease_key(request) if self._leases is not None else None
         if key is None or self._leases is None:
             return self._fetch_from_vault(identity, request, deadline, prefetched)
+        if isinstance(prefetched, Secret) and not self._leases.would_keep(prefetched):
+            return prefetched  # read ahead and nothing to keep (a KV secret): no lease bookkeeping
         identity.token()
         issued = False
 
@@ -504,6 +495,7 @@ class _Identity:
         self._lock = threading.Lock()
         self._grant: TokenGrant | None = None
         self._refreshed = False
+        self._lease_keys: dict[SecretRequest, LeaseKey] = {}
         pod = config.pod
         self.key: IdentityKey | None = (
             IdentityKey(
@@ -523,6 +515,22 @@ class _Identity:
 
     def describe(self) -> str:
         return f"pod {self._config.pod.describe()} (role {quote(self._config.role_name)})"
+
+    def lease_key(self, request: SecretRequest) -> LeaseKey | None:
+        """The lease cache's key for this pod's request (made once per Mount and request)."""
+        if self.key is None:
+            return None
+        key = self._lease_keys.get(request)
+        if key is None:
+            key = self._lease_keys[request] = LeaseKey(
+                pod_uid=self.key.pod_uid,
+                pod_namespace=self.key.pod_namespace,
+                pod_name=self.key.pod_name,
+                target_path=self.target_path,
+                identity=self.key,
+                request=request,
+            )
+        return key
 
     def _fresh_login(self) -> Login:
         return self._mounter._login(self._config, self.endpoint, self._deadline)

@@ -101,13 +101,15 @@ class TooLarge(TransportError):
     """The reply is larger than the limit; it was not read to its end."""
 
 
-@dataclass(frozen=True)
-class _PoolKey:
+class _PoolKey(NamedTuple):  # a tuple: made and hashed for every request
     scheme: str
     host: str
     port: int
     socket_path: str
     tls: TLSConfig
+
+
+_NO_TLS = TLSConfig()
 
 
 class _Response(http.client.HTTPResponse):
@@ -336,7 +338,7 @@ class Pools:
             target.host,
             target.port,
             target.socket_path,
-            tls if target.scheme == "https" else TLSConfig(),
+            tls if target.scheme == "https" else _NO_TLS,
         )
         with self._lock:
             pool = self._pools.get(key)

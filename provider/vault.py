@@ -152,6 +152,7 @@ class VaultClient:
         self._breakers = breakers
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._transport = Transport(max_body_bytes=max_body_bytes)
 
     def close(self) -> None:
@@ -241,15 +242,18 @@ class VaultClient:
         outcomes = self._transport.send_many(requests)
         elapsed = time.monotonic() - started
         answers: list[Secret | VaultError | None] = []
+        # The batch is one look at Vault: it tells the breaker once, not once per read.
+        unreachable: NotConnected | None = None
+        answered = False
         for read, outcome in zip(reads, outcomes, strict=True):
             label = "error" if isinstance(outcome, TransportError) else str(outcome.status)
             self._count("read", label, elapsed)
             if isinstance(outcome, TransportError):
                 if isinstance(outcome, NotConnected):
-                    self._breaker(endpoint, failed=True).record_failure(_cannot_reach(endpoint.target, outcome))
+                    unreachable = unreachable or outcome
                 answers.append(None)
                 continue
-            self._breaker(endpoint).record_success()
+            answered = True
             if outcome.status in RETRY_STATUSES or (outcome.status in (307, 308) and outcome.location):
                 answers.append(None)
                 continue
@@ -258,6 +262,10 @@ class VaultClient:
                 answers.append(_secret(read.method, read.path, status, body, "read"))
             except VaultError as e:
                 answers.append(e)
+        if answered:
+            self._breaker(endpoint).record_success()
+        elif unreachable is not None:
+            self._breaker(endpoint, failed=True).record_failure(_cannot_reach(endpoint.target, unreachable))
         return answers
 
     def renew_lease(
@@ -310,9 +318,17 @@ class VaultClient:
 
     def _count(self, operation: str, label: str, seconds: float) -> None:
         """One attempt in the metrics: its outcome (HTTP status or "error") and duration."""
-        if self._metrics is not None:
-            self._metrics.vault_requests.labels(operation, label).inc()
-            self._metrics.vault_duration.labels(operation).observe(seconds)
+        if self._metrics is None:
+            return
+        # The labelled children, looked up once: operations are few, labels HTTP statuses.
+        children = self._metric_children.get((operation, label))
+        if children is None:
+            children = self._metric_children[(operation, label)] = (
+                self._metrics.vault_requests.labels(operation, label),
+                self._metrics.vault_duration.labels(operation),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _breaker(self, endpoint: Endpoint, *, failed: bool = False) -> Breaker | _NoBreaker:
         """The endpoint's breaker; made only to record a failure (an endpoint that never

@@ -468,3 +468,25 @@ def test_concurrent_mounts_of_one_pod_leave_one_user_per_role(
     assert len(results) == 4
     assert len({r["a-user"] for r in results}) == 1 and len({r["b-user"] for r in results}) == 1
     assert len(first_db.leases()) == 1 and len(second_db.leases()) == 1
+
+
+def test_a_read_ahead_reply_is_kept_only_when_the_lease_cache_would_keep_it(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """Two KV secrets read together: one shaped like a PKI certificate (kept until it
+    expires, as an issued certificate is), one plain (read again on every Mount)."""
+    expires = int(time.time()) + 3600
+    certificate = {"certificate": "PEM", "serial_number": "1a:2b", "expiration": expires, "n": "1"}
+    world.bao.api("POST", f"kv1/{unique}/cert", certificate)
+    world.bao.api("POST", f"kv1/{unique}/plain", {"n": "1"})
+    pod = world.grant(unique, [f"kv1/{unique}/*"])
+    objects = [
+        {"objectName": "cert", "secretPath": f"kv1/{unique}/cert", "secretKey": "n"},
+        {"objectName": "plain", "secretPath": f"kv1/{unique}/plain", "secretKey": "n"},
+    ]
+    assert files_of(provider.mount(pod, objects, role=unique)) == {"cert": b"1", "plain": b"1"}
+    kept = len(provider.app.leases)
+    world.bao.api("POST", f"kv1/{unique}/cert", {**certificate, "n": "2"})
+    world.bao.api("POST", f"kv1/{unique}/plain", {"n": "2"})
+    assert files_of(provider.mount(pod, objects, role=unique)) == {"cert": b"1", "plain": b"2"}
+    assert kept >= 1

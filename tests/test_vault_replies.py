@@ -13,12 +13,13 @@ from typing import Any
 import grpc
 import pytest
 
+from provider.breaker import FAILURES_TO_OPEN, Breakers, State
 from provider.config import TLSConfig
 from provider.errors import VaultBadResponse, VaultUnreachable
 from provider.vault import Endpoint, Read, VaultClient
 from tests.conftest import ProviderClient, VaultWorld, files_of
 from tests.fault_proxy import FaultProxy, Rule
-from tests.openbao import ROOT_TOKEN
+from tests.openbao import ROOT_TOKEN, free_port
 
 LOGIN = "/v1/auth/kubernetes/login"
 
@@ -222,3 +223,26 @@ def test_reads_sent_together_share_one_deadline() -> None:
     finally:
         client.close()
         server.close()
+
+
+def test_reads_sent_together_to_a_vault_that_refuses_count_once_for_the_breaker() -> None:
+    """Ten reads of one Mount refused at once are one look at a down Vault, not ten: the
+    breaker stays closed, and the reads retried one by one may still ride out the outage."""
+    breakers = Breakers()
+    client = VaultClient(breakers=breakers)
+    endpoint = Endpoint(address=f"http://127.0.0.1:{free_port()}", tls=TLSConfig())
+    try:
+        answers = client.read_many(
+            endpoint,
+            token="t",
+            reads=[Read("GET", f"kv/{i}", None) for i in range(10)],
+            deadline=time.monotonic() + 5,
+        )
+        assert answers == [None] * 10
+        breaker = breakers.peek(endpoint.key)
+        assert breaker is not None and breaker.state is State.CLOSED
+        for _ in range(FAILURES_TO_OPEN - 1):  # and it still counts: a few more such batches open it
+            client.read_many(endpoint, token="t", reads=[Read("GET", "kv/x", None)], deadline=time.monotonic() + 5)
+        assert breaker.state is State.OPEN
+    finally:
+        client.close()
