@@ -91,8 +91,7 @@ class Provider:
         self._tokens: dict[str, str] = {}  # the driver's token, made outside the timed calls
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return lean.process_cpu_seconds(self.process.pid)
 
     def rss_mib(self, field: str = "VmRSS") -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

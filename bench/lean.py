@@ -25,7 +25,7 @@ import grpc
 from bench.classes import kv_objects
 from bench.floors import ParallelReads, RawVault, sequential
 
-__all__ = ["COLD_ROUNDS", "RUNS", "RawVault", "delayed_case", "lean_table"]
+__all__ = ["COLD_ROUNDS", "RUNS", "RawVault", "delayed_case", "lean_table", "process_cpu_seconds"]
 from provider._proto import service_pb2, service_pb2_grpc
 from tests.openbao import free_port
 
@@ -96,13 +96,18 @@ class Bare:
         return lambda: self.stub.Mount(request, timeout=30)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         self.channel.close()
         self.process.terminate()
         self.process.wait(10)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
