@@ -9,6 +9,7 @@ that; ``dumps`` writes Go's bytes for decoded JSON and for values read from YAML
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -26,6 +27,10 @@ _GO_EXTRA_ESCAPES = {
     "\u2029": "\\u2029",
 }
 _ESCAPE_TABLE = str.maketrans(_GO_EXTRA_ESCAPES)
+
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
 
 
 class Number:
@@ -46,17 +51,22 @@ class Number:
         return hash(self.text)
 
     def as_int(self) -> int:
-        """The number as an int; a fractional or exponent form is truncated."""
-        try:
-            return int(self.text)
-        except ValueError:
-            return int(Decimal(self.text))
+        """The number as an int: a fractional or exponent form truncated, and held within
+        Go's int64, as the reference decodes it (beyond, it is clamped: converting 1e1000000
+        exactly would hold the GIL for a minute, and a Vault address may be anyone's)."""
+        if len(self.text) < 19:
+            with contextlib.suppress(ValueError):
+                return int(self.text)
+        value = Decimal(self.text)
+        if value.adjusted() >= 19:  # 10**19 and beyond: past int64
+            return INT64_MAX if value > 0 else INT64_MIN
+        return max(min(int(value), INT64_MAX), INT64_MIN)
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes | bytearray) -> Any:
     """Decode JSON, keeping numbers as :class:`Number` (their exact text). What
     json.loads does, with one decoder made once rather than one per call."""
-    if isinstance(text, bytes):
+    if isinstance(text, bytes | bytearray):
         text = text.decode(json.detect_encoding(text), "surrogatepass")
     elif text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)

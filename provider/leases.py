@@ -161,7 +161,7 @@ class LeaseCache:
         a token's leases with it, so nothing issued with it is kept past that. `issuer`
         tells, after `issue`, which login issued the reply (kept for revocation).
         """
-        self._maybe_purge()
+        self.purge_if_due()
         while True:
             with self._lock:
                 slot = self._slots.get(key)
@@ -294,7 +294,8 @@ class LeaseCache:
             issuer=issuer,
         )
 
-    def _maybe_purge(self) -> None:
+    def purge_if_due(self) -> None:
+        """Drop expired entries, at most every PURGE_INTERVAL_SECONDS."""
         now = self._clock()
         if now >= self._next_purge:
             self._purge(now)

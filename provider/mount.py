@@ -312,8 +312,11 @@ class Mounter:
         key = identity.lease_key(request) if self._leases is not None else None
         if key is None or self._leases is None:
             return self._fetch_from_vault(identity, request, deadline, prefetched)
-        if isinstance(prefetched, Secret) and not self._leases.would_keep(prefetched):
-            return prefetched  # read ahead and nothing to keep (a KV secret): no lease bookkeeping
+        if isinstance(prefetched, Secret) and not prefetched.lease_id and not self._leases.would_keep(prefetched):
+            # Read ahead, no lease and nothing to keep (a KV secret): no bookkeeping, and
+            # nothing to revoke should a racing Mount of this pod have kept a reply meanwhile.
+            self._leases.purge_if_due()
+            return prefetched
         identity.token()
         issued = False
 

@@ -227,7 +227,7 @@ def test_reads_sent_together_share_one_deadline() -> None:
 
 def test_reads_sent_together_to_a_vault_that_refuses_count_once_for_the_breaker() -> None:
     """Ten reads of one Mount refused at once are one look at a down Vault, not ten: the
-    breaker stays closed, and the reads retried one by one may still ride out the outage."""
+    breaker stays closed, and the reads then retried one by one count as before."""
     breakers = Breakers()
     client = VaultClient(breakers=breakers)
     endpoint = Endpoint(address=f"http://127.0.0.1:{free_port()}", tls=TLSConfig())
@@ -246,3 +246,30 @@ def test_reads_sent_together_to_a_vault_that_refuses_count_once_for_the_breaker(
         assert breaker.state is State.OPEN
     finally:
         client.close()
+
+
+def test_a_vault_answering_numbers_past_int64_costs_its_own_mount_nothing_more(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """A class may name any address: a server answering a login and two reads with a
+    lease_duration of 1e200000 (exactly converted, 2.4 s of GIL each, stalling every pod).
+    Go's int64 is where the reference's decoding ends too: the numbers are clamped there."""
+    huge = b"1e200000"
+
+    def answer(path: str, token: str) -> bytes:
+        if path.endswith("/login"):
+            body = b'{"auth":{"client_token":"hostile","lease_duration":%s,"renewable":false}}' % huge
+        else:
+            body = b'{"lease_id":"kv/lease","lease_duration":%s,"renewable":false,"data":{"k":"v"}}' % huge
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    server = _RawServer(answer)
+    pod = world.kube.add_pod("team", f"hostile-{unique}", "app")
+    objects = [{"objectName": f"o{i}", "secretPath": f"kv/{unique}/{i}", "secretKey": "k"} for i in range(2)]
+    try:
+        started = time.process_time()
+        response = provider.mount(pod, objects, role=unique, vaultAddress=f"http://127.0.0.1:{server.port}")
+        assert files_of(response) == {"o0": b"v", "o1": b"v"}
+        assert time.process_time() - started < 1.0  # this process serves the Mount: its CPU is the Mount's
+    finally:
+        server.close()
