@@ -309,8 +309,7 @@ class Mounter:
         deadline: float,
         prefetched: Secret | ProviderError | None = None,
     ) -> Secret:
-        key = identity.lease_key(request) if self._leases is not None else None
-        if key is None or self._leases is None:
+        if self._leases is None or (key := identity.lease_key(request)) is None:
             return self._fetch_from_vault(identity, request, deadline, prefetched)
         if isinstance(prefetched, Secret) and not prefetched.lease_id and not self._leases.would_keep(prefetched):
             # Read ahead, no lease and nothing to keep (a KV secret): no bookkeeping, and

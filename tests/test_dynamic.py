@@ -237,15 +237,21 @@ def test_concurrent_mounts_of_one_pod_share_one_vault_call(
         proxy.close()
 
 
-def test_distinct_requests_are_fetched_in_parallel_in_object_order(
-    tmp_path: Path, world: VaultWorld, unique: str
-) -> None:
+def _ten_slow_reads(world: VaultWorld, unique: str) -> tuple[list[str], FakePod, FaultProxy]:
+    """Ten KV secrets a pod may read, and a proxy to Vault holding each read of them 0.4 s."""
     paths = [f"kv1/{unique}/{i}" for i in range(10)]
     for i, path in enumerate(paths):
         world.bao.api("POST", path, {"k": f"v{i}"})
     pod = world.grant(unique, [f"kv1/{unique}/*"])
     proxy = FaultProxy(world.bao.port)
     proxy.add(Rule("GET", f"/v1/kv1/{unique}/", delay_seconds=0.4))
+    return paths, pod, proxy
+
+
+def test_distinct_requests_are_fetched_in_parallel_in_object_order(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    paths, pod, proxy = _ten_slow_reads(world, unique)
     provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url))
     try:
         objects = [{"objectName": f"o{9 - i}", "secretPath": paths[9 - i], "secretKey": "k"} for i in range(10)]
@@ -398,12 +404,7 @@ def test_kv_reads_do_not_take_the_room_of_kept_credentials(tmp_path: Path, world
 def test_a_mounts_plain_reads_go_out_together_from_one_thread(tmp_path: Path, world: VaultWorld, unique: str) -> None:
     """With no thread to borrow (one per class), ten reads held 0.4 s each by the proxy
     still take about one round trip: they are sent before any reply is read."""
-    paths = [f"kv1/{unique}/{i}" for i in range(10)]
-    for i, path in enumerate(paths):
-        world.bao.api("POST", path, {"k": f"v{i}"})
-    pod = world.grant(unique, [f"kv1/{unique}/*"])
-    proxy = FaultProxy(world.bao.port)
-    proxy.add(Rule("GET", f"/v1/kv1/{unique}/", delay_seconds=0.4))
+    paths, pod, proxy = _ten_slow_reads(world, unique)
     provider = start_provider(tmp_path, world, vault=VaultSettings(address=proxy.url), admission=Admission(per_class=1))
     try:
         objects = [{"objectName": f"o{i}", "secretPath": paths[i], "secretKey": "k"} for i in range(10)]
