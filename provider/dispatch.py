@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,14 +36,59 @@ STOPPING = "the Vault provider on this node is restarting; the driver retries th
 # The Mount's own deadline already leaves the caller a margin; the backstop answers
 # this long after it, still before the caller gives up.
 BACKSTOP_SECONDS = 0.25
+# Parsed Mount requests kept (see ParsedMounts); a request larger than this is not kept.
+PARSED_ENTRIES = 512
+PARSED_MAX_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
 class Dispatched:
-    """What the log line says about a Mount, known before it is parsed."""
+    """What the log line says about a Mount, known before it is parsed; with `config`,
+    the parse of the very same request, kept from an earlier Mount."""
 
     route: Route
     endpoint: EndpointKey
+    config: MountConfig | None = None
+
+
+class ParsedMounts:
+    """The parse of each recent Mount request, keyed by the request itself.
+
+    Kubelet sends a pod's volume the very same request on every republish (about once a
+    minute with rotation), so a warm Mount neither decodes nor validates its attributes
+    again. The key is the whole request, the pod's uid and service-account token
+    included: an entry serves only a byte-identical request, never another pod's. Only
+    parses that succeeded are kept (an error is found again, and said again). Bounded by
+    count and by the size of each request kept. Thread-safe."""
+
+    def __init__(self, *, entries: int = PARSED_ENTRIES, max_bytes: int = PARSED_MAX_BYTES) -> None:
+        self._entries, self._max_bytes = entries, max_bytes
+        self._kept: OrderedDict[MountRequest, Dispatched] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, request: MountRequest) -> Dispatched | None:
+        with self._lock:
+            found = self._kept.get(request)
+            if found is not None:
+                self._kept.move_to_end(request)
+            return found
+
+    def put(self, request: MountRequest, dispatched: Dispatched, config: MountConfig) -> None:
+        if len(request.attributes) > self._max_bytes:
+            return
+        # The decoded attributes were only the parse's input: not kept.
+        kept = Dispatched(
+            route=dataclasses.replace(dispatched.route, decoded=None), endpoint=dispatched.endpoint, config=config
+        )
+        with self._lock:
+            self._kept[request] = kept
+            self._kept.move_to_end(request)
+            while len(self._kept) > self._entries:
+                self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
 
 
 class MountDispatcher:
@@ -57,6 +105,7 @@ class MountDispatcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._parse_gate = parse_gate or ParseGate()
+        self.parsed = ParsedMounts()
         self._answers: set[asyncio.Future[MountResult]] = set()
         self._stopping = False
         self._mounter = mounter
@@ -77,6 +126,9 @@ class MountDispatcher:
         return self._mounter.flavour.name
 
     def route(self, request: MountRequest) -> Dispatched:
+        kept = self.parsed.get(request)
+        if kept is not None:
+            return kept
         route = peek_route(request.attributes, self._defaults, self._mounter.flavour)
         try:
             endpoint = EndpointKey.of(route.vault_address, route.vault_namespace)
@@ -113,7 +165,7 @@ class MountDispatcher:
         # future and one timer: each further hop between thread and loop costs CPU.
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[MountResult] = loop.create_future()
-        job = functools.partial(self._run, request, dispatched.route, deadline, ticket, breaker if probe else None)
+        job = functools.partial(self._run, request, dispatched, deadline, ticket, breaker if probe else None)
         try:
             self._admission.executor.submit(_answering, loop, answer, job)
         except RuntimeError:  # shutting down
@@ -149,12 +201,16 @@ class MountDispatcher:
         return refusal
 
     def _run(
-        self, request: MountRequest, route: Route, deadline: float, ticket: Ticket, probe: Breaker | None
+        self, request: MountRequest, dispatched: Dispatched, deadline: float, ticket: Ticket, probe: Breaker | None
     ) -> MountResult:
         try:
-            config = self._mounter.parse(
-                request, gate=lambda: self._parse_gate.slot(route.tenant[0], deadline), decoded=route.decoded
-            )
+            config = dispatched.config
+            if config is None:
+                route = dispatched.route
+                config = self._mounter.parse(
+                    request, gate=lambda: self._parse_gate.slot(route.tenant[0], deadline), decoded=route.decoded
+                )
+                self.parsed.put(request, dispatched, config)
             if probe is not None:
                 self._probe(config, probe, deadline)
             return self._mounter.mount_config(config, deadline=deadline, lanes=ticket)

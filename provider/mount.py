@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -103,6 +104,14 @@ class SecretRequest:
 
     @classmethod
     def of(cls, obj: SecretObject) -> SecretRequest:
+        """The object's request: made once per parsed object, which every Mount of its class shares."""
+        made = _REQUESTS.get(obj)
+        if made is None:
+            made = _REQUESTS[obj] = cls._of(obj)
+        return made
+
+    @classmethod
+    def _of(cls, obj: SecretObject) -> SecretRequest:
         path, _, query = obj.secret_path.partition("?")
         path = path.lstrip("/")
         if path.startswith("v1/"):
@@ -120,6 +129,11 @@ class SecretRequest:
         for key, value in self.query:
             values.setdefault(key, []).append(value)
         return values
+
+
+# Each parsed object's request, dropped with the object (the parse cache decides how long
+# objects live).
+_REQUESTS: weakref.WeakKeyDictionary[SecretObject, SecretRequest] = weakref.WeakKeyDictionary()
 
 
 class Mounter:
@@ -148,6 +162,9 @@ class Mounter:
         self._tokens = tokens
         self._hmac_keys = hmac_keys
         self._metrics = metrics
+        self._token_counts = {
+            cached: metrics.token_cache.labels("hit" if cached else "miss") for cached in (True, False)
+        }
         self._leases = leases
 
     def parse(
@@ -546,7 +563,7 @@ class _Identity:
         with self._lock:
             if self._grant is None:
                 self._grant = self._obtain()
-                self._mounter._metrics.token_cache.labels("hit" if self._grant.cached else "miss").inc()
+                self._mounter._token_counts[self._grant.cached].inc()
             return self._grant.login.token
 
     def issuer(self) -> Issuer | None:

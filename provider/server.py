@@ -82,6 +82,9 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
     def __init__(self, dispatcher: MountDispatcher, metrics: Metrics) -> None:
         self._dispatcher = dispatcher
         self._metrics = metrics
+        # Labelled children looked up once (a lookup costs more than the count itself).
+        self._duration = metrics.mount_duration.labels(dispatcher.flavour)
+        self._outcomes: dict[tuple[str, grpc.StatusCode], Any] = {}
 
     async def Version(
         self, request: service_pb2.VersionRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -134,8 +137,13 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         self, started: float, outcome: str, code: grpc.StatusCode, pod: str, files: int | None, error: str
     ) -> None:
         elapsed = time.monotonic() - started
-        self._metrics.mounts.labels(outcome, code.name, self._dispatcher.flavour).inc()
-        self._metrics.mount_duration.labels(self._dispatcher.flavour).observe(elapsed)
+        counter = self._outcomes.get((outcome, code))
+        if counter is None:
+            counter = self._outcomes[(outcome, code)] = self._metrics.mounts.labels(
+                outcome, code.name, self._dispatcher.flavour
+            )
+        counter.inc()
+        self._duration.observe(elapsed)
         if outcome == "ok":
             logger.info("mount pod=%s files=%d outcome=ok duration_ms=%.1f", pod, files, elapsed * 1000)
         else:

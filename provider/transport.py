@@ -119,7 +119,15 @@ class _Response(http.client.HTTPResponse):
     other line (folded, no colon, an odd name) goes to the email parser as before. A
     header block larger than MAX_HEADER_BYTES, or with a bare CR in a line (RFC 9112
     lets a client refuse it), is refused. The rest is http.client's own begin() less
-    its debug printing."""
+    its debug printing. Each header's first value is also kept by lower-cased name: a
+    lookup in the HTTPMessage lower-cases every name in it, and a reply is looked up
+    eight times."""
+
+    _first: dict[str, str]
+
+    def header(self, name: str) -> str | None:
+        """The first value of the header `name` (lower case), as HTTPMessage.get gives it."""
+        return self._first.get(name)
 
     def begin(self) -> None:
         if self.headers is not None:
@@ -138,13 +146,16 @@ class _Response(http.client.HTTPResponse):
         else:
             raise http.client.UnknownProtocol(version)
         self.headers = self.msg = _header_message(_header_lines(self.fp))
-        transfer_encoding = self.headers.get("transfer-encoding")
+        self._first = {}
+        for name, value in reversed(self.headers.items()):  # the first of a name wins, as in get()
+            self._first[name.lower()] = value
+        transfer_encoding = self._first.get("transfer-encoding")
         self.chunked = bool(transfer_encoding and transfer_encoding.lower() == "chunked")
         if self.chunked:
             self.chunk_left = None
         self.will_close = self._check_close()
         self.length = None
-        length = self.headers.get("content-length")
+        length = self._first.get("content-length")
         if length and not self.chunked:
             with contextlib.suppress(ValueError):
                 self.length = int(length)
@@ -154,6 +165,15 @@ class _Response(http.client.HTTPResponse):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+
+    def _check_close(self) -> bool:
+        """http.client's own rule, over the kept first values."""
+        connection = (self._first.get("connection") or "").lower()
+        if self.version == 11:
+            return "close" in connection  # HTTP/1.1 stays open unless told otherwise
+        if self._first.get("keep-alive") or "keep-alive" in connection:
+            return False
+        return "keep-alive" not in (self._first.get("proxy-connection") or "").lower()
 
 
 def _header_lines(fp: io.BufferedIOBase) -> list[bytes]:
@@ -514,12 +534,13 @@ class Transport:
             except (http.client.HTTPException, OSError, ValueError) as e:
                 raise self._failure(e, guard) from None
             keep = not response.will_close and not guard.expired
+            assert isinstance(response, _Response)  # every connection class here answers with one
             return Reply(
                 status=response.status,
                 body=data,
-                location=response.getheader("Location") or "",
-                content_type=response.getheader("Content-Type") or "",
-                retry_after=_retry_after(response.getheader("Retry-After")),
+                location=response.header("location") or "",
+                content_type=response.header("content-type") or "",
+                retry_after=_retry_after(response.header("retry-after")),
             )
         finally:
             if keep and guard.release():  # no later cut reaches whoever takes the connection next

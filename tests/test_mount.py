@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from provider.config import VaultSettings
+from provider._proto import service_pb2
+from provider.breaker import EndpointKey
+from provider.config import MountConfig, Route, VaultSettings
+from provider.dispatch import Dispatched, ParsedMounts
+from provider.mount import MountRequest
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.proxy import Forwarder
 
@@ -271,6 +276,60 @@ def test_token_is_reused_across_mounts_but_never_across_pods(
     assert logins(provider) - start == 1
     provider.mount(sibling, objects, role=unique)
     assert logins(provider) - start == 2
+
+
+def test_a_repeated_request_is_parsed_once_and_its_parse_serves_only_that_request(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """Kubelet sends a volume the very same request on every republish: its parse is kept
+    (the reads are not), keyed by the whole request, the pod's token included."""
+    pod, objects = world.kv_pod(unique)
+    mounter = provider.app.dispatcher.mounter
+    parsed: list[str] = []
+    real_parse = mounter.parse
+
+    def parse(request: Any, **kwargs: Any) -> Any:
+        parsed.append(request.permission)
+        return real_parse(request, **kwargs)
+
+    mounter.parse = parse  # type: ignore[method-assign]  # counts, then does the real thing
+    request = provider.request(pod, objects, role=unique)
+    assert files_of(provider.raw_mount(request)) == {"k": b"v"}
+    world.bao.api("POST", f"kv1/{unique}", {"k": "changed"})
+    assert files_of(provider.raw_mount(request)) == {"k": b"changed"}  # read again, not parsed again
+    assert parsed == ["420"]
+    # The same attributes with another file mode: a request of its own, parsed for itself.
+    other_mode = provider.raw_mount(
+        service_pb2.MountRequest(attributes=request.attributes, target_path=request.target_path, permission="256")
+    )
+    assert [f.mode for f in other_mode.files] == [256] and parsed == ["420", "256"]
+    assert [f.mode for f in provider.raw_mount(request).files] == [420]
+    # Another pod of the same class: its own parse, and its own login.
+    sibling = world.kube.add_pod(pod.namespace, f"sibling-{unique}", pod.service_account)
+    before = logins(provider)
+    assert files_of(provider.mount(sibling, objects, role=unique)) == {"k": b"changed"}
+    assert len(parsed) == 3 and logins(provider) == before + 1
+    # A request that fails its parse is parsed (and refused, saying why) every time.
+    for _ in range(2):
+        bad = mount_error(lambda: provider.mount(pod, objects, role=unique, permission="4096"))
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "permission" in (bad.details() or "")
+    assert len(parsed) == 5
+
+
+def test_kept_parses_are_bounded_by_count_and_request_size() -> None:
+    parsed = ParsedMounts(entries=2, max_bytes=100)
+    route = Route(pod="ns/p", role="r", vault_address="http://v", vault_namespace="", tenant=("ns", 1), decoded={})
+    dispatched = Dispatched(route=route, endpoint=EndpointKey(address="http://v"))
+    config = cast(MountConfig, object())  # kept as it is, never looked into
+    requests = [MountRequest(attributes=f'{{"n": "{i}"}}', target_path="/t", permission="420") for i in range(3)]
+    for request in requests:
+        parsed.put(request, dispatched, config)
+    assert len(parsed) == 2 and parsed.get(requests[0]) is None
+    kept = parsed.get(requests[2])
+    assert kept is not None and kept.config is config and kept.route.decoded is None
+    large = MountRequest(attributes="x" * 101, target_path="/t", permission="420")
+    parsed.put(large, dispatched, config)
+    assert parsed.get(large) is None
 
 
 def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, unique: str) -> None:

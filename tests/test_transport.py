@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from provider import transport
@@ -94,6 +94,53 @@ def test_a_header_block_built_to_cost_is_read_or_refused_at_once(line: bytes) ->
     started = time.process_time()
     _ours(block)
     assert time.process_time() - started < 0.01
+
+
+class _Replay:
+    """Stands for a socket whose reply is `data` (all http.client reads is its makefile)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(io.BytesIO(self._data))  # type: ignore[arg-type]
+
+
+_FRAMING = st.sampled_from(
+    [
+        *("Connection", "connection", "Keep-Alive", "Proxy-Connection", "Content-Length", "Transfer-Encoding"),
+        *("Location", "location", "Retry-After", "Content-Type"),
+    ]
+)
+_FRAMING_VALUE = st.sampled_from(
+    ["close", "keep-alive", "Keep-Alive, Close", "chunked", "Chunked", "12", "-1", "x", ""]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["HTTP/1.0", "HTTP/1.1"]),
+    st.sampled_from(["200", "204", "307", "404"]),
+    st.lists(st.tuples(_FRAMING, _FRAMING_VALUE), max_size=6),
+)
+@example("HTTP/1.0", "200", [("Proxy-Connection", "keep-alive")])
+@example("HTTP/1.0", "200", [("Keep-Alive", "x"), ("Content-Length", "12")])
+@example("HTTP/1.0", "200", [("connection", "Keep-Alive, Close")])
+@example("HTTP/1.1", "200", [("Connection", "Keep-Alive, Close"), ("Connection", "close")])
+@example("HTTP/1.1", "200", [("Location", "a"), ("location", "b")])
+def test_reply_framing_as_http_client_reads_it(version: str, status: str, headers: list[tuple[str, str]]) -> None:
+    """Whether the connection closes, chunking, the length and each header's value (its
+    first, as Go's Header.Get gives it) agree with http.client's reading of the same reply;
+    these headers are looked up without its HTTPMessage."""
+    block = f"{version} {status} X\r\n".encode() + b"".join(f"{n}: {v}\r\n".encode() for n, v in headers) + b"\r\n"
+    theirs = http.client.HTTPResponse(_Replay(block))  # type: ignore[arg-type]
+    ours = transport._Response(_Replay(block))  # type: ignore[arg-type]
+    theirs.begin()
+    ours.begin()
+    assert (ours.will_close, ours.chunked, ours.length) == (theirs.will_close, theirs.chunked, theirs.length)
+    for name, _ in headers:
+        assert ours.header(name.lower()) == theirs.headers.get(name)
+    assert ours.header("location") == theirs.headers.get("Location")
 
 
 def _reply(status: str, headers: list[bytes], body: bytes) -> bytes:
