@@ -402,15 +402,19 @@ class VaultClient:
                 failure = e
             finally:
                 self._count(operation, label, time.monotonic() - started)
+            if not retryable:
+                if failure is not None:
+                    raise failure
+                return reply.status, reply.body
             delay = _backoff(attempt, retry_after)
             now = time.monotonic()
-            if failure is not None and retryable:
+            if failure is not None:
                 # The endpoint's breaker opened meanwhile (this failure or others'): stop
                 # retrying too, as every new Mount to it already does, and free the thread.
                 refusal = self._breaker(endpoint).refusal()
                 if refusal is not None:
                     raise refusal
-            if not retryable or now + delay + MIN_ATTEMPT_SECONDS > deadline or now + delay - first > MAX_RETRY_SECONDS:
+            if now + delay + MIN_ATTEMPT_SECONDS > deadline or now + delay - first > MAX_RETRY_SECONDS:
                 if failure is not None:
                     raise failure
                 return reply.status, reply.body
@@ -501,7 +505,6 @@ class VaultClient:
         replayable: bool,
     ) -> Reply:
         """One HTTP exchange; its failures as the Vault errors callers and breakers know."""
-        address = target.describe()
         if target.authorization:  # the address's user info, for its own host only
             headers = {**headers, "Authorization": target.authorization}
         try:
@@ -514,7 +517,7 @@ class VaultClient:
             raise _NotSent(_cannot_reach(target, e)) from None
         except TimedOut:
             raise VaultUnreachable(
-                f"{method} {path}: Vault at {address} did not answer within {timeout:.1f}s"
+                f"{method} {path}: Vault at {target.describe()} did not answer within {timeout:.1f}s"
             ) from None
         except TLSFailed as e:
             hint = ""
@@ -522,7 +525,7 @@ class VaultClient:
             # alert, or (as Python's ssl often reports it) the connection closed mid-protocol.
             if not tls.client_cert and any(sign in str(e) for sign in ("certificate required", "EOF occurred")):
                 hint = " (if it requires a client certificate: set vaultTLSClientCertPath and vaultTLSClientKeyPath)"
-            raise _TLSFailure(f"TLS to Vault at {address} failed: {truncate(str(e))}{hint}") from None
+            raise _TLSFailure(f"TLS to Vault at {target.describe()} failed: {truncate(str(e))}{hint}") from None
         except TransportError as e:
             raise VaultUnreachable(_cannot_reach(target, e)) from None
 
