@@ -36,8 +36,10 @@ STOPPING = "the Vault provider on this node is restarting; the driver retries th
 # The Mount's own deadline already leaves the caller a margin; the backstop answers
 # this long after it, still before the caller gives up.
 BACKSTOP_SECONDS = 0.25
-# Parsed Mount requests kept (see ParsedMounts); a request larger than this is not kept.
+# Parsed Mount requests kept (see ParsedMounts): at most this many, of at most this many
+# bytes of requests in all (a real one is 2 to 4 KiB), each no larger than the last.
 PARSED_ENTRIES = 512
+PARSED_TOTAL_BYTES = 2 * 1024 * 1024
 PARSED_MAX_BYTES = 32 * 1024
 
 
@@ -59,11 +61,15 @@ class ParsedMounts:
     again. The key is the whole request, the pod's uid and service-account token
     included: an entry serves only a byte-identical request, never another pod's. Only
     parses that succeeded are kept (an error is found again, and said again). Bounded by
-    count and by the size of each request kept. Thread-safe."""
+    count, by the size of each request kept and of all of them, least recently used
+    dropped first. Thread-safe."""
 
-    def __init__(self, *, entries: int = PARSED_ENTRIES, max_bytes: int = PARSED_MAX_BYTES) -> None:
-        self._entries, self._max_bytes = entries, max_bytes
+    def __init__(
+        self, *, entries: int = PARSED_ENTRIES, total_bytes: int = PARSED_TOTAL_BYTES, max_bytes: int = PARSED_MAX_BYTES
+    ) -> None:
+        self._entries, self._total_bytes, self._max_bytes = entries, total_bytes, max_bytes
         self._kept: OrderedDict[MountRequest, Dispatched] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, request: MountRequest) -> Dispatched | None:
@@ -81,10 +87,13 @@ class ParsedMounts:
             route=dataclasses.replace(dispatched.route, decoded=None), endpoint=dispatched.endpoint, config=config
         )
         with self._lock:
+            if request not in self._kept:
+                self._bytes += len(request.attributes)
             self._kept[request] = kept
             self._kept.move_to_end(request)
-            while len(self._kept) > self._entries:
-                self._kept.popitem(last=False)
+            while len(self._kept) > self._entries or self._bytes > self._total_bytes:
+                dropped, _ = self._kept.popitem(last=False)
+                self._bytes -= len(dropped.attributes)
 
     def __len__(self) -> int:
         with self._lock:

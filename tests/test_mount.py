@@ -316,8 +316,8 @@ def test_a_repeated_request_is_parsed_once_and_its_parse_serves_only_that_reques
     assert len(parsed) == 5
 
 
-def test_kept_parses_are_bounded_by_count_and_request_size() -> None:
-    parsed = ParsedMounts(entries=2, max_bytes=100)
+def test_kept_parses_are_bounded_by_count_and_bytes() -> None:
+    parsed = ParsedMounts(entries=2, total_bytes=250, max_bytes=100)
     route = Route(pod="ns/p", role="r", vault_address="http://v", vault_namespace="", tenant=("ns", 1), decoded={})
     dispatched = Dispatched(route=route, endpoint=EndpointKey(address="http://v"))
     config = cast(MountConfig, object())  # kept as it is, never looked into
@@ -330,6 +330,13 @@ def test_kept_parses_are_bounded_by_count_and_request_size() -> None:
     large = MountRequest(attributes="x" * 101, target_path="/t", permission="420")
     parsed.put(large, dispatched, config)
     assert parsed.get(large) is None
+    by_bytes = ParsedMounts(entries=10, total_bytes=250, max_bytes=100)
+    big = [MountRequest(attributes=f"{i}" * 100, target_path="/t", permission="420") for i in range(3)]
+    for request in big:
+        by_bytes.put(request, dispatched, config)
+    assert len(by_bytes) == 2 and by_bytes.get(big[0]) is None
+    by_bytes.put(big[2], dispatched, config)  # the same one again, not counted twice: both stay
+    assert by_bytes.get(big[1]) is not None and by_bytes.get(big[2]) is not None
 
 
 def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, unique: str) -> None:
