@@ -178,15 +178,16 @@ def beside_noise(
     stop = threading.Event()
     objects: list[dict[str, object]] = [{"objectName": "k", "secretPath": "kv/noisy", "secretKey": "k"}]
 
-    def noise(pod: FakePod) -> None:
+    def noise(mount: Callable[[], object]) -> None:
         for _ in range(NOISE_MOUNTS_PER_POD):
             if stop.is_set():
                 return
             with contextlib.suppress(grpc.RpcError):
-                provider.mount(pod, objects, "noisy", timeout=5, vaultAddress=address)
+                mount()
             stop.wait(NOISE_RETRY_SECONDS)
 
-    threads = [threading.Thread(target=noise, args=(pod,), daemon=True) for pod in noisy]
+    mounts = [provider.mounter(pod, objects, "noisy", timeout=5, vaultAddress=address) for pod in noisy]
+    threads = [threading.Thread(target=noise, args=(mount,), daemon=True) for mount in mounts]
     for thread in threads:
         thread.start()
     time.sleep(1.0)  # let the noise fill its share first

@@ -29,7 +29,7 @@ __all__ = ["COLD_ROUNDS", "RUNS", "RawVault", "delayed_case", "lean_table", "pro
 from provider._proto import service_pb2, service_pb2_grpc
 from tests.openbao import free_port
 
-RUNS = 3
+RUNS = 5
 ROUNDS = 200  # per measurement and run; every loop is bounded by these
 COLD_ROUNDS = 30
 DELAY_SECONDS = 0.0005  # each direction: ~1 ms more per round trip

@@ -296,8 +296,10 @@ def proxied(tmp_path: Path, world: VaultWorld, proxy: FaultProxy) -> Iterator[Pr
 
 @pytest.fixture
 def unique() -> str:
-    """A short unique name, so tests sharing the session's OpenBao do not collide."""
-    return uuid.uuid4().hex[:8]
+    """A short unique name, so tests sharing the session's OpenBao do not collide. It starts
+    with a letter: hex digits alone can read as a number in YAML (12e45678 is a float, and
+    a policy named so became +inf in a class's secretArgs)."""
+    return "u" + uuid.uuid4().hex[:7]
 
 
 @pytest.fixture(autouse=True)
