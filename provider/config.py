@@ -550,8 +550,13 @@ def _weight(parsed: tuple[SecretObject, ...] | ConfigError, text_size: int) -> i
     """What a parse costs to keep: its text, and its templates' trees."""
     if isinstance(parsed, ConfigError):
         return text_size
-    return text_size + sum(
-        TEMPLATE_BYTES_PER_TOKEN * obj.parsed_template.tokens for obj in parsed if obj.parsed_template is not None
+    return text_size + template_weight(parsed)
+
+
+def template_weight(objects: tuple[SecretObject, ...]) -> int:
+    """What the parsed templates of objects cost to keep, in bytes."""
+    return sum(
+        TEMPLATE_BYTES_PER_TOKEN * obj.parsed_template.tokens for obj in objects if obj.parsed_template is not None
     )
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
-from provider.config import MountConfig, Route, VaultSettings, peek_route
+from provider.config import MountConfig, Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.metrics import Metrics
 from provider.mount import Mounter, MountRequest, MountResult, endpoint_of
@@ -36,8 +36,8 @@ STOPPING = "the Vault provider on this node is restarting; the driver retries th
 # The Mount's own deadline already leaves the caller a margin; the backstop answers
 # this long after it, still before the caller gives up.
 BACKSTOP_SECONDS = 0.25
-# Parsed Mount requests kept (see ParsedMounts): at most this many, of at most this many
-# bytes of requests in all (a real one is 2 to 4 KiB), each no larger than the last.
+# Parsed Mount requests kept (see ParsedMounts): at most this many, weighing at most this
+# many bytes in all (a real one weighs 2 to 4 KiB), none weighing more than the last.
 PARSED_ENTRIES = 512
 PARSED_TOTAL_BYTES = 2 * 1024 * 1024
 PARSED_MAX_BYTES = 32 * 1024
@@ -60,40 +60,46 @@ class ParsedMounts:
     minute with rotation), so a warm Mount neither decodes nor validates its attributes
     again. The key is the whole request, the pod's uid and service-account token
     included: an entry serves only a byte-identical request, never another pod's. Only
-    parses that succeeded are kept (an error is found again, and said again). Bounded by
-    count, by the size of each request kept and of all of them, least recently used
-    dropped first. Thread-safe."""
+    parses that succeeded are kept (an error is found again, and said again). An entry
+    weighs its request's bytes and its templates' trees (the objects cache's measure: a
+    parse too heavy for that cache would otherwise be kept once per pod here); bounded
+    by count, by each entry's weight and by their sum, least recently used dropped
+    first. Thread-safe."""
 
     def __init__(
         self, *, entries: int = PARSED_ENTRIES, total_bytes: int = PARSED_TOTAL_BYTES, max_bytes: int = PARSED_MAX_BYTES
     ) -> None:
         self._entries, self._total_bytes, self._max_bytes = entries, total_bytes, max_bytes
-        self._kept: OrderedDict[MountRequest, Dispatched] = OrderedDict()
+        self._kept: OrderedDict[MountRequest, tuple[Dispatched, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, request: MountRequest) -> Dispatched | None:
         with self._lock:
             found = self._kept.get(request)
-            if found is not None:
-                self._kept.move_to_end(request)
-            return found
+            if found is None:
+                return None
+            self._kept.move_to_end(request)
+            return found[0]
 
     def put(self, request: MountRequest, dispatched: Dispatched, config: MountConfig) -> None:
-        if len(request.attributes) > self._max_bytes:
+        if len(request.attributes) > self._max_bytes:  # at least that many bytes
+            return
+        weight = len(request.attributes.encode("utf-8", "surrogatepass")) + template_weight(config.objects)
+        if weight > self._max_bytes:
             return
         # The decoded attributes were only the parse's input: not kept.
         kept = Dispatched(
             route=dataclasses.replace(dispatched.route, decoded=None), endpoint=dispatched.endpoint, config=config
         )
         with self._lock:
-            if request not in self._kept:
-                self._bytes += len(request.attributes)
-            self._kept[request] = kept
+            previous = self._kept.get(request)
+            self._bytes += weight - (previous[1] if previous is not None else 0)
+            self._kept[request] = (kept, weight)
             self._kept.move_to_end(request)
             while len(self._kept) > self._entries or self._bytes > self._total_bytes:
-                dropped, _ = self._kept.popitem(last=False)
-                self._bytes -= len(dropped.attributes)
+                _, (_, dropped) = self._kept.popitem(last=False)
+                self._bytes -= dropped
 
     def __len__(self) -> int:
         with self._lock:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
-from provider.config import MountConfig, Route, VaultSettings
+from provider.config import MountConfig, Route, VaultSettings, parse_mount, template_weight
 from provider.dispatch import Dispatched, ParsedMounts
 from provider.mount import MountRequest
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
@@ -316,27 +317,39 @@ def test_a_repeated_request_is_parsed_once_and_its_parse_serves_only_that_reques
     assert len(parsed) == 5
 
 
-def test_kept_parses_are_bounded_by_count_and_bytes() -> None:
-    parsed = ParsedMounts(entries=2, total_bytes=250, max_bytes=100)
+def _parsed(objects: list[dict[str, Any]], pad: str = "") -> tuple[MountRequest, MountConfig]:
+    """A Mount request and its real parse."""
+    attributes = json.dumps({"roleName": "r", "objects": yaml.safe_dump(objects), "pad": pad}, ensure_ascii=False)
+    request = MountRequest(attributes=attributes, target_path="/t", permission="420")
+    defaults = VaultSettings(address="http://127.0.0.1:8200")
+    return request, parse_mount(attributes=attributes, target_path="/t", permission="420", defaults=defaults)
+
+
+def test_kept_parses_are_bounded_by_count_and_weight() -> None:
     route = Route(pod="ns/p", role="r", vault_address="http://v", vault_namespace="", tenant=("ns", 1), decoded={})
     dispatched = Dispatched(route=route, endpoint=EndpointKey(address="http://v"))
-    config = cast(MountConfig, object())  # kept as it is, never looked into
-    requests = [MountRequest(attributes=f'{{"n": "{i}"}}', target_path="/t", permission="420") for i in range(3)]
-    for request in requests:
+    kv = [{"objectName": "k", "secretPath": "kv/x", "secretKey": "k"}]
+    parsed = ParsedMounts(entries=2)
+    made = [_parsed(kv, pad=str(i)) for i in range(3)]
+    for request, config in made:
         parsed.put(request, dispatched, config)
-    assert len(parsed) == 2 and parsed.get(requests[0]) is None
-    kept = parsed.get(requests[2])
-    assert kept is not None and kept.config is config and kept.route.decoded is None
-    large = MountRequest(attributes="x" * 101, target_path="/t", permission="420")
-    parsed.put(large, dispatched, config)
-    assert parsed.get(large) is None
-    by_bytes = ParsedMounts(entries=10, total_bytes=250, max_bytes=100)
-    big = [MountRequest(attributes=f"{i}" * 100, target_path="/t", permission="420") for i in range(3)]
-    for request in big:
-        by_bytes.put(request, dispatched, config)
-    assert len(by_bytes) == 2 and by_bytes.get(big[0]) is None
-    by_bytes.put(big[2], dispatched, config)  # the same one again, not counted twice: both stay
-    assert by_bytes.get(big[1]) is not None and by_bytes.get(big[2]) is not None
+    assert len(parsed) == 2 and parsed.get(made[0][0]) is None
+    kept = parsed.get(made[2][0])
+    assert kept is not None and kept.config is made[2][1] and kept.route.decoded is None
+    # Weighed in bytes, not characters, and with the templates' trees: a request of a few
+    # hundred characters whose template parses to a large tree is not kept (that tree would
+    # be kept once per pod here, where the objects cache keeps it once per class at most).
+    by_weight = ParsedMounts(entries=10, total_bytes=1800, max_bytes=1000)
+    wide = [_parsed(kv, pad=f"{i}" + "é" * 300) for i in range(3)]  # 397 characters, 697 bytes each
+    for request, config in wide:
+        by_weight.put(request, dispatched, config)
+    assert len(by_weight) == 2 and by_weight.get(wide[0][0]) is None
+    by_weight.put(wide[2][0], dispatched, wide[2][1])  # the same request again
+    assert by_weight.get(wide[1][0]) is not None and by_weight.get(wide[2][0]) is not None  # counted once
+    templated = _parsed([*kv, {"objectName": "t", "template": "{{ .Objects.k.Secrets.k }}" * 3}])
+    assert len(templated[0].attributes) < 1000 < template_weight(templated[1].objects)
+    by_weight.put(templated[0], dispatched, templated[1])
+    assert by_weight.get(templated[0]) is None
 
 
 def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, unique: str) -> None:
