@@ -12,9 +12,7 @@ import functools
 import hashlib
 import json
 import re
-import threading
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -27,6 +25,7 @@ from provider import gojson, gotemplate, goyaml
 from provider.address import MAX_ADDRESS_LENGTH, Target, safe_describe
 from provider.errors import ConfigError, quote, truncate
 from provider.flavour import VAULT, Flavour
+from provider.lru import WeightedLRU
 
 # The Mount attributes hold a whole SecretProviderClass; Kubernetes objects are capped
 # near 1.5 MiB by etcd, so 2 MiB of attributes is more than any real class.
@@ -482,39 +481,12 @@ def _token_for_audience(tokens_json: str, audience: str) -> str:
     return token
 
 
-class _ParsedObjects:
-    """Parsed objects lists by the digest of their text, failures included: a class is
-    parsed once however often it is mounted, and a broken one too. Bounded by count and
-    by the total size of the texts whose parse is kept (a parse is a few times its text)."""
-
-    def __init__(self, *, entries: int = OBJECTS_CACHE_SIZE, text_bytes: int = OBJECTS_CACHE_BYTES) -> None:
-        self._entries, self._text_bytes = entries, text_bytes
-        self._cache: OrderedDict[bytes, tuple[tuple[SecretObject, ...] | ConfigError, int]] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, digest: bytes) -> tuple[SecretObject, ...] | ConfigError | None:
-        with self._lock:
-            found = self._cache.get(digest)
-            if found is None:
-                return None
-            self._cache.move_to_end(digest)
-            return found[0]
-
-    def put(self, digest: bytes, value: tuple[SecretObject, ...] | ConfigError, text_size: int) -> None:
-        size = 0 if isinstance(value, ConfigError) else text_size
-        if size > self._text_bytes // 4:
-            return  # too big to keep: parsed again when mounted again
-        with self._lock:
-            if digest in self._cache:
-                return
-            self._cache[digest] = (value, size)
-            self._size += size
-            while len(self._cache) > self._entries or self._size > self._text_bytes:
-                self._size -= self._cache.popitem(last=False)[1][1]
-
-
-_PARSED = _ParsedObjects()
+# Parsed objects lists by the digest of their text, failures included (they weigh nothing):
+# a class is parsed once however often it is mounted, and a broken one too. A parse weighs
+# its text and its templates' trees; one over a quarter of the bound is parsed again each time.
+_PARSED: WeightedLRU[bytes, tuple[SecretObject, ...] | ConfigError] = WeightedLRU(
+    entries=OBJECTS_CACHE_SIZE, total_weight=OBJECTS_CACHE_BYTES, max_weight=OBJECTS_CACHE_BYTES // 4
+)
 
 
 def parse_objects(
@@ -535,7 +507,7 @@ def parse_objects(
                 cached = _parse_objects(text, len(encoded))
             except ConfigError as e:
                 cached = e
-        _PARSED.put(digest, cached, _weight(cached, len(encoded)))
+        _PARSED.put(digest, cached, 0 if isinstance(cached, ConfigError) else len(encoded) + template_weight(cached))
     if isinstance(cached, ConfigError):
         raise ConfigError(str(cached))
     return cached
@@ -544,13 +516,6 @@ def parse_objects(
 # A parsed template's tree costs a few hundred bytes per token (measured: 3-5 MB for a
 # 64 KiB template of 9,000 actions): what the parse cache counts for it.
 TEMPLATE_BYTES_PER_TOKEN = 400
-
-
-def _weight(parsed: tuple[SecretObject, ...] | ConfigError, text_size: int) -> int:
-    """What a parse costs to keep: its text, and its templates' trees."""
-    if isinstance(parsed, ConfigError):
-        return text_size
-    return text_size + template_weight(parsed)
 
 
 def template_weight(objects: tuple[SecretObject, ...]) -> int:

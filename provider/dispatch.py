@@ -16,9 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +24,7 @@ from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
 from provider.config import MountConfig, Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
+from provider.lru import WeightedLRU
 from provider.metrics import Metrics
 from provider.mount import Mounter, MountRequest, MountResult, endpoint_of
 from provider.vault import VaultClient
@@ -69,41 +68,24 @@ class ParsedMounts:
     def __init__(
         self, *, entries: int = PARSED_ENTRIES, total_bytes: int = PARSED_TOTAL_BYTES, max_bytes: int = PARSED_MAX_BYTES
     ) -> None:
-        self._entries, self._total_bytes, self._max_bytes = entries, total_bytes, max_bytes
-        self._kept: OrderedDict[MountRequest, tuple[Dispatched, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._kept: WeightedLRU[MountRequest, Dispatched] = WeightedLRU(
+            entries=entries, total_weight=total_bytes, max_weight=max_bytes
+        )
+        self._max_bytes = max_bytes
 
     def get(self, request: MountRequest) -> Dispatched | None:
-        with self._lock:
-            found = self._kept.get(request)
-            if found is None:
-                return None
-            self._kept.move_to_end(request)
-            return found[0]
+        return self._kept.get(request)
 
     def put(self, request: MountRequest, dispatched: Dispatched, config: MountConfig) -> None:
-        if len(request.attributes) > self._max_bytes:  # at least that many bytes
+        if len(request.attributes) > self._max_bytes:  # at least that many bytes: not even encoded
             return
         weight = len(request.attributes.encode("utf-8", "surrogatepass")) + template_weight(config.objects)
-        if weight > self._max_bytes:
-            return
         # The decoded attributes were only the parse's input: not kept.
-        kept = Dispatched(
-            route=dataclasses.replace(dispatched.route, decoded=None), endpoint=dispatched.endpoint, config=config
-        )
-        with self._lock:
-            previous = self._kept.get(request)
-            self._bytes += weight - (previous[1] if previous is not None else 0)
-            self._kept[request] = (kept, weight)
-            self._kept.move_to_end(request)
-            while len(self._kept) > self._entries or self._bytes > self._total_bytes:
-                _, (_, dropped) = self._kept.popitem(last=False)
-                self._bytes -= dropped
+        route = dataclasses.replace(dispatched.route, decoded=None)
+        self._kept.put(request, Dispatched(route=route, endpoint=dispatched.endpoint, config=config), weight)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._kept)
+        return len(self._kept)
 
 
 class MountDispatcher:

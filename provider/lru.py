@@ -1,0 +1,53 @@
+"""A map that keeps its most recently used entries, bounded by count and by weight.
+
+The parse caches (config's objects lists, dispatch's Mount requests) keep what costs
+memory in proportion to what a class wrote: each entry weighs what keeping it costs, and
+one too heavy is not kept at all, so no class can make either cache hold more than its
+bound.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class WeightedLRU(Generic[K, V]):
+    """At most `entries` values weighing at most `total_weight` in all, none weighing more
+    than `max_weight`; the least recently used go first. Thread-safe."""
+
+    def __init__(self, *, entries: int, total_weight: int, max_weight: int) -> None:
+        self._entries, self._total_weight, self._max_weight = entries, total_weight, max_weight
+        self._kept: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._weight = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            found = self._kept.get(key)
+            if found is None:
+                return None
+            self._kept.move_to_end(key)
+            return found[0]
+
+    def put(self, key: K, value: V, weight: int) -> None:
+        """Keep value for key, unless it weighs too much or key is kept already (the first
+        value stays: callers share it by identity)."""
+        if weight > self._max_weight:
+            return
+        with self._lock:
+            if key in self._kept:
+                return
+            self._kept[key] = (value, weight)
+            self._weight += weight
+            while len(self._kept) > self._entries or self._weight > self._total_weight:
+                self._weight -= self._kept.popitem(last=False)[1][1]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
