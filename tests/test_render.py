@@ -66,7 +66,7 @@ def test_versions_do_not_keep_evicted_objects_alive() -> None:
 def test_the_parse_cache_counts_template_trees_not_only_their_text() -> None:
     text = ENV.replace("{{ $k }}={{ $v }}", "{{ $k }}={{ $v }}" * 400)
     parsed = parse_objects(text)
-    assert config._weight(parsed, len(text)) > 10 * len(text)
+    assert config.template_weight(parsed) > 10 * len(text)
 
 
 def test_a_class_cannot_spend_more_than_its_token_budget_on_templates() -> None:
