@@ -1,0 +1,345 @@
+"""HTTP/1.1 on one connection: a request written in one piece, its reply read from the
+socket into one buffer, within limits.
+
+Python's http.client spent about 180 µs of CPU in Python on each Vault read measured
+here: the request put together header by header, each header checked by two regular
+expressions; a file object and a buffered reader for every reply; an email message for
+its headers. Reading the same reply straight from the socket takes about a third of that.
+
+A reply means here what it means to http.client; tests/test_http1.py holds the two to the
+same bytes, split anywhere:
+- a status line `HTTP/x.y NNN reason`; 100 Continue is skipped; HTTP/1.0 and 0.9 are 1.0.
+- headers: http.client's limits (64 KiB a line, 100 lines with the empty one) and ours,
+  64 KiB in all and no bare CR in a line (RFC 9112 lets a client refuse it). Plain
+  `Name: value` lines are read here; a block with any other line (folded, no colon, an
+  odd name) goes to the email parser, as in http.client. Each header's first value is
+  kept by lower-cased name, as Go's Header.Get gives it.
+- the body: none for 1xx, 204, 304 and HEAD replies; chunked; Content-Length; else up to
+  the close.
+- the connection stays open unless HTTP/1.1 says close, HTTP/1.0 does not say keep-alive,
+  or the body runs to the close.
+Stricter than http.client where it is lax: Content-Length and chunk sizes are digits
+(not "+12", "1_2" or "0x1f"), a chunk ends in CRLF, trailers count against the header
+limits, and bytes after a reply close the connection instead of being read as the next
+reply's start.
+
+Errors never hold data from the exchange: no header value, no body.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import re
+import socket
+from collections.abc import Mapping
+from typing import NamedTuple
+
+# A reply's header block at most: http.client's own limits per line and in lines (the
+# empty line that ends the block counted, as it counts it), and in all, ours: Vault sends
+# a few hundred bytes, and the email parser costs 50 ms of CPU on 64 KiB of bare CRs.
+MAX_LINE = 65536
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 65536
+# Bytes asked of the socket per read: a Vault reply usually arrives in one.
+_RECV_BYTES = 65536
+# A header name the email parser reads as one: visible ASCII but the colon.
+_HEADER_NAME = re.compile(rb"[!-9;-~]+")
+# What we send: header names are tokens; values and the path printable ASCII (a CR or LF
+# would end the line and start a header of the sender's choosing).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_VALUE = re.compile(r"[^\t\x20-\x7e]")
+_NOT_PATH = re.compile(r"[^\x21-\x7e]")
+# Header lines as most servers send them, read without a look at each line.
+_PLAIN_HEADERS = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n)*")
+_DIGITS = re.compile(rb"[0-9]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+_NO_BODY = frozenset({204, 304})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class ProtocolError(Exception):
+    """The reply is not HTTP/1.1 as it may be read; the message names what, never data."""
+
+
+class LineTooLong(ProtocolError):
+    """A status, header or chunk-size line longer than MAX_LINE."""
+
+
+class Closed(Exception):
+    """The server closed the connection before any byte of the reply: a kept-alive
+    connection it closed while idle."""
+
+
+class TooLarge(Exception):
+    """The body is larger than the limit; it was not read to its end."""
+
+
+class Head(NamedTuple):
+    """A reply's status line and headers, and how its body is framed."""
+
+    status: int
+    version: int  # 10 or 11
+    fields: list[tuple[str, str]]  # every header as sent, in order
+    first: dict[str, str]  # each header's first value by lower-cased name
+    chunked: bool
+    length: int | None  # the body's length, when it is known before reading it
+    will_close: bool
+
+
+class Reply(NamedTuple):
+    head: Head
+    body: bytes
+    will_close: bool  # the connection cannot carry another exchange
+
+
+def request(method: str, url: str, host: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
+    """One request's bytes, as http.client writes them: `url` is the path and query,
+    `host` the Host header. ValueError when a part cannot be sent as it is."""
+    if _TOKEN.fullmatch(method) is None:
+        raise ValueError("the request method is not an HTTP token")
+    if not url or _NOT_PATH.search(url):
+        raise ValueError("the request path holds characters HTTP cannot carry")
+    lines = [f"{method} {url} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+    if body is not None or method in _BODY_METHODS:
+        lines.append(f"Content-Length: {len(body or b'')}")
+    for name, value in headers.items():
+        if _TOKEN.fullmatch(name) is None:
+            raise ValueError("a request header's name is not an HTTP token")
+        if _NOT_VALUE.search(value):
+            raise ValueError(f"the request header {name} holds characters HTTP cannot carry")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    head = "\r\n".join(lines).encode("ascii")
+    return head + body if body else head
+
+
+def host_header(host: str, port: int, default_port: int) -> str:
+    """The Host header for a host and port, as http.client writes it."""
+    name = host if host.isascii() else host.encode("idna").decode("ascii")
+    if ":" in name:
+        name = f"[{name}]"
+    return name if port == default_port else f"{name}:{port}"
+
+
+class Connection:
+    """One HTTP connection's socket and what was read from it but not yet used."""
+
+    __slots__ = ("_buffer", "_ended", "_pos", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._pos = 0  # where the unread bytes start
+        self._ended = False  # the server closed its side
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_reply(self, method: str, max_body_bytes: int) -> Reply:
+        """The reply to the request sent; raises Closed, ProtocolError, TooLarge or the
+        socket's OSError."""
+        head = self.read_head(method)
+        body = self._body(head, max_body_bytes)
+        leftover = self._pos < len(self._buffer)
+        self._buffer.clear()
+        self._pos = 0
+        return Reply(head, body, head.will_close or leftover or self._ended)
+
+    def read_head(self, method: str) -> Head:
+        """The status line and headers of the next reply (100 Continue skipped)."""
+        if self._pos == len(self._buffer):
+            try:
+                if not self._fill():
+                    raise Closed()
+            except (ConnectionResetError, BrokenPipeError):
+                raise Closed() from None
+        whole = self._whole_head()
+        if whole is None:
+            while True:
+                version_text, status = _status_line(self._line())
+                if status != 100:
+                    break
+                self._header_lines()
+            fields = _header_fields(self._header_lines())
+        else:
+            version_text, status, fields = whole
+        if version_text in ("HTTP/1.0", "HTTP/0.9"):
+            version = 10
+        elif version_text.startswith("HTTP/1."):
+            version = 11
+        else:
+            raise ProtocolError("the reply's HTTP version is not 1.x")
+        first: dict[str, str] = {}
+        for name, value in reversed(fields):  # the first of a name wins
+            first[name.lower()] = value
+        chunked = first.get("transfer-encoding", "").lower() == "chunked"
+        will_close = _will_close(version, first)
+        length: int | None = None
+        declared = first.get("content-length")
+        if declared and not chunked:
+            digits = declared.strip(" \t").encode("iso-8859-1")
+            length = int(digits) if _DIGITS.fullmatch(digits) else None
+        if status in _NO_BODY or status < 200 or method == "HEAD":
+            length = 0
+        if not will_close and not chunked and length is None:
+            will_close = True  # the body runs to the close
+        return Head(status, version, fields, first, chunked, length, will_close)
+
+    def _whole_head(self) -> tuple[str, int, list[tuple[str, str]]] | None:
+        """A reply's head read at once, in the common case: all of it arrived, within the
+        limits, every line ends in CRLF, every header is a plain `Name: value` line, and
+        the status is not 100. None for anything else, to be read line by line."""
+        end = self._buffer.find(b"\r\n\r\n", self._pos, self._pos + MAX_HEADER_BYTES)
+        if end < 0 or end + 2 - self._pos > MAX_HEADER_BYTES:
+            return None
+        block = bytes(self._buffer[self._pos : end + 2])  # the status and header lines, each with its CRLF
+        crlfs = block.count(b"\r\n")
+        if not (crlfs == block.count(b"\r") == block.count(b"\n")) or crlfs > MAX_HEADERS:
+            return None
+        status_end = block.index(b"\r\n") + 2
+        if _PLAIN_HEADERS.fullmatch(block, status_end) is None:
+            return None
+        version, status = _status_line(block[:status_end])
+        if status == 100:
+            return None
+        self._pos = end + 4
+        fields: list[tuple[str, str]] = []
+        if status_end < len(block):
+            for line in block[status_end:-2].decode("iso-8859-1").split("\r\n"):
+                name, _, value = line.partition(":")
+                fields.append((name, value.lstrip(" \t")))
+        return version, status, fields
+
+    def _body(self, head: Head, max_bytes: int) -> bytes:
+        if head.length == 0:  # 1xx, 204, 304, HEAD: no body, whatever the headers say
+            return b""
+        if head.chunked:
+            return self._chunked(max_bytes)
+        if head.length is not None:
+            if head.length > max_bytes:
+                raise TooLarge()
+            return self._take(head.length)
+        while self._fill():  # to the close
+            if len(self._buffer) - self._pos > max_bytes:
+                raise TooLarge()
+        return self._take(len(self._buffer) - self._pos)
+
+    def _chunked(self, max_bytes: int) -> bytes:
+        body = bytearray()
+        while True:
+            line = self._line()
+            if not line:
+                raise ProtocolError("the reply was cut short")
+            size = line.split(b";", 1)[0].strip(b" \t\r\n")
+            if _HEX.fullmatch(size) is None:
+                raise ProtocolError("a chunk's size is not hexadecimal")
+            left = int(size, 16)
+            if left == 0:
+                break
+            if len(body) + left > max_bytes:
+                raise TooLarge()
+            body += self._take(left)
+            if self._take(2) != b"\r\n":
+                raise ProtocolError("a chunk of the reply does not end in CRLF")
+        self._header_lines()  # the trailers, read and dropped
+        return bytes(body)
+
+    def _take(self, count: int) -> bytes:
+        """The next `count` bytes; ProtocolError if the connection ends first."""
+        while len(self._buffer) - self._pos < count:
+            if not self._fill():
+                raise ProtocolError("the reply was cut short")
+        start = self._pos
+        self._pos += count
+        return bytes(self._buffer[start : self._pos])
+
+    def _line(self) -> bytes:
+        """The next line with its LF, or what is left when the connection ends; a line
+        is at most MAX_LINE bytes (with its LF), as http.client reads it."""
+        searched = 0  # bytes past the line's start already searched for its end
+        while True:
+            end = self._buffer.find(b"\n", self._pos + searched, self._pos + MAX_LINE)
+            if end >= 0:
+                start, self._pos = self._pos, end + 1
+                return bytes(self._buffer[start : self._pos])
+            searched = len(self._buffer) - self._pos
+            if searched > MAX_LINE:
+                raise LineTooLong(f"a line of the reply is longer than {MAX_LINE} bytes")
+            if not self._fill():
+                start, self._pos = self._pos, len(self._buffer)
+                return bytes(self._buffer[start:])
+
+    def _header_lines(self) -> list[bytes]:
+        """The header lines up to the empty one (or the end), within the limits."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            line = self._line()
+            size += len(line)
+            if size > MAX_HEADER_BYTES:
+                raise ProtocolError(f"the reply's headers are larger than {MAX_HEADER_BYTES} bytes")
+            lines.append(line)
+            if len(lines) > MAX_HEADERS:
+                raise ProtocolError(f"got more than {MAX_HEADERS} headers")
+            if line in (b"\r\n", b"\n", b""):
+                return lines[:-1]
+
+    def _fill(self) -> bool:
+        """Read what the socket has; False once the server has closed its side."""
+        if self._ended:
+            return False
+        data = self.sock.recv(_RECV_BYTES)
+        if not data:
+            self._ended = True
+            return False
+        if self._pos == len(self._buffer):
+            self._buffer.clear()
+            self._pos = 0
+        self._buffer += data
+        return True
+
+
+def _status_line(line: bytes) -> tuple[str, int]:
+    """The version and status of a status line, as http.client reads them."""
+    if not line:
+        raise ProtocolError("the connection was closed before the status line")
+    text = line.decode("iso-8859-1")
+    parts = text.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ProtocolError("the reply does not start with an HTTP status line")
+    code = parts[1].encode("iso-8859-1")
+    if len(code) != 3 or _DIGITS.fullmatch(code) is None or code.startswith(b"0"):
+        raise ProtocolError("the reply's status is not a number from 100 to 999")
+    return parts[0], int(code)
+
+
+def _header_fields(lines: list[bytes]) -> list[tuple[str, str]]:
+    """The header lines as http.client.parse_headers reads them, without its email parser
+    for plain `Name: value` lines."""
+    texts = [
+        line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith((b"\n", b"\r")) else line for line in lines
+    ]
+    if any(b"\r" in text for text in texts):
+        raise ProtocolError("a header line of the reply holds a bare CR")
+    fields: list[tuple[str, str]] = []
+    for text in texts:
+        name, colon, value = text.partition(b":")
+        if not colon or _HEADER_NAME.fullmatch(name) is None:
+            message = email.parser.Parser().parsestr(b"".join(lines).decode("iso-8859-1"))
+            return [(name, str(value)) for name, value in message.items()]
+        fields.append((name.decode("ascii"), value.lstrip(b" \t").decode("iso-8859-1")))
+    return fields
+
+
+def _will_close(version: int, first: Mapping[str, str]) -> bool:
+    """http.client's rule: HTTP/1.1 stays open unless told to close; 1.0 only when told to
+    keep alive."""
+    connection = first.get("connection", "").lower()
+    if version == 11:
+        return "close" in connection
+    if first.get("keep-alive") or "keep-alive" in connection:
+        return False
+    return "keep-alive" not in first.get("proxy-connection", "").lower()
