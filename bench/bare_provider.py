@@ -5,11 +5,12 @@ A grpc.aio server on a unix socket whose Mount reads its paths from Vault with
 read, and answers each body as a file: no class parsing, login, cache, versions, metrics
 or logs. With `thread` the read runs on a worker thread handed the job
 the way the provider hands a Mount (one future, one call back to the loop); with `loop`
-it blocks the event loop (no thread, which a real provider cannot afford). The bench
+it blocks the event loop (no thread, which a real provider cannot afford); `lean` is
+`thread` reading with the provider's own HTTP/1.1 (provider.http1), leaner than http.client. The bench
 measures it like the provider: the gap between the two is what Python and grpcio charge
 for a Mount's shape, the gap to the provider what the provider's own work costs.
 
-Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop
+Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop|lean
 Mount attributes: {"paths": [...], "token": ...}.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from provider import http1
 from provider._proto import service_pb2, service_pb2_grpc
 
 
@@ -39,6 +42,8 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
     def _read(self, attributes: str) -> list[bytes]:
         parsed = json.loads(attributes)
         paths: list[str] = parsed["paths"]
+        if self._mode == "lean":
+            return self._read_lean(paths, parsed["token"])
         connections: list[http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", [])
         while len(connections) < len(paths):
             connections.append(http.client.HTTPConnection("127.0.0.1", self._port, timeout=30))
@@ -46,6 +51,17 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
         for connection, path in zip(used, paths, strict=True):
             connection.request("GET", f"/v1/{path}", headers={"X-Vault-Token": parsed["token"]})
         return [connection.getresponse().read() for connection in used]
+
+    def _read_lean(self, paths: list[str], token: str) -> list[bytes]:
+        """The same reads with the provider's own HTTP/1.1 (provider.http1)."""
+        connections: list[http1.Connection] = self._local.__dict__.setdefault("lean", [])
+        while len(connections) < len(paths):
+            connections.append(http1.Connection(socket.create_connection(("127.0.0.1", self._port), timeout=30)))
+        used = connections[: len(paths)]
+        host = f"127.0.0.1:{self._port}"
+        for connection, path in zip(used, paths, strict=True):
+            connection.send(http1.request("GET", f"/v1/{path}", host, {"X-Vault-Token": token}, None))
+        return [connection.read_reply("GET", 1 << 20).body for connection in used]
 
     async def Version(self, request: Any, context: Any) -> service_pb2.VersionResponse:
         return service_pb2.VersionResponse(version="v1alpha1", runtime_name="bare", runtime_version="0")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from provider import http1
 
 
 class RawVault:
@@ -39,6 +42,27 @@ class RawVault:
         if response.status != 200:
             raise RuntimeError(f"raw login: HTTP {response.status}")
         return str(reply["auth"]["client_token"])
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class LeanRead:
+    """One kept-alive connection read with the provider's own HTTP/1.1 (provider.http1),
+    no pool, deadline or retries: what a read costs the provider's client at its barest."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._connection = http1.Connection(socket.create_connection(("127.0.0.1", port), timeout=30))
+
+    def read(self, path: str, token: str) -> bytes:
+        self._connection.send(
+            http1.request("GET", f"/v1/{path}", f"127.0.0.1:{self._port}", {"X-Vault-Token": token}, None)
+        )
+        reply = self._connection.read_reply("GET", 1 << 20)
+        if reply.head.status != 200:
+            raise RuntimeError(f"lean read of {path}: HTTP {reply.head.status}")
+        return reply.body
 
     def close(self) -> None:
         self._connection.close()

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from bench.classes import kv_objects
-from bench.floors import ParallelReads, RawVault, sequential
+from bench.floors import LeanRead, ParallelReads, RawVault, sequential
 
 __all__ = ["COLD_ROUNDS", "RUNS", "RawVault", "delayed_case", "lean_table", "process_cpu_seconds"]
 from provider._proto import service_pb2, service_pb2_grpc
@@ -129,6 +129,7 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     one, ten = kv_objects(1), kv_objects(10)
     paths = [f"secret/data/app/{i}" for i in range(10)]
     raw = RawVault(bao.port)
+    lean_read = LeanRead(bao.port)
     parallel = ParallelReads(bao.port, paths, token)
     warm_pod = pods[0]
     warm_one, warm_ten = provider.mounter(warm_pod, one, "bench"), provider.mounter(warm_pod, ten, "bench")
@@ -139,9 +140,10 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     def noop() -> object:
         return provider.stub.Version(service_pb2.VersionRequest(version="v1alpha1"))
 
-    def measure(bare: Bare, bare_loop: Bare) -> dict[str, float]:
+    def measure(bare: Bare, bare_loop: Bare, bare_lean: Bare) -> dict[str, float]:
         bare_one, bare_ten = bare.mounter(paths[:1], token), bare.mounter(paths, token)
         loop_one = bare_loop.mounter(paths[:1], token)
+        lean_one, lean_ten = bare_lean.mounter(paths[:1], token), bare_lean.mounter(paths, token)
         return {
             "read": p50_ms(lambda: raw.read(paths[0], token), ROUNDS),
             "noop": p50_ms(noop, ROUNDS),
@@ -160,15 +162,21 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
             "bare_cpu_ten": cpu_ms_per_call(bare, bare_ten, ROUNDS // 2),
             "loop_warm": p50_ms(loop_one, ROUNDS),
             "loop_cpu_one": cpu_ms_per_call(bare_loop, loop_one, ROUNDS),
+            "cpu_lean_read": thread_cpu_ms_per_call(lambda: lean_read.read(paths[0], token), ROUNDS),
+            "lean_warm": p50_ms(lean_one, ROUNDS),
+            "lean_cpu_one": cpu_ms_per_call(bare_lean, lean_one, ROUNDS),
+            "lean_cpu_ten": cpu_ms_per_call(bare_lean, lean_ten, ROUNDS // 2),
         }
 
     try:
-        with bare_providers(bao.port, "thread", "loop") as (bare, bare_loop):
+        with bare_providers(bao.port, "thread", "loop", "lean") as (bare, bare_loop, bare_lean):
             for warm_up in (bare.mounter(paths, token), bare_loop.mounter(paths[:1], token)):
                 warm_up()
-            m = medians(lambda: measure(bare, bare_loop))
+            bare_lean.mounter(paths, token)()
+            m = medians(lambda: measure(bare, bare_loop, bare_lean))
     finally:
         raw.close()
+        lean_read.close()
         parallel.close()
     floor_one, floor_ten = m["noop"] + m["read"], m["noop"] + m["ten_reads"]
     print(f"lean floors (http.client kept-alive; median of {RUNS} runs of p50s)")
@@ -210,6 +218,15 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     line("CPU per raw http.client read (the floor's client, this process)", m["cpu_read"], "ms", "")
     line("bare Mount read on the event loop, no thread: / (no-op + raw read)", m["loop_warm"] / floor_one, "x", "")
     line("bare Mount read on the event loop, no thread: CPU per Mount", m["loop_cpu_one"], "ms", "")
+    line("CPU per raw read with provider.http1 (the provider's client)", m["cpu_lean_read"], "ms", "")
+    line("bare Mount reading with provider.http1: / (no-op + raw read)", m["lean_warm"] / floor_one, "x", "")
+    line("bare Mount reading with provider.http1: CPU per Mount", m["lean_cpu_one"], "ms", "")
+    line(
+        "bare Mount reading with provider.http1: CPU per extra object",
+        (m["lean_cpu_ten"] - m["lean_cpu_one"]) / 9,
+        "ms",
+        "",
+    )
 
 
 def delayed_case(provider: Any, bao: Any, pod: Any, token: str) -> None:

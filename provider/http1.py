@@ -40,8 +40,17 @@ from typing import NamedTuple
 MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65536
+# 100 Continue replies skipped before the answer, at most (Go's client skips five).
+MAX_CONTINUES = 5
+# Bytes a reply's heads may take on the wire: its 100 Continues, its own head, its trailers.
+_HEAD_BUDGET = (MAX_CONTINUES + 2) * (MAX_LINE + MAX_HEADER_BYTES)
 # Bytes asked of the socket per read: a Vault reply usually arrives in one.
 _RECV_BYTES = 65536
+# Read bytes kept in front of the unread ones, at most: past this they are dropped.
+_KEEP_READ_BYTES = 65536
+# Content-Length digits at most: more is past any body limit (and past the 4300 digits
+# Python turns into an int).
+_MAX_LENGTH_DIGITS = 18
 # A header name the email parser reads as one: visible ASCII but the colon.
 _HEADER_NAME = re.compile(rb"[!-9;-~]+")
 # What we send: header names are tokens; values and the path printable ASCII (a CR or LF
@@ -49,12 +58,18 @@ _HEADER_NAME = re.compile(rb"[!-9;-~]+")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_VALUE = re.compile(r"[^\t\x20-\x7e]")
 _NOT_PATH = re.compile(r"[^\x21-\x7e]")
-# Header lines as most servers send them, read without a look at each line.
-_PLAIN_HEADERS = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n)*")
+# A head as most servers send it, read in one look: an HTTP/1.0 or 1.1 status line with one
+# space after the version and a status of three digits, plain `Name: value` header lines,
+# every line ending in CRLF. Each step is certain (a name cannot hold the colon, a value
+# cannot hold a CR or LF), so it runs in linear time. _FIELD takes a name and its value
+# without leading blanks, as the email parser does.
+_WHOLE_HEAD = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?\r\n((?:[!-9;-~]+:[^\r\n]*\r\n)*)\r\n")
+_FIELD = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r\n")
 _DIGITS = re.compile(rb"[0-9]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 _NO_BODY = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "accept-encoding"})
 
 
 class ProtocolError(Exception):
@@ -99,12 +114,16 @@ def request(method: str, url: str, host: str, headers: Mapping[str, str], body: 
         raise ValueError("the request method is not an HTTP token")
     if not url or _NOT_PATH.search(url):
         raise ValueError("the request path holds characters HTTP cannot carry")
+    if not host or _NOT_PATH.search(host):
+        raise ValueError("the request's host holds characters HTTP cannot carry")
     lines = [f"{method} {url} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
     if body is not None or method in _BODY_METHODS:
         lines.append(f"Content-Length: {len(body or b'')}")
     for name, value in headers.items():
         if _TOKEN.fullmatch(name) is None:
             raise ValueError("a request header's name is not an HTTP token")
+        if name.lower() in _OWN_HEADERS:
+            raise ValueError(f"the request header {name} is the client's to write")
         if _NOT_VALUE.search(value):
             raise ValueError(f"the request header {name} holds characters HTTP cannot carry")
         lines.append(f"{name}: {value}")
@@ -124,13 +143,14 @@ def host_header(host: str, port: int, default_port: int) -> str:
 class Connection:
     """One HTTP connection's socket and what was read from it but not yet used."""
 
-    __slots__ = ("_buffer", "_ended", "_pos", "sock")
+    __slots__ = ("_buffer", "_ended", "_pos", "_unread_budget", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buffer = bytearray()
         self._pos = 0  # where the unread bytes start
         self._ended = False  # the server closed its side
+        self._unread_budget = _HEAD_BUDGET  # bytes the current reply may still take from the socket
 
     def close(self) -> None:
         self.sock.close()
@@ -140,7 +160,9 @@ class Connection:
 
     def read_reply(self, method: str, max_body_bytes: int) -> Reply:
         """The reply to the request sent; raises Closed, ProtocolError, TooLarge or the
-        socket's OSError."""
+        socket's OSError. All of the reply on the wire (its heads, chunk lines and
+        trailers too) is held to the body limit plus room for its framing."""
+        self._unread_budget = _HEAD_BUDGET + 2 * max_body_bytes  # the body, and as much for its chunk lines
         head = self.read_head(method)
         body = self._body(head, max_body_bytes)
         leftover = self._pos < len(self._buffer)
@@ -156,62 +178,46 @@ class Connection:
                     raise Closed()
             except (ConnectionResetError, BrokenPipeError):
                 raise Closed() from None
-        whole = self._whole_head()
-        if whole is None:
-            while True:
+        whole = _WHOLE_HEAD.match(self._buffer, self._pos, self._pos + MAX_HEADER_BYTES)
+        if whole is not None and whole[2] != b"100" and whole[3].count(b"\n") < MAX_HEADERS:
+            # The common case read at once: the whole head arrived, within the limits, every
+            # line ends in CRLF, every header is a plain `Name: value` line.
+            self._pos = whole.end()
+            version = 10 if whole[1] == b"0" else 11
+            status = int(whole[2])
+            fields = _FIELD.findall(whole[3].decode("iso-8859-1"))
+        else:
+            for _ in range(MAX_CONTINUES + 1):
                 version_text, status = _status_line(self._line())
                 if status != 100:
                     break
                 self._header_lines()
+            else:
+                raise ProtocolError(f"more than {MAX_CONTINUES} interim replies (100 Continue)")
+            if version_text in ("HTTP/1.0", "HTTP/0.9"):
+                version = 10
+            elif version_text.startswith("HTTP/1."):
+                version = 11
+            else:
+                raise ProtocolError("the reply's HTTP version is not 1.x")
             fields = _header_fields(self._header_lines())
-        else:
-            version_text, status, fields = whole
-        if version_text in ("HTTP/1.0", "HTTP/0.9"):
-            version = 10
-        elif version_text.startswith("HTTP/1."):
-            version = 11
-        else:
-            raise ProtocolError("the reply's HTTP version is not 1.x")
-        first: dict[str, str] = {}
-        for name, value in reversed(fields):  # the first of a name wins
-            first[name.lower()] = value
+        first = {name.lower(): value for name, value in reversed(fields)}  # the first of a name wins
         chunked = first.get("transfer-encoding", "").lower() == "chunked"
         will_close = _will_close(version, first)
         length: int | None = None
         declared = first.get("content-length")
         if declared and not chunked:
             digits = declared.strip(" \t").encode("iso-8859-1")
+            if len(digits) > _MAX_LENGTH_DIGITS and _DIGITS.fullmatch(digits):
+                raise ProtocolError("the reply's Content-Length is out of range")
             length = int(digits) if _DIGITS.fullmatch(digits) else None
         if status in _NO_BODY or status < 200 or method == "HEAD":
             length = 0
         if not will_close and not chunked and length is None:
             will_close = True  # the body runs to the close
+        if not will_close and ("transfer-encoding" in first or declared is not None) and _in_doubt(fields):
+            will_close = True  # read as http.client reads it, but not trusted with another exchange
         return Head(status, version, fields, first, chunked, length, will_close)
-
-    def _whole_head(self) -> tuple[str, int, list[tuple[str, str]]] | None:
-        """A reply's head read at once, in the common case: all of it arrived, within the
-        limits, every line ends in CRLF, every header is a plain `Name: value` line, and
-        the status is not 100. None for anything else, to be read line by line."""
-        end = self._buffer.find(b"\r\n\r\n", self._pos, self._pos + MAX_HEADER_BYTES)
-        if end < 0 or end + 2 - self._pos > MAX_HEADER_BYTES:
-            return None
-        block = bytes(self._buffer[self._pos : end + 2])  # the status and header lines, each with its CRLF
-        crlfs = block.count(b"\r\n")
-        if not (crlfs == block.count(b"\r") == block.count(b"\n")) or crlfs > MAX_HEADERS:
-            return None
-        status_end = block.index(b"\r\n") + 2
-        if _PLAIN_HEADERS.fullmatch(block, status_end) is None:
-            return None
-        version, status = _status_line(block[:status_end])
-        if status == 100:
-            return None
-        self._pos = end + 4
-        fields: list[tuple[str, str]] = []
-        if status_end < len(block):
-            for line in block[status_end:-2].decode("iso-8859-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                fields.append((name, value.lstrip(" \t")))
-        return version, status, fields
 
     def _body(self, head: Head, max_bytes: int) -> bytes:
         if head.length == 0:  # 1xx, 204, 304, HEAD: no body, whatever the headers say
@@ -222,10 +228,11 @@ class Connection:
             if head.length > max_bytes:
                 raise TooLarge()
             return self._take(head.length)
-        while self._fill():  # to the close
+        while True:  # to the close
             if len(self._buffer) - self._pos > max_bytes:
                 raise TooLarge()
-        return self._take(len(self._buffer) - self._pos)
+            if not self._fill():
+                return self._take(len(self._buffer) - self._pos)
 
     def _chunked(self, max_bytes: int) -> bytes:
         body = bytearray()
@@ -291,12 +298,15 @@ class Connection:
         """Read what the socket has; False once the server has closed its side."""
         if self._ended:
             return False
-        data = self.sock.recv(_RECV_BYTES)
+        if self._unread_budget <= 0:
+            raise TooLarge()
+        data = self.sock.recv(min(_RECV_BYTES, self._unread_budget))
         if not data:
             self._ended = True
             return False
-        if self._pos == len(self._buffer):
-            self._buffer.clear()
+        self._unread_budget -= len(data)
+        if self._pos >= _KEEP_READ_BYTES or self._pos == len(self._buffer):
+            del self._buffer[: self._pos]  # what was read is not kept: chunk lines, trailers
             self._pos = 0
         self._buffer += data
         return True
@@ -332,6 +342,16 @@ def _header_fields(lines: list[bytes]) -> list[tuple[str, str]]:
             return [(name, str(value)) for name, value in message.items()]
         fields.append((name.decode("ascii"), value.lstrip(b" \t").decode("iso-8859-1")))
     return fields
+
+
+def _in_doubt(fields: list[tuple[str, str]]) -> bool:
+    """Whether the body's framing is in doubt (RFC 9112, 6.3): a Transfer-Encoding other
+    than chunked alone, or beside a Content-Length; Content-Lengths that differ."""
+    encodings = [value for name, value in fields if name.lower() == "transfer-encoding"]
+    lengths = {value.strip(" \t") for name, value in fields if name.lower() == "content-length"}
+    if encodings:
+        return len(encodings) > 1 or encodings[0].lower() != "chunked" or bool(lengths)
+    return len(lengths) > 1
 
 
 def _will_close(version: int, first: Mapping[str, str]) -> bool:

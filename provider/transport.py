@@ -309,6 +309,9 @@ class Transport:
                     raise TransportError("the connection was closed before a reply") from None
             except TransportError as e:
                 outcomes.append(e)
+            except Exception:  # a defect of ours: this request fails, the batch's others are still read
+                logger.exception("reading a reply from %s failed unexpectedly", request.target.describe())
+                outcomes.append(TransportError("the reply could not be read (an internal error, logged)"))
             finally:
                 exchange.guard.finish()
         return outcomes
@@ -373,7 +376,7 @@ class Transport:
         try:
             try:
                 reply = conn.read_reply(method, self._max_body_bytes)
-            except _STALE:
+            except http1.Closed:  # before any byte of the reply; a reset later is a failure
                 if guard.expired:
                     raise TimedOut("the deadline passed") from None
                 raise _Stale() from None

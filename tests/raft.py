@@ -17,30 +17,46 @@ from tests.openbao import bao_binary, free_port
 class Node:
     def __init__(self, workdir: Path, name: str) -> None:
         self.name = name
-        self.api_port, self.cluster_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.api_port}"
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "data").mkdir(exist_ok=True)
         self.config = self.dir / "config.hcl"
+        self._choose_ports()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _choose_ports(self) -> None:
+        self.api_port, self.cluster_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
         self.config.write_text(
-            f'storage "raft" {{\n  path = "{self.dir / "data"}"\n  node_id = "{name}"\n}}\n'
+            f'storage "raft" {{\n  path = "{self.dir / "data"}"\n  node_id = "{self.name}"\n}}\n'
             f'listener "tcp" {{\n  address = "127.0.0.1:{self.api_port}"\n'
             f'  cluster_address = "127.0.0.1:{self.cluster_port}"\n  tls_disable = true\n}}\n'
             f'api_addr = "{self.url}"\ncluster_addr = "https://127.0.0.1:{self.cluster_port}"\n'
             "disable_mlock = true\n"
         )
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with open(self.dir / "log", "ab") as log:
-            self.process = subprocess.Popen(
-                [bao_binary(), "server", f"-config={self.config}"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "HOME": str(self.dir)},
-            )
-        _wait(lambda: self.health() is not None, f"{self.name} to listen")
+        """Start the node once. A free port can be taken by another process before the
+        node binds it (seen in a full run): then new ports, at most three times."""
+        for attempt in range(3):
+            with open(self.dir / "log", "ab") as log:
+                self.process = subprocess.Popen(
+                    [bao_binary(), "server", f"-config={self.config}"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "HOME": str(self.dir)},
+                )
+            process = self.process
+
+            def up_or_exited(process: subprocess.Popen[bytes] = process) -> bool:
+                return process.poll() is not None or self.health() is not None
+
+            _wait(up_or_exited, f"{self.name} to listen")
+            if process.poll() is None:
+                return
+            if b"address already in use" not in (self.dir / "log").read_bytes() or attempt == 2:
+                raise RuntimeError(f"{self.name} exited at start ({self.dir / 'log'})")
+            self._choose_ports()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -3,12 +3,17 @@ a reply the reader refuses fails that read only. How replies are read: test_http
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import struct
+import threading
 import time
 
 import pytest
 
-from provider import http1
+from provider import http1, transport
+from provider.address import Target
 from provider.config import TLSConfig
 from provider.errors import VaultUnreachable
 from provider.vault import Endpoint, VaultClient
@@ -66,6 +71,61 @@ def test_a_reply_with_too_many_headers_fails_that_read_only() -> None:
             client.read(endpoint, token="t", method="GET", path="kv/crowded", deadline=time.monotonic() + 2)
         secret = client.read(endpoint, token="t", method="GET", path="kv/x", deadline=time.monotonic() + 2)
         assert secret.data == {"k": "v"}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_reply_reset_midway_is_not_sent_again() -> None:
+    """Only a kept-alive connection closed before any byte of the reply is stale; a reset
+    after the server began to answer means it acted, and a login sent twice makes two tokens."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received: list[bytes] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            received.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            received.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+            time.sleep(0.2)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset, mid-body
+            listener.settimeout(1)
+            again, _ = listener.accept()  # a replay would arrive here
+            received.append(again.recv(65536))
+            again.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nagain")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    sender = transport.Transport(max_body_bytes=1 << 20)
+    target = Target.parse(f"http://127.0.0.1:{port}")
+    login = ("POST", "/v1/auth/kubernetes/login", b"{}", {}, 5.0)
+    try:
+        assert sender.send(target, TLSConfig(), *login, replayable=True).body == b"ok"
+        with pytest.raises(transport.TransportError, match="reset"):
+            sender.send(target, TLSConfig(), *login, replayable=True)
+        server.join(3)
+        assert len(received) == 2
+    finally:
+        sender.close()
+        listener.close()
+
+
+def test_a_content_length_python_cannot_read_as_a_number_fails_that_read_only() -> None:
+    huge = _reply("200 OK", [b"Content-Length: " + b"9" * 5000], b"ok")
+    good = _reply("200 OK", [b"Content-Length: %d" % len(_BODY)], _BODY)
+    server = _RawServer(lambda path, token: huge if path.endswith("huge") else good)
+    client = VaultClient()
+    endpoint = Endpoint(address=f"http://127.0.0.1:{server.port}", tls=TLSConfig())
+    try:
+        with pytest.raises(VaultUnreachable, match="Content-Length is out of range"):
+            client.read(endpoint, token="t", method="GET", path="kv/huge", deadline=time.monotonic() + 2)
+        assert client.read(endpoint, token="t", method="GET", path="kv/x", deadline=time.monotonic() + 2).data == {
+            "k": "v"
+        }
     finally:
         client.close()
         server.close()
