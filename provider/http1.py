@@ -215,7 +215,8 @@ class Connection:
             length = 0
         if not will_close and not chunked and length is None:
             will_close = True  # the body runs to the close
-        if not will_close and ("transfer-encoding" in first or declared is not None) and _in_doubt(fields):
+        # Doubt needs a Transfer-Encoding or a header sent twice (first holds one per name).
+        if not will_close and ("transfer-encoding" in first or len(first) < len(fields)) and _in_doubt(fields):
             will_close = True  # read as http.client reads it, but not trusted with another exchange
         return Head(status, version, fields, first, chunked, length, will_close)
 
