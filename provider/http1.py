@@ -1,14 +1,16 @@
 """HTTP/1.1 on one connection: a request written in one piece, its reply read from the
 socket into one buffer, within limits.
 
-Python's http.client spent about 180 µs of CPU in Python on each Vault read measured
-here: the request put together header by header, each header checked by two regular
-expressions; a file object and a buffered reader for every reply; an email message for
-its headers. Reading the same reply straight from the socket takes about a third of that.
+Python's http.client cost 0.22 ms of the reading thread's CPU per Vault read in `make
+bench`, this module 0.09 ms (the kernel's share of sending and receiving is in both). It
+put a request together header by header, each header checked by two regular expressions,
+and made a file object, a buffered reader and an email message for every reply. Here a
+whole plain head is read with one regular-expression match (20 µs for Vault's reply).
 
 A reply means here what it means to http.client; tests/test_http1.py holds the two to the
 same bytes, split anywhere:
-- a status line `HTTP/x.y NNN reason`; 100 Continue is skipped; HTTP/1.0 and 0.9 are 1.0.
+- a status line `HTTP/x.y NNN reason`; 100 Continue is skipped (five at most, as Go);
+  HTTP/1.0 and 0.9 are 1.0.
 - headers: http.client's limits (64 KiB a line, 100 lines with the empty one) and ours,
   64 KiB in all and no bare CR in a line (RFC 9112 lets a client refuse it). Plain
   `Name: value` lines are read here; a block with any other line (folded, no colon, an
@@ -19,9 +21,12 @@ same bytes, split anywhere:
 - the connection stays open unless HTTP/1.1 says close, HTTP/1.0 does not say keep-alive,
   or the body runs to the close.
 Stricter than http.client where it is lax: Content-Length and chunk sizes are digits
-(not "+12", "1_2" or "0x1f"), a chunk ends in CRLF, trailers count against the header
-limits, and bytes after a reply close the connection instead of being read as the next
-reply's start.
+(not "+12", "1_2" or "0x1f"), a chunk ends in CRLF, a 204 or 304 has no body whatever
+its headers say; bytes after a reply, or framing in doubt (RFC 9112, 6.3: a
+Transfer-Encoding other than chunked alone, or beside a Content-Length; Content-Lengths
+that differ) close the connection rather than answer the next request on it. All of a
+reply on the wire, chunk lines and trailers too, counts against twice the body limit
+plus room for its heads, and what was read is not kept.
 
 Errors never hold data from the exchange: no header value, no body.
 """

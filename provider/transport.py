@@ -1,8 +1,9 @@
 """HTTP exchanges (with Vault, and with the Kubernetes API): pooled, bounded, held to a deadline.
 
 HTTP/1.1 on kept-alive connections, written and read by provider.http1 straight from the
-socket. Measured here per Vault read (CPU of this process against the same OpenBao):
-provider.http1 0.07 ms, Python's http.client 0.25 ms, urllib3 0.5 ms, pycurl 0.11 ms.
+socket. Measured here per Vault read (CPU of the reading thread against the same OpenBao,
+`make bench`): provider.http1 0.09 ms, Python's http.client 0.22 ms, urllib3 0.5 ms, pycurl
+0.11 ms.
 pycurl was tried and dropped: libcurl builds an OpenSSL
 context, with its own copy of the CA store, for every connection (0.45 MiB each with
 one CA, 0.8 MiB with the system's, and 2.4 to 13 ms of CPU per handshake), where one

@@ -7,7 +7,7 @@ module as one of provider.errors' Vault errors.
 
 It speaks Vault's plain HTTP API (login, read, lease renew and revoke) with Vault's own
 headers (X-Vault-Token, X-Vault-Namespace, X-Vault-Request) through provider.transport
-(http.client, kept-alive). hvac, the Python Vault client, is kept for tests and the demo: through its
+(HTTP/1.1 of our own, kept-alive). hvac, the Python Vault client, is kept for tests and the demo: through its
 requests adapter a read costs about five times the CPU, and a Mount of many objects is
 bound by exactly that.
 """
