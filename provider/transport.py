@@ -288,7 +288,8 @@ class Transport:
         read, each on its own connection, so from one thread they take about one round
         trip, not one each; each keeps its own deadline."""
         now = time.monotonic()  # one clock for the batch: its connects never add up past a deadline
-        started = [self._start(request, deadline=now + request.timeout) for request in requests]
+        pools: dict[tuple[Target, TLSConfig], Pool | TransportError] = {}  # a batch's requests share one
+        started = [self._start(request, deadline=now + request.timeout, pools=pools) for request in requests]
         outcomes: list[Reply | TransportError] = []
         for request, exchange in zip(requests, started, strict=True):
             if isinstance(exchange, TransportError):
@@ -318,14 +319,20 @@ class Transport:
         return outcomes
 
     def _start(
-        self, request: Request, *, deadline: float = 0.0, fresh: bool = False, guard: _Guard | None = None
+        self,
+        request: Request,
+        *,
+        deadline: float = 0.0,
+        fresh: bool = False,
+        guard: _Guard | None = None,
+        pools: dict[tuple[Target, TLSConfig], Pool | TransportError] | None = None,
     ) -> _Exchange | TransportError:
         """Connect (or take a kept-alive connection) and send the request, by `deadline`
-        (or the guard's)."""
+        (or the guard's). `pools` keeps the pools a batch has looked up."""
         deadline = guard.deadline if guard is not None else deadline
         guard = guard or self._watchdog.watch(deadline)
         try:
-            pool = self.pools.get(request.target, request.tls)
+            pool = self._pool(request, pools)
             data = http1.request(request.method, request.url_path, pool.host, request.headers, request.body)
         except TransportError as e:
             guard.finish()
@@ -368,6 +375,20 @@ class Transport:
             guard.finish()
             return e
         return _Exchange(pool=pool, conn=conn, reused=reused, guard=guard)
+
+    def _pool(self, request: Request, pools: dict[tuple[Target, TLSConfig], Pool | TransportError] | None) -> Pool:
+        if pools is None:
+            return self.pools.get(request.target, request.tls)
+        key = (request.target, request.tls)
+        pool = pools.get(key)
+        if pool is None:
+            try:
+                pool = pools[key] = self.pools.get(request.target, request.tls)
+            except TransportError as e:
+                pool = pools[key] = e
+        if isinstance(pool, TransportError):
+            raise pool
+        return pool
 
     def _finish(self, exchange: _Exchange, method: str) -> Reply:
         """Read the reply to a sent request; raises _Stale when a kept-alive connection
@@ -505,7 +526,7 @@ class _Watchdog:
         self._heap: list[tuple[float, int, _Guard]] = []
         self._compacted = 0  # the heap's size after the last compaction
         self._seq = itertools.count()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # a plain lock: watch() is on every request
         self._thread: threading.Thread | None = None
         self._closed = False
 

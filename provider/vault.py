@@ -231,10 +231,13 @@ class VaultClient:
         if timeout <= MIN_ATTEMPT_SECONDS:
             return [None] * len(reads)
         requests = []
+        headers: dict[str, str] | None = None  # the same for every read: one dict, read only
         for read in reads:
-            url, data, headers = _request_parts(endpoint, read.method, read.path, token, read.params, None)
-            if endpoint.target.authorization:  # the address's user info, as _roundtrip sends it
-                headers["Authorization"] = endpoint.target.authorization
+            url, data, built = _request_parts(endpoint, read.method, read.path, token, read.params, None)
+            if headers is None:
+                headers = built
+                if endpoint.target.authorization:  # the address's user info, as _roundtrip sends it
+                    headers["Authorization"] = endpoint.target.authorization
             requests.append(
                 Request(endpoint.target, endpoint.tls, read.method, url, data, headers, timeout, replayable=True)
             )
