@@ -98,7 +98,6 @@ class Head(NamedTuple):
     """A reply's status line and headers, and how its body is framed."""
 
     status: int
-    version: int  # 10 or 11
     fields: list[tuple[str, str]]  # every header as sent, in order
     first: dict[str, str]  # each header's first value by lower-cased name
     chunked: bool
@@ -223,7 +222,7 @@ class Connection:
         # Doubt needs a Transfer-Encoding or a header sent twice (first holds one per name).
         if not will_close and ("transfer-encoding" in first or len(first) < len(fields)) and _in_doubt(fields):
             will_close = True  # read as http.client reads it, but not trusted with another exchange
-        return Head(status, version, fields, first, chunked, length, will_close)
+        return Head(status, fields, first, chunked, length, will_close)
 
     def _body(self, head: Head, max_bytes: int) -> bytes:
         if head.length == 0:  # 1xx, 204, 304, HEAD: no body, whatever the headers say

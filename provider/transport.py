@@ -3,12 +3,11 @@
 HTTP/1.1 on kept-alive connections, written and read by provider.http1 straight from the
 socket. Measured here per Vault read (CPU of the reading thread against the same OpenBao,
 `make bench`): provider.http1 0.09 ms, Python's http.client 0.22 ms, urllib3 0.5 ms, pycurl
-0.11 ms.
-pycurl was tried and dropped: libcurl builds an OpenSSL
-context, with its own copy of the CA store, for every connection (0.45 MiB each with
-one CA, 0.8 MiB with the system's, and 2.4 to 13 ms of CPU per handshake), where one
-ssl.SSLContext per pool serves every connection for 8 to 32 KiB each. A burst of 32
-TLS connections to one Vault would have cost a quarter of the DaemonSet's memory.
+0.11 ms. pycurl was tried and dropped: libcurl builds an OpenSSL context, with its own
+copy of the CA store, for every connection (0.45 MiB each with one CA, 0.8 MiB with the
+system's, and 2.4 to 13 ms of CPU per handshake), where one ssl.SSLContext per pool
+serves every connection for 8 to 32 KiB each. A burst of 32 TLS connections to one
+Vault would have cost a quarter of the DaemonSet's memory.
 
 - A Vault address arrives parsed (address.Target): scheme, host, port or socket, path
   prefix, basic auth.
@@ -57,9 +56,10 @@ MAX_POOLS = 64
 # How late the watchdog may cut an exchange past its deadline, at most: Mount deadlines
 # keep a 0.5 s margin to the caller's, so 50 ms of slack costs nothing.
 WATCHDOG_TICK_SECONDS = 0.05
-# Errors of a kept-alive connection the server closed while it sat idle: met before any
-# byte of a reply, so a request that may be sent twice is sent again on a new one.
-_STALE = (http1.Closed, ConnectionResetError, BrokenPipeError)
+# Errors of sending on a kept-alive connection the server closed while it sat idle (a
+# close before any byte of the reply is http1.Closed): a request that may be sent twice
+# is sent again on a new one.
+_STALE = (ConnectionResetError, BrokenPipeError)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -288,8 +288,7 @@ class Transport:
         read, each on its own connection, so from one thread they take about one round
         trip, not one each; each keeps its own deadline."""
         now = time.monotonic()  # one clock for the batch: its connects never add up past a deadline
-        pools: dict[tuple[Target, TLSConfig], Pool | TransportError] = {}  # a batch's requests share one
-        started = [self._start(request, deadline=now + request.timeout, pools=pools) for request in requests]
+        started = [self._start(request, deadline=now + request.timeout) for request in requests]
         outcomes: list[Reply | TransportError] = []
         for request, exchange in zip(requests, started, strict=True):
             if isinstance(exchange, TransportError):
@@ -319,20 +318,14 @@ class Transport:
         return outcomes
 
     def _start(
-        self,
-        request: Request,
-        *,
-        deadline: float = 0.0,
-        fresh: bool = False,
-        guard: _Guard | None = None,
-        pools: dict[tuple[Target, TLSConfig], Pool | TransportError] | None = None,
+        self, request: Request, *, deadline: float = 0.0, fresh: bool = False, guard: _Guard | None = None
     ) -> _Exchange | TransportError:
         """Connect (or take a kept-alive connection) and send the request, by `deadline`
-        (or the guard's). `pools` keeps the pools a batch has looked up."""
+        (or the guard's)."""
         deadline = guard.deadline if guard is not None else deadline
         guard = guard or self._watchdog.watch(deadline)
         try:
-            pool = self._pool(request, pools)
+            pool = self.pools.get(request.target, request.tls)
             data = http1.request(request.method, request.url_path, pool.host, request.headers, request.body)
         except TransportError as e:
             guard.finish()
@@ -375,20 +368,6 @@ class Transport:
             guard.finish()
             return e
         return _Exchange(pool=pool, conn=conn, reused=reused, guard=guard)
-
-    def _pool(self, request: Request, pools: dict[tuple[Target, TLSConfig], Pool | TransportError] | None) -> Pool:
-        if pools is None:
-            return self.pools.get(request.target, request.tls)
-        key = (request.target, request.tls)
-        pool = pools.get(key)
-        if pool is None:
-            try:
-                pool = pools[key] = self.pools.get(request.target, request.tls)
-            except TransportError as e:
-                pool = pools[key] = e
-        if isinstance(pool, TransportError):
-            raise pool
-        return pool
 
     def _finish(self, exchange: _Exchange, method: str) -> Reply:
         """Read the reply to a sent request; raises _Stale when a kept-alive connection

@@ -7,9 +7,9 @@ module as one of provider.errors' Vault errors.
 
 It speaks Vault's plain HTTP API (login, read, lease renew and revoke) with Vault's own
 headers (X-Vault-Token, X-Vault-Namespace, X-Vault-Request) through provider.transport
-(HTTP/1.1 of our own, kept-alive). hvac, the Python Vault client, is kept for tests and the demo: through its
-requests adapter a read costs about five times the CPU, and a Mount of many objects is
-bound by exactly that.
+(HTTP/1.1 of our own, kept-alive). hvac, the Python Vault client, is kept for tests and
+the demo: through its requests adapter a read costs about five times the CPU, and a
+Mount of many objects is bound by exactly that.
 """
 
 from __future__ import annotations
@@ -231,13 +231,10 @@ class VaultClient:
         if timeout <= MIN_ATTEMPT_SECONDS:
             return [None] * len(reads)
         requests = []
-        headers: dict[str, str] | None = None  # the same for every read: one dict, read only
         for read in reads:
-            url, data, built = _request_parts(endpoint, read.method, read.path, token, read.params, None)
-            if headers is None:
-                headers = built
-                if endpoint.target.authorization:  # the address's user info, as _roundtrip sends it
-                    headers["Authorization"] = endpoint.target.authorization
+            url, data, headers = _request_parts(endpoint, read.method, read.path, token, read.params, None)
+            if endpoint.target.authorization:  # the address's user info, as _roundtrip sends it
+                headers["Authorization"] = endpoint.target.authorization
             requests.append(
                 Request(endpoint.target, endpoint.tls, read.method, url, data, headers, timeout, replayable=True)
             )
