@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
-from provider.config import MountConfig, Route, VaultSettings, peek_route, template_weight
+from provider.config import Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
 from provider.metrics import Metrics
-from provider.mount import Mounter, MountRequest, MountResult, endpoint_of
+from provider.mount import Mounter, MountPlan, MountRequest, MountResult
 from provider.vault import VaultClient
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,12 @@ PARSED_MAX_BYTES = 32 * 1024
 
 @dataclass(frozen=True, kw_only=True)
 class Dispatched:
-    """What the log line says about a Mount, known before it is parsed; with `config`,
-    the parse of the very same request, kept from an earlier Mount."""
+    """What the log line says about a Mount, known before it is parsed; with `plan`, the
+    parse of the very same request, kept from an earlier Mount, as Mounts use it."""
 
     route: Route
     endpoint: EndpointKey
-    config: MountConfig | None = None
+    plan: MountPlan | None = None
 
 
 class ParsedMounts:
@@ -76,13 +76,13 @@ class ParsedMounts:
     def get(self, request: MountRequest) -> Dispatched | None:
         return self._kept.get(request)
 
-    def put(self, request: MountRequest, dispatched: Dispatched, config: MountConfig) -> None:
+    def put(self, request: MountRequest, dispatched: Dispatched, plan: MountPlan) -> None:
         if len(request.attributes) > self._max_bytes:  # at least that many bytes: not even encoded
             return
-        weight = len(request.attributes.encode("utf-8", "surrogatepass")) + template_weight(config.objects)
+        weight = len(request.attributes.encode("utf-8", "surrogatepass")) + template_weight(plan.config.objects)
         # The decoded attributes were only the parse's input: not kept.
         route = dataclasses.replace(dispatched.route, decoded=None)
-        self._kept.put(request, Dispatched(route=route, endpoint=dispatched.endpoint, config=config), weight)
+        self._kept.put(request, Dispatched(route=route, endpoint=dispatched.endpoint, plan=plan), weight)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -201,22 +201,23 @@ class MountDispatcher:
         self, request: MountRequest, dispatched: Dispatched, deadline: float, ticket: Ticket, probe: Breaker | None
     ) -> MountResult:
         try:
-            config = dispatched.config
-            if config is None:
+            plan = dispatched.plan
+            if plan is None:
                 route = dispatched.route
                 config = self._mounter.parse(
                     request, gate=lambda: self._parse_gate.slot(route.tenant[0], deadline), decoded=route.decoded
                 )
-                self.parsed.put(request, dispatched, config)
+                plan = MountPlan.of(config)
+                self.parsed.put(request, dispatched, plan)
             if probe is not None:
-                self._probe(config, probe, deadline)
-            return self._mounter.mount_config(config, deadline=deadline, lanes=ticket)
+                self._probe(plan, probe, deadline)
+            return self._mounter.mount_plan(plan, deadline=deadline, lanes=ticket)
         finally:
             ticket.release()
 
-    def _probe(self, config: MountConfig, breaker: Breaker, deadline: float) -> None:
+    def _probe(self, plan: MountPlan, breaker: Breaker, deadline: float) -> None:
         try:
-            self._vault.probe(endpoint_of(config), deadline=deadline)
+            self._vault.probe(plan.endpoint, deadline=deadline)
         except VaultUnreachable as e:
             raise breaker.refusal() or e from None
 

@@ -67,7 +67,10 @@ def loads(text: str | bytes | bytearray) -> Any:
     """Decode JSON, keeping numbers as :class:`Number` (their exact text). What
     json.loads does, with one decoder made once rather than one per call."""
     if isinstance(text, bytes | bytearray):
-        text = text.decode(json.detect_encoding(text), "surrogatepass")
+        # A JSON object's "{" then a byte that is not NUL is UTF-8 to json.detect_encoding
+        # (no BOM starts with "{", UTF-16 and 32 put a NUL beside it): every Vault reply.
+        utf8 = text[:1] == b"{" and text[1:2] != b"\x00"
+        text = text.decode("utf-8" if utf8 else json.detect_encoding(text), "surrogatepass")
     elif text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     return _DECODER.decode(text)

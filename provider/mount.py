@@ -12,7 +12,7 @@ import logging
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -136,6 +136,72 @@ class SecretRequest:
 _REQUESTS: weakref.WeakKeyDictionary[SecretObject, SecretRequest] = weakref.WeakKeyDictionary()
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MountPlan:
+    """What every Mount of one parse does alike, worked out once: where its requests go,
+    the pod's identity, each object's request and the pod's lease key for each. Kept
+    with the parse (dispatch.ParsedMounts), so a warm Mount does none of it again. It
+    holds keys only: no token, no reply."""
+
+    config: MountConfig
+    endpoint: Endpoint
+    identity: IdentityKey | None  # None without a pod uid: nothing is cached for it
+    requests: Mapping[SecretObject, SecretRequest]  # the objects that read Vault
+    distinct: tuple[SecretRequest, ...]  # each request once, in the objects' order
+    reads: Mapping[SecretRequest, Read]  # the plain reads (GET or LIST, no body), as sent together
+    lease_keys: Mapping[SecretRequest, LeaseKey]  # empty without an identity
+    # Requests whose last reply the lease cache did not keep (a KV secret): a lone one is
+    # read ahead (Mounter._prefetch). Set and cleared by Mounts of this parse.
+    unkept: set[SecretRequest] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, config: MountConfig) -> MountPlan:
+        endpoint = endpoint_of(config)
+        pod = config.pod
+        identity = (
+            IdentityKey(
+                pod_uid=pod.uid,
+                pod_namespace=pod.namespace,
+                pod_name=pod.name,
+                service_account=pod.service_account,
+                role=config.role_name,
+                auth_mount=config.auth_mount,
+                audience=config.audience,
+                flavour=config.flavour.name,  # the default audience, and the HMAC key, differ
+                endpoint=endpoint,
+            )
+            if pod.uid
+            else None
+        )
+        requests = {obj: SecretRequest.of(obj) for obj in config.objects if obj.fetches}
+        distinct = tuple(dict.fromkeys(requests.values()))
+        return cls(
+            config=config,
+            endpoint=endpoint,
+            identity=identity,
+            requests=requests,
+            distinct=distinct,
+            reads={
+                request: Read(request.method, request.path, request.params() or None)
+                for request in distinct
+                if request.method in ("GET", "LIST") and request.body is None
+            },
+            lease_keys={
+                request: LeaseKey(
+                    pod_uid=identity.pod_uid,
+                    pod_namespace=identity.pod_namespace,
+                    pod_name=identity.pod_name,
+                    target_path=config.target_path,
+                    identity=identity,
+                    request=request,
+                )
+                for request in distinct
+            }
+            if identity is not None
+            else {},
+        )
+
+
 class Mounter:
     """Answers Mounts; one per process, shared by every gRPC worker thread."""
 
@@ -189,16 +255,18 @@ class Mounter:
         return self.mount_config(config, deadline=deadline, lanes=lanes)
 
     def mount_config(self, config: MountConfig, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
-        endpoint = endpoint_of(config)
-        identity = _Identity(self, config, endpoint, deadline)
-        requests = {obj: SecretRequest.of(obj) for obj in config.objects if obj.fetches}
+        return self.mount_plan(MountPlan.of(config), deadline=deadline, lanes=lanes)
+
+    def mount_plan(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
+        config, endpoint = plan.config, plan.endpoint
+        identity = _Identity(self, plan, deadline)
         identity.token()  # a refused login fails the whole Mount, not each object
         # Objects that share a request share its one reply: a username and its password, a
         # certificate and its key, and any template over them are cut from the same call.
-        outcomes = self._fetch_all(identity, list(dict.fromkeys(requests.values())), deadline, lanes or NoLanes())
+        outcomes = self._fetch_all(identity, plan, deadline, lanes or NoLanes())
         replies: dict[SecretObject, render.ObjectData] = {}
         failures: list[tuple[str, ProviderError]] = []
-        for obj, request in requests.items():
+        for obj, request in plan.requests.items():
             outcome = outcomes[request]
             if isinstance(outcome, ProviderError):
                 failures.append((obj.object_name, outcome))
@@ -233,17 +301,17 @@ class Mounter:
         return MountResult(config=config, files=tuple(files))
 
     def _fetch_all(
-        self, identity: _Identity, requests: list[SecretRequest], deadline: float, lanes: Lanes
+        self, identity: _Identity, plan: MountPlan, deadline: float, lanes: Lanes
     ) -> dict[SecretRequest, Secret | ProviderError]:
         """Each distinct request once. Plain reads are first sent together from this
         thread (one round trip for all, no hand-offs); what that leaves, this thread and
         any it may borrow take from one queue until it is empty, so borrowed threads are
         never idle."""
-        prefetched = self._prefetch(identity, requests, deadline)
+        prefetched = self._prefetch(identity, plan, deadline)
         replies: dict[SecretRequest, Secret | ProviderError] = {
             request: self._fetch_outcome(identity, request, deadline, reply) for request, reply in prefetched.items()
         }
-        pending = deque(request for request in requests if request not in prefetched)
+        pending = deque(request for request in plan.distinct if request not in prefetched)
 
         def drain() -> None:
             while True:
@@ -265,20 +333,17 @@ class Mounter:
         return replies
 
     def _prefetch(
-        self, identity: _Identity, requests: list[SecretRequest], deadline: float
+        self, identity: _Identity, plan: MountPlan, deadline: float
     ) -> dict[SecretRequest, Secret | ProviderError]:
         """Replies to the Mount's plain reads (GET or LIST, no body, nothing kept for
         this pod), sent together in batches; a read that attempt did not settle is left
         out, and goes the usual way (retries, a new login after a 403, redirects). A
-        reply the lease cache would not keep (a KV secret) then skips its bookkeeping."""
-        if len(requests) < 2:
-            return {}  # a 1-object Mount: nothing to send together, no lease lookups for it
-        reads = [
-            request
-            for request in requests
-            if request.method in ("GET", "LIST") and request.body is None and not self._kept(identity, request)
-        ]
-        if len(reads) < 2:
+        reply the lease cache would not keep (a KV secret) then skips its bookkeeping.
+        A lone read goes this way too once its last reply was not kept: its one attempt
+        costs less than the usual way's, which alone makes a pod's concurrent first Mounts
+        share one call (one set of credentials, not one each)."""
+        reads = [request for request in plan.reads if not self._kept(identity, request)]
+        if not reads or (len(reads) == 1 and reads[0] not in plan.unkept):
             return {}
         try:
             token = identity.token()
@@ -291,7 +356,7 @@ class Mounter:
                 answers = self._vault.read_many(
                     identity.endpoint,
                     token=token,
-                    reads=[Read(request.method, request.path, request.params() or None) for request in batch],
+                    reads=[plan.reads[request] for request in batch],
                     deadline=deadline,
                 )
             except ProviderError:
@@ -342,7 +407,7 @@ class Mounter:
             return self._fetch_from_vault(identity, request, deadline, prefetched)
 
         try:
-            return self._leases.fetch(
+            secret = self._leases.fetch(
                 key,
                 issue=issue,
                 renew=lambda lease_id, increment: self._vault.renew_lease(
@@ -352,6 +417,11 @@ class Mounter:
                 not_after=identity.expires_at,
                 issuer=identity.issuer,
             )
+            if secret.lease_id or self._leases.would_keep(secret):
+                identity.plan.unkept.discard(request)
+            else:
+                identity.plan.unkept.add(request)
+            return secret
         finally:
             if not issued and isinstance(prefetched, Secret) and prefetched.lease_id:
                 # A concurrent Mount of this pod kept its own reply meanwhile: the one read
@@ -505,51 +575,24 @@ class IdentityKey:
 class _Identity:
     """The pod's Vault token for one Mount: from the cache, refreshed at most once."""
 
-    def __init__(self, mounter: Mounter, config: MountConfig, endpoint: Endpoint, deadline: float) -> None:
+    def __init__(self, mounter: Mounter, plan: MountPlan, deadline: float) -> None:
         self._mounter = mounter
-        self._config = config
-        self.endpoint = endpoint
-        self.target_path = config.target_path
+        self.plan = plan
+        self._config = plan.config
+        self.endpoint = plan.endpoint
+        self.key = plan.identity
+        self._lease_keys = plan.lease_keys
         self._deadline = deadline
         self._lock = threading.Lock()
         self._grant: TokenGrant | None = None
         self._refreshed = False
-        self._lease_keys: dict[SecretRequest, LeaseKey] = {}
-        pod = config.pod
-        self.key: IdentityKey | None = (
-            IdentityKey(
-                pod_uid=pod.uid,
-                pod_namespace=pod.namespace,
-                pod_name=pod.name,
-                service_account=pod.service_account,
-                role=config.role_name,
-                auth_mount=config.auth_mount,
-                audience=config.audience,
-                flavour=config.flavour.name,  # the default audience, and the HMAC key, differ
-                endpoint=endpoint,
-            )
-            if pod.uid
-            else None
-        )
 
     def describe(self) -> str:
         return f"pod {self._config.pod.describe()} (role {quote(self._config.role_name)})"
 
     def lease_key(self, request: SecretRequest) -> LeaseKey | None:
-        """The lease cache's key for this pod's request (made once per Mount and request)."""
-        if self.key is None:
-            return None
-        key = self._lease_keys.get(request)
-        if key is None:
-            key = self._lease_keys[request] = LeaseKey(
-                pod_uid=self.key.pod_uid,
-                pod_namespace=self.key.pod_namespace,
-                pod_name=self.key.pod_name,
-                target_path=self.target_path,
-                identity=self.key,
-                request=request,
-            )
-        return key
+        """The lease cache's key for this pod's request; None without a pod uid."""
+        return self._lease_keys.get(request)
 
     def _fresh_login(self) -> Login:
         return self._mounter._login(self._config, self.endpoint, self._deadline)

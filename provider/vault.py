@@ -94,6 +94,15 @@ class Endpoint:
             raise VaultBadResponse(f"the Vault address is invalid: {e}") from None
 
     @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.address, self.tls, self.namespace))
+
+    def __hash__(self) -> int:
+        """Computed once: endpoints are shared (mount.endpoint_of), and the keys of the
+        token and lease caches hash theirs on every lookup."""
+        return self._hash
+
+    @functools.cached_property
     def key(self) -> EndpointKey:
         """Its breaker's and bulkhead's key: from the same parse its connections use."""
         return EndpointKey(address=self.target.key(), namespace=self.namespace)
@@ -230,14 +239,13 @@ class VaultClient:
         timeout = min(self._timeout, deadline - time.monotonic())
         if timeout <= MIN_ATTEMPT_SECONDS:
             return [None] * len(reads)
-        requests = []
-        for read in reads:
-            url, data, headers = _request_parts(endpoint, read.method, read.path, token, read.params, None)
-            if endpoint.target.authorization:  # the address's user info, as _roundtrip sends it
-                headers["Authorization"] = endpoint.target.authorization
-            requests.append(
-                Request(endpoint.target, endpoint.tls, read.method, url, data, headers, timeout, replayable=True)
-            )
+        target, tls = endpoint.target, endpoint.tls
+        headers = _headers(endpoint, token)  # one dict for the batch: nothing changes it
+        if target.authorization:  # the address's user info, as _roundtrip sends it
+            headers["Authorization"] = target.authorization
+        requests = [
+            Request(target, tls, read.method, target.prefix + read.url, None, headers, timeout, True) for read in reads
+        ]
         started = time.monotonic()
         outcomes = self._transport.send_many(requests)
         elapsed = time.monotonic() - started
@@ -245,9 +253,10 @@ class VaultClient:
         # The batch is one look at Vault: it tells the breaker once, not once per read.
         unreachable: NotConnected | None = None
         answered = False
+        labels: dict[str, int] = {}
         for read, outcome in zip(reads, outcomes, strict=True):
             label = "error" if isinstance(outcome, TransportError) else str(outcome.status)
-            self._count("read", label, elapsed)
+            labels[label] = labels.get(label, 0) + 1
             if isinstance(outcome, TransportError):
                 if isinstance(outcome, NotConnected):
                     unreachable = unreachable or outcome
@@ -262,6 +271,8 @@ class VaultClient:
                 answers.append(_secret(read.method, read.path, status, body, "read"))
             except VaultError as e:
                 answers.append(e)
+        for label, count in labels.items():
+            self._count("read", label, elapsed, count)
         if answered:
             self._breaker(endpoint).record_success()
         elif unreachable is not None:
@@ -316,8 +327,8 @@ class VaultClient:
             self._breaker(endpoint, failed=True).record_failure(str(e))  # connected, but no answer in time
             raise
 
-    def _count(self, operation: str, label: str, seconds: float) -> None:
-        """One attempt in the metrics: its outcome (HTTP status or "error") and duration."""
+    def _count(self, operation: str, label: str, seconds: float, attempts: int = 1) -> None:
+        """Attempts in the metrics: their outcome (HTTP status or "error") and duration."""
         if self._metrics is None:
             return
         # The labelled children, looked up once: operations are few, labels HTTP statuses.
@@ -327,8 +338,9 @@ class VaultClient:
                 self._metrics.vault_requests.labels(operation, label),
                 self._metrics.vault_duration.labels(operation),
             )
-        children[0].inc()
-        children[1].observe(seconds)
+        children[0].inc(attempts)
+        for _ in range(attempts):
+            children[1].observe(seconds)
 
     def _breaker(self, endpoint: Endpoint, *, failed: bool = False) -> Breaker | _NoBreaker:
         """The endpoint's breaker; made only to record a failure (an endpoint that never
@@ -474,7 +486,7 @@ class VaultClient:
         successful reply that is not JSON, text for a failed one."""
         status, raw = reply.status, reply.body
         logger.debug("vault %s %s -> %d (%d bytes)", method, path, status, len(raw))
-        if not raw.strip():
+        if not raw or raw.isspace():  # not strip(): that would copy a large body
             return _Reply(status, None, reply.retry_after)
         if len(raw) > 2 * MAX_REPLY_VALUES and gojson.count_values(raw) > MAX_REPLY_VALUES:
             raise VaultBadResponse(
@@ -530,12 +542,19 @@ class VaultClient:
             raise VaultUnreachable(_cannot_reach(target, e)) from None
 
 
-class Read(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Read:
     """One of several reads sent together (read_many)."""
 
     method: str  # GET or LIST
     path: str  # without /v1/
     params: Mapping[str, list[str]] | None
+    # The URL's path and query after the address's own prefix, escaped once: a Mount's
+    # reads are made once per parse (mount.MountPlan) and sent on every Mount.
+    url: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", _url_after_prefix(self.path, self.params))
 
 
 def _request_parts(
@@ -547,19 +566,33 @@ def _request_parts(
     json_body: Mapping[str, Any] | bytes | None,
 ) -> tuple[str, bytes | None, dict[str, str]]:
     """A Vault request's URL (path and query), body and headers."""
+    headers = _headers(endpoint, token)
+    data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    return _url(endpoint, path, params), data, headers
+
+
+def _headers(endpoint: Endpoint, token: str) -> dict[str, str]:
+    """The headers of every request with this token: Vault's own."""
     # X-Vault-Request guards against SSRF, as Vault's own clients send it.
     headers = {"X-Vault-Request": "true"}
     if token:
         headers["X-Vault-Token"] = _header_value(token, "token")
     if endpoint.namespace:
         headers["X-Vault-Namespace"] = _header_value(endpoint.namespace, "namespace")
-    data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    url = endpoint.target.prefix + "/v1/" + quote(path, safe=_PATH_SAFE)
-    if params:
-        url += "?" + urlencode(params, doseq=True)
-    return url, data, headers
+    return headers
+
+
+def _url(endpoint: Endpoint, path: str, params: Mapping[str, list[str]] | None) -> str:
+    """A request's path and query: the address's prefix, /v1/ and the path."""
+    return endpoint.target.prefix + _url_after_prefix(path, params)
+
+
+def _url_after_prefix(path: str, params: Mapping[str, list[str]] | None) -> str:
+    """/v1/ and the path, escaped as Go escapes it, and the query."""
+    url = "/v1/" + quote(path, safe=_PATH_SAFE)
+    return url + "?" + urlencode(params, doseq=True) if params else url
 
 
 def _secret(method: str, path: str, status: int, body: Any, operation: str) -> Secret:

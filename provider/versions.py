@@ -9,7 +9,6 @@ whether a file changed and nothing about its value.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import weakref
 
@@ -58,5 +57,4 @@ def _object_json(obj: SecretObject) -> bytes:
 
 def object_version(key: bytes, obj: SecretObject, contents: bytes) -> str:
     """URL-safe base64 (padded) of HMAC-SHA256(key, object JSON + contents)."""
-    digest = hmac.new(key, object_json(obj) + contents, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode()
+    return base64.urlsafe_b64encode(hmac.digest(key, object_json(obj) + contents, "sha256")).decode()

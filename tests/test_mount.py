@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import serialization
 
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
-from provider.config import MountConfig, Route, VaultSettings, parse_mount, template_weight
+from provider.config import Route, VaultSettings, parse_mount, template_weight
 from provider.dispatch import Dispatched, ParsedMounts
-from provider.mount import MountRequest
+from provider.mount import MountPlan, MountRequest
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.proxy import Forwarder
 
@@ -317,12 +317,14 @@ def test_a_repeated_request_is_parsed_once_and_its_parse_serves_only_that_reques
     assert len(parsed) == 5
 
 
-def _parsed(objects: list[dict[str, Any]], pad: str = "") -> tuple[MountRequest, MountConfig]:
-    """A Mount request and its real parse."""
+def _parsed(objects: list[dict[str, Any]], pad: str = "") -> tuple[MountRequest, MountPlan]:
+    """A Mount request and its real parse, as kept."""
     attributes = json.dumps({"roleName": "r", "objects": yaml.safe_dump(objects), "pad": pad}, ensure_ascii=False)
     request = MountRequest(attributes=attributes, target_path="/t", permission="420")
     defaults = VaultSettings(address="http://127.0.0.1:8200")
-    return request, parse_mount(attributes=attributes, target_path="/t", permission="420", defaults=defaults)
+    return request, MountPlan.of(
+        parse_mount(attributes=attributes, target_path="/t", permission="420", defaults=defaults)
+    )
 
 
 def test_kept_parses_are_bounded_by_count_and_weight() -> None:
@@ -335,7 +337,7 @@ def test_kept_parses_are_bounded_by_count_and_weight() -> None:
         parsed.put(request, dispatched, config)
     assert len(parsed) == 2 and parsed.get(made[0][0]) is None
     kept = parsed.get(made[2][0])
-    assert kept is not None and kept.config is made[2][1] and kept.route.decoded is None
+    assert kept is not None and kept.plan is made[2][1] and kept.route.decoded is None
     # Weighed in bytes, not characters, and with the templates' trees: a request of a few
     # hundred characters whose template parses to a large tree is not kept (that tree would
     # be kept once per pod here, where the objects cache keeps it once per class at most).
@@ -347,7 +349,7 @@ def test_kept_parses_are_bounded_by_count_and_weight() -> None:
     by_weight.put(wide[2][0], dispatched, wide[2][1])  # the same request again
     assert by_weight.get(wide[1][0]) is not None and by_weight.get(wide[2][0]) is not None  # counted once
     templated = _parsed([*kv, {"objectName": "t", "template": "{{ .Objects.k.Secrets.k }}" * 3}])
-    assert len(templated[0].attributes) < 1000 < template_weight(templated[1].objects)
+    assert len(templated[0].attributes) < 1000 < template_weight(templated[1].config.objects)
     by_weight.put(templated[0], dispatched, templated[1])
     assert by_weight.get(templated[0]) is None
 
