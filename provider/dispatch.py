@@ -40,6 +40,9 @@ BACKSTOP_SECONDS = 0.25
 PARSED_ENTRIES = 512
 PARSED_TOTAL_BYTES = 2 * 1024 * 1024
 PARSED_MAX_BYTES = 32 * 1024
+# What a kept plan holds per distinct request beside the parse (its read with the escaped
+# URL, the pod's lease key, their dict entries): about 380 bytes, measured.
+PLAN_BYTES_PER_REQUEST = 400
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,13 +60,14 @@ class ParsedMounts:
 
     Kubelet sends a pod's volume the very same request on every republish (about once a
     minute with rotation), so a warm Mount neither decodes nor validates its attributes
-    again. The key is the whole request, the pod's uid and service-account token
-    included: an entry serves only a byte-identical request, never another pod's. Only
-    parses that succeeded are kept (an error is found again, and said again). An entry
-    weighs its request's bytes and its templates' trees (the objects cache's measure: a
-    parse too heavy for that cache would otherwise be kept once per pod here); bounded
-    by count, by each entry's weight and by their sum, least recently used dropped
-    first. Thread-safe."""
+    again, and finds its requests and keys made (mount.MountPlan). The key is the whole
+    request, the pod's uid and service-account token included: an entry serves only a
+    byte-identical request, never another pod's. Only parses that succeeded are kept (an
+    error is found again, and said again). An entry weighs its request's bytes, its
+    plan's requests and its templates' trees (the objects cache's measure: a parse too
+    heavy for that cache would otherwise be kept once per pod here); bounded by count,
+    by each entry's weight and by their sum, least recently used dropped first.
+    Thread-safe."""
 
     def __init__(
         self, *, entries: int = PARSED_ENTRIES, total_bytes: int = PARSED_TOTAL_BYTES, max_bytes: int = PARSED_MAX_BYTES
@@ -79,7 +83,11 @@ class ParsedMounts:
     def put(self, request: MountRequest, dispatched: Dispatched, plan: MountPlan) -> None:
         if len(request.attributes) > self._max_bytes:  # at least that many bytes: not even encoded
             return
-        weight = len(request.attributes.encode("utf-8", "surrogatepass")) + template_weight(plan.config.objects)
+        weight = (
+            len(request.attributes.encode("utf-8", "surrogatepass"))
+            + template_weight(plan.config.objects)
+            + len(plan.distinct) * PLAN_BYTES_PER_REQUEST
+        )
         # The decoded attributes were only the parse's input: not kept.
         route = dataclasses.replace(dispatched.route, decoded=None)
         self._kept.put(request, Dispatched(route=route, endpoint=dispatched.endpoint, plan=plan), weight)

@@ -9,8 +9,9 @@ lease is renewed with the pod's own token (same credentials, later expiry); othe
 new credentials are requested. Nothing is served past its expiry.
 
 Unleased replies (KV) are never kept: they are read on every Mount so changes
-propagate. Concurrent Mounts of one pod asking the same request share one Vault call
-(single flight) whether or not the reply is leased.
+propagate. Concurrent Mounts of one pod asking the same request through this cache
+share one Vault call (single flight) whether or not the reply is leased; a read that
+mount.py reads ahead (a KV read, or one whose last reply was not kept) skips the cache.
 
 Entries are keyed by everything that makes the request and the identity (pod uid,
 target path, Vault address and namespace, role, method, path, query, body), so a reply

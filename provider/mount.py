@@ -140,8 +140,9 @@ _REQUESTS: weakref.WeakKeyDictionary[SecretObject, SecretRequest] = weakref.Weak
 class MountPlan:
     """What every Mount of one parse does alike, worked out once: where its requests go,
     the pod's identity, each object's request and the pod's lease key for each. Kept
-    with the parse (dispatch.ParsedMounts), so a warm Mount does none of it again. It
-    holds keys only: no token, no reply."""
+    with the parse (dispatch.ParsedMounts), so a warm Mount does none of it again. Beside
+    the parse (which holds the pod's service-account token, as a kept parse did) it holds
+    keys only: no Vault token, no reply."""
 
     config: MountConfig
     endpoint: Endpoint
@@ -360,10 +361,13 @@ class Mounter:
                     deadline=deadline,
                 )
             except ProviderError:
+                plan.unkept.difference_update(batch)
                 return settled
             for request, answer in zip(batch, answers, strict=True):
                 if answer is not None and not isinstance(answer, VaultPermissionDenied):
                     settled[request] = answer
+                else:  # it goes the usual way, and a lone one keeps to it until that succeeds
+                    plan.unkept.discard(request)
         return settled
 
     def _kept(self, identity: _Identity, request: SecretRequest) -> bool:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
 from provider.config import Route, VaultSettings, parse_mount, template_weight
-from provider.dispatch import Dispatched, ParsedMounts
+from provider.dispatch import PLAN_BYTES_PER_REQUEST, Dispatched, ParsedMounts
 from provider.mount import MountPlan, MountRequest
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.proxy import Forwarder
@@ -341,17 +341,23 @@ def test_kept_parses_are_bounded_by_count_and_weight() -> None:
     # Weighed in bytes, not characters, and with the templates' trees: a request of a few
     # hundred characters whose template parses to a large tree is not kept (that tree would
     # be kept once per pod here, where the objects cache keeps it once per class at most).
-    by_weight = ParsedMounts(entries=10, total_bytes=1800, max_bytes=1000)
-    wide = [_parsed(kv, pad=f"{i}" + "é" * 300) for i in range(3)]  # 397 characters, 697 bytes each
+    # 397 characters, 697 bytes each, and a plan of one request: two fit, not three.
+    by_weight = ParsedMounts(entries=10, total_bytes=2 * (697 + PLAN_BYTES_PER_REQUEST) + 200, max_bytes=1500)
+    wide = [_parsed(kv, pad=f"{i}" + "é" * 300) for i in range(3)]
     for request, config in wide:
         by_weight.put(request, dispatched, config)
     assert len(by_weight) == 2 and by_weight.get(wide[0][0]) is None
     by_weight.put(wide[2][0], dispatched, wide[2][1])  # the same request again
     assert by_weight.get(wide[1][0]) is not None and by_weight.get(wide[2][0]) is not None  # counted once
     templated = _parsed([*kv, {"objectName": "t", "template": "{{ .Objects.k.Secrets.k }}" * 3}])
-    assert len(templated[0].attributes) < 1000 < template_weight(templated[1].config.objects)
+    assert len(templated[0].attributes) < 1000 and template_weight(templated[1].config.objects) > 1500
     by_weight.put(templated[0], dispatched, templated[1])
     assert by_weight.get(templated[0]) is None
+    # And with its plan's requests: each holds a read and a lease key for this pod alone.
+    many = _parsed([{"objectName": f"k{i}", "secretPath": f"kv/{i}", "secretKey": "k"} for i in range(4)])
+    assert len(many[0].attributes) < 400 and len(many[1].distinct) * PLAN_BYTES_PER_REQUEST > 1500
+    by_weight.put(many[0], dispatched, many[1])
+    assert by_weight.get(many[0]) is None
 
 
 def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, unique: str) -> None:
@@ -379,6 +385,33 @@ def test_revoked_cached_token_is_replaced_once(provider: ProviderClient, world: 
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "permission denied" in error.details()
     assert logins(provider) == 3
+
+
+def test_a_lone_read_read_ahead_goes_the_usual_way_once_it_fails(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """A lone KV read of a kept parse is read ahead (one attempt) once its last reply was
+    not kept; a failure sends it the usual way (retries, a new login after a 403), and it
+    stays there until that succeeds: a failing read does not pay for the read ahead on
+    every Mount."""
+    pod, objects = world.kv_pod(unique)
+    request = provider.request(pod, objects, role=unique)  # the very same request, as kubelet sends it
+
+    def mount_costs(answer: grpc.StatusCode = grpc.StatusCode.OK) -> float:
+        before = reads(provider)
+        if answer is grpc.StatusCode.OK:
+            assert files_of(provider.raw_mount(request)) == {"k": b"v"}
+        else:
+            assert mount_error(lambda: provider.raw_mount(request)).code() == answer
+        return reads(provider) - before
+
+    assert [mount_costs(), mount_costs()] == [1, 1]  # the usual way, then read ahead
+    world.policy(unique, 'path "nothing" { capabilities = ["read"] }')
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert mount_costs(denied) == 3  # read ahead, then the usual way: a read, a new login, a read
+    assert mount_costs(denied) == 2  # the usual way alone
+    world.policy(unique, f'path "kv1/{unique}" {{ capabilities = ["read"] }}')
+    assert [mount_costs(), mount_costs()] == [1, 1]
 
 
 def test_versions_are_stable_change_with_content_and_survive_restarts(
