@@ -309,9 +309,16 @@ class Mounter:
         any it may borrow take from one queue until it is empty, so borrowed threads are
         never idle."""
         prefetched = self._prefetch(identity, plan, deadline)
-        replies: dict[SecretRequest, Secret | ProviderError] = {
-            request: self._fetch_outcome(identity, request, deadline, reply) for request, reply in prefetched.items()
-        }
+        replies: dict[SecretRequest, Secret | ProviderError] = {}
+        for request, reply in prefetched.items():
+            if isinstance(reply, Secret) and not reply.lease_id and not self._would_keep(reply):
+                # Read ahead, no lease and nothing to keep (a KV secret): no bookkeeping, and
+                # nothing to revoke should a racing Mount of this pod have kept a reply meanwhile.
+                replies[request] = reply
+            else:
+                replies[request] = self._fetch_outcome(identity, request, deadline, reply)
+        if prefetched and self._leases is not None:
+            self._leases.purge_if_due()
         pending = deque(request for request in plan.distinct if request not in prefetched)
 
         def drain() -> None:
@@ -370,6 +377,9 @@ class Mounter:
                     plan.unkept.discard(request)
         return settled
 
+    def _would_keep(self, reply: Secret) -> bool:
+        return self._leases is not None and self._leases.would_keep(reply)
+
     def _kept(self, identity: _Identity, request: SecretRequest) -> bool:
         """Whether the lease cache holds (or is fetching) this pod's reply to request:
         then it is not read ahead, which for dynamic secrets would issue credentials."""
@@ -397,11 +407,6 @@ class Mounter:
     ) -> Secret:
         if self._leases is None or (key := identity.lease_key(request)) is None:
             return self._fetch_from_vault(identity, request, deadline, prefetched)
-        if isinstance(prefetched, Secret) and not prefetched.lease_id and not self._leases.would_keep(prefetched):
-            # Read ahead, no lease and nothing to keep (a KV secret): no bookkeeping, and
-            # nothing to revoke should a racing Mount of this pod have kept a reply meanwhile.
-            self._leases.purge_if_due()
-            return prefetched
         identity.token()
         issued = False
 

@@ -15,9 +15,11 @@ Vault would have cost a quarter of the DaemonSet's memory.
   settings. Paths, user info and spelling do not make new pools, and at most MAX_POOLS
   are kept, the least recently used closed first, so no class can make the provider
   hold sockets without bound. Each pool has one SSLContext.
-- Socket timeouts bound each socket operation, not an exchange: a server
-  dripping one byte a second would hold a thread for as long as it likes. A single
-  watchdog thread shuts down the socket of any exchange still running at its deadline.
+- A connect (and a TLS handshake) is bounded by a socket timeout; after it the socket
+  blocks. A socket timeout bounds each operation, not an exchange (a server dripping one
+  byte a second would hold a thread as long as it likes), and costs a poll before every
+  send and receive: a single watchdog thread shuts down the socket of any exchange still
+  running at its deadline instead. Closing the transport cuts every exchange still running.
 - The reply is read up to a size limit; a larger one is refused, not buffered.
 - Nothing is taken from the environment: no proxy variables, no SSLKEYLOGFILE (TLS
   keys written to a file would expose every token). TLS verification is on
@@ -153,6 +155,7 @@ class Pool:
             try:
                 sock.settimeout(timeout)
                 sock.connect(target.socket_path)
+                sock.settimeout(None)  # the watchdog holds the exchange to its deadline
             except OSError:
                 sock.close()
                 raise
@@ -163,6 +166,7 @@ class Pool:
             if self._context is not None:
                 on_socket(sock)
                 sock = self._context.wrap_socket(sock, server_hostname=self._tls.server_name or target.host)
+            sock.settimeout(None)  # the watchdog holds the exchange to its deadline
         except BaseException:
             sock.close()
             raise
@@ -288,7 +292,23 @@ class Transport:
         read, each on its own connection, so from one thread they take about one round
         trip, not one each; each keeps its own deadline."""
         now = time.monotonic()  # one clock for the batch: its connects never add up past a deadline
-        started = [self._start(request, deadline=now + request.timeout) for request in requests]
+        guards: dict[float, _Guard] = {}  # one per deadline: a batch's requests mostly share theirs
+        try:
+            started = []
+            for request in requests:
+                deadline = now + request.timeout
+                guard = guards.get(deadline)
+                if guard is None:
+                    guard = guards[deadline] = self._watchdog.watch(deadline)
+                started.append(self._start(request, guard))
+            return self._finish_all(requests, started)
+        finally:
+            for guard in guards.values():
+                guard.finish()
+
+    def _finish_all(
+        self, requests: list[Request], started: list[_Exchange | TransportError]
+    ) -> list[Reply | TransportError]:
         outcomes: list[Reply | TransportError] = []
         for request, exchange in zip(requests, started, strict=True):
             if isinstance(exchange, TransportError):
@@ -301,7 +321,7 @@ class Transport:
                 except _Stale:
                     if not (exchange.reused and request.replayable):
                         raise TransportError("the connection was closed before a reply") from None
-                again = self._start(request, fresh=True, guard=exchange.guard)
+                again = self._start(request, exchange.guard, fresh=True)
                 if isinstance(again, TransportError):
                     raise again
                 try:
@@ -313,31 +333,24 @@ class Transport:
             except Exception:  # a defect of ours: this request fails, the batch's others are still read
                 logger.exception("reading a reply from %s failed unexpectedly", request.target.describe())
                 outcomes.append(TransportError("the reply could not be read (an internal error, logged)"))
-            finally:
-                exchange.guard.finish()
         return outcomes
 
-    def _start(
-        self, request: Request, *, deadline: float = 0.0, fresh: bool = False, guard: _Guard | None = None
-    ) -> _Exchange | TransportError:
-        """Connect (or take a kept-alive connection) and send the request, by `deadline`
-        (or the guard's)."""
-        deadline = guard.deadline if guard is not None else deadline
-        guard = guard or self._watchdog.watch(deadline)
+    def _start(self, request: Request, guard: _Guard, *, fresh: bool = False) -> _Exchange | TransportError:
+        """Connect (or take a kept-alive connection) and send the request, by the guard's
+        deadline."""
+        deadline = guard.deadline
         try:
             pool = self.pools.get(request.target, request.tls)
             data = http1.request(request.method, request.url_path, pool.host, request.headers, request.body)
         except TransportError as e:
-            guard.finish()
             return e
         except ValueError as e:
-            guard.finish()
             return TransportError(str(e))
         conn = None if fresh else pool.take()
         reused = conn is not None
         try:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or guard.expired:  # expired early: the transport was closed
                 raise TimedOut("no time left before the deadline")
             if conn is None:
                 try:
@@ -348,8 +361,6 @@ class Transport:
                     raise NotConnected(f"no connection within {remaining:.1f}s") from None
                 except OSError as e:
                     raise NotConnected(_describe(e)) from None
-            else:
-                conn.sock.settimeout(remaining)
             guard.attach(conn.sock)
             try:
                 conn.send(data)
@@ -357,15 +368,16 @@ class Transport:
                 if guard.expired:
                     raise TimedOut("the deadline passed") from None
                 if reused and request.replayable and not fresh:
+                    guard.release(conn.sock)
                     conn.close()
-                    return self._start(request, fresh=True, guard=guard)
+                    return self._start(request, guard, fresh=True)
                 raise TransportError("the connection was closed before a reply") from None
             except OSError as e:
                 raise self._failure(e, guard) from None
         except TransportError as e:
             if conn is not None:
+                guard.release(conn.sock)
                 conn.close()
-            guard.finish()
             return e
         return _Exchange(pool=pool, conn=conn, reused=reused, guard=guard)
 
@@ -399,7 +411,7 @@ class Transport:
                 retry_after=_retry_after(head.first.get("retry-after")),
             )
         finally:
-            if keep and guard.release():  # no later cut reaches whoever takes the connection next
+            if guard.release(conn.sock) and keep:  # no later cut reaches whoever takes the connection next
                 exchange.pool.give(conn)
             else:
                 conn.close()
@@ -455,21 +467,23 @@ def _retry_after(header: str | None) -> float | None:
 
 
 class _Guard:
-    """One exchange's deadline and the socket it is using."""
+    """A deadline and the sockets of the exchanges held to it (a batch's, mostly one)."""
 
-    __slots__ = ("deadline", "done", "expired", "lock", "sock")
+    __slots__ = ("deadline", "done", "expired", "lock", "socks")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
-        self.sock: socket.socket | None = None
+        self.socks: set[socket.socket] = set()
         self.expired = False
         self.done = False
         self.lock = threading.Lock()
 
-    def attach(self, sock: socket.socket | None) -> None:
+    def attach(self, sock: socket.socket) -> None:
+        """Watch sock (a TLS socket's plain one first: the handshake is held to the deadline
+        too; wrapping it detaches that one, which a cut then no longer reaches)."""
         with self.lock:
-            self.sock = sock
-            if self.expired and sock is not None:
+            self.socks.add(sock)
+            if self.expired:
                 _cut(sock)
 
     def expire(self) -> None:
@@ -477,17 +491,17 @@ class _Guard:
             if self.done:
                 return
             self.expired = True
-            if self.sock is not None:
-                _cut(self.sock)
+            for sock in self.socks:
+                _cut(sock)
 
     def finish(self) -> None:
         with self.lock:
             self.done = True
 
-    def release(self) -> bool:
-        """Stop watching the socket (it goes back to a pool); False if already cut."""
+    def release(self, sock: socket.socket) -> bool:
+        """Stop watching sock (it goes back to a pool, or is closed); False if it was cut."""
         with self.lock:
-            self.sock = None
+            self.socks.discard(sock)
             return not self.expired
 
 
@@ -512,6 +526,9 @@ class _Watchdog:
     def watch(self, deadline: float) -> _Guard:
         guard = _Guard(deadline)
         with self._cond:
+            if self._closed:
+                guard.expire()  # nothing would cut it later: it fails at once
+                return guard
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="http-watchdog", daemon=True)
                 self._thread.start()
@@ -525,9 +542,14 @@ class _Watchdog:
         return guard
 
     def close(self) -> None:
+        """Stop, cutting every exchange still running: its socket blocks, and nothing
+        else would end it."""
         with self._cond:
             self._closed = True
+            running, self._heap = self._heap, []
             self._cond.notify()
+        for _, _, guard in running:
+            guard.expire()
 
     def _run(self) -> None:
         with self._cond:

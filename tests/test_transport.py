@@ -154,3 +154,61 @@ def test_a_reply_reset_midway_is_not_sent_again() -> None:
     finally:
         sender.close()
         listener.close()
+
+
+def test_a_silent_server_is_cut_at_the_deadline_and_when_the_transport_closes() -> None:
+    """Sockets block once connected: the watchdog alone ends an exchange. Every exchange of
+    a batch is cut at the deadline the batch shares, and closing the transport cuts one
+    still running (at shutdown, a Mount on a dead Vault must not hold the process)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def serve() -> None:  # accepts, never answers
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                held.append(conn)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    sender = transport.Transport(max_body_bytes=1 << 20)
+    target = Target.parse(f"http://127.0.0.1:{port}")
+    try:
+        batch = [
+            transport.Request(target, TLSConfig(), "GET", f"/v1/kv/{i}", None, {}, 0.3, replayable=True)
+            for i in range(3)
+        ]
+        started = time.monotonic()
+        outcomes = sender.send_many(batch)
+        assert all(isinstance(outcome, transport.TimedOut) for outcome in outcomes), outcomes
+        assert 0.3 <= time.monotonic() - started < 0.3 + 4 * transport.WATCHDOG_TICK_SECONDS + 0.3
+
+        outcome: list[BaseException] = []
+
+        def wait_long() -> None:
+            try:
+                sender.send(target, TLSConfig(), "GET", "/v1/kv/long", None, {}, 30.0, replayable=True)
+            except transport.TransportError as e:
+                outcome.append(e)
+
+        waiting = threading.Thread(target=wait_long, daemon=True)
+        waiting.start()
+        time.sleep(0.3)
+        closed = time.monotonic()
+        sender.close()
+        waiting.join(5)
+        assert not waiting.is_alive() and time.monotonic() - closed < 1.0
+        assert len(outcome) == 1 and isinstance(outcome[0], transport.TimedOut)
+        accepted = len(held)
+        with pytest.raises(transport.TimedOut):  # and a request after the close fails at once, unsent
+            sender.send(target, TLSConfig(), "GET", "/v1/kv/after", None, {}, 30.0, replayable=True)
+        time.sleep(0.1)
+        assert len(held) == accepted
+    finally:
+        sender.close()
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        server.join(2)
+        for conn in held:
+            conn.close()
