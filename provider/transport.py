@@ -164,8 +164,12 @@ class Pool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
+                # Wrapping detaches the plain socket: watch the TLS one, then shake hands.
+                sock = self._context.wrap_socket(
+                    sock, server_hostname=self._tls.server_name or target.host, do_handshake_on_connect=False
+                )
                 on_socket(sock)
-                sock = self._context.wrap_socket(sock, server_hostname=self._tls.server_name or target.host)
+                sock.do_handshake()
             sock.settimeout(None)  # the watchdog holds the exchange to its deadline
         except BaseException:
             sock.close()
@@ -356,10 +360,14 @@ class Transport:
                 try:
                     conn = pool.connect(remaining, guard.attach)
                 except (ssl.SSLError, ValueError) as e:  # ValueError: a name TLS cannot carry
+                    if guard.expired:  # cut in the handshake: nothing was sent
+                        raise NotConnected(f"no connection within {remaining:.1f}s") from None
                     raise TLSFailed(_describe(e)) from None
                 except TimeoutError:
                     raise NotConnected(f"no connection within {remaining:.1f}s") from None
                 except OSError as e:
+                    if guard.expired:
+                        raise NotConnected(f"no connection within {remaining:.1f}s") from None
                     raise NotConnected(_describe(e)) from None
             guard.attach(conn.sock)
             try:
@@ -479,8 +487,7 @@ class _Guard:
         self.lock = threading.Lock()
 
     def attach(self, sock: socket.socket) -> None:
-        """Watch sock (a TLS socket's plain one first: the handshake is held to the deadline
-        too; wrapping it detaches that one, which a cut then no longer reaches)."""
+        """Watch sock (a TLS one before its handshake: that is held to the deadline too)."""
         with self.lock:
             self.socks.add(sock)
             if self.expired:

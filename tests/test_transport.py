@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -156,55 +157,89 @@ def test_a_reply_reset_midway_is_not_sent_again() -> None:
         listener.close()
 
 
-def test_a_silent_server_is_cut_at_the_deadline_and_when_the_transport_closes() -> None:
-    """Sockets block once connected: the watchdog alone ends an exchange. Every exchange of
-    a batch is cut at the deadline the batch shares, and closing the transport cuts one
-    still running (at shutdown, a Mount on a dead Vault must not hold the process)."""
+def _silent_server() -> tuple[socket.socket, list[socket.socket], threading.Thread]:
+    """A listener that accepts and never answers (nor speaks TLS), and what it accepted."""
     listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     held: list[socket.socket] = []
 
-    def serve() -> None:  # accepts, never answers
+    def serve() -> None:
         with contextlib.suppress(OSError):
             while True:
-                conn, _ = listener.accept()
-                held.append(conn)
+                held.append(listener.accept()[0])
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
+    return listener, held, server
+
+
+def _within(seconds: float, call: Callable[[], object]) -> object:
+    """call()'s outcome (or error), failing the test if it takes longer than `seconds`: a
+    socket blocks, so a cut that does not come would otherwise hang the test."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds}s"
+    return outcome[0]
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_silent_server_is_cut_at_the_deadline_and_when_the_transport_closes(scheme: str) -> None:
+    """Sockets block once connected: the watchdog alone ends an exchange, a TLS handshake
+    included. Every exchange of a batch is cut at the deadline the batch shares, and
+    closing the transport cuts one still running (at shutdown, a Mount on a dead Vault must
+    not hold the process); a request after the close fails before it connects."""
+    listener, held, server = _silent_server()
     sender = transport.Transport(max_body_bytes=1 << 20)
-    target = Target.parse(f"http://127.0.0.1:{port}")
+    target = Target.parse(f"{scheme}://127.0.0.1:{listener.getsockname()[1]}")
+    tls = TLSConfig(skip_verify=True)
+    # Over TLS the handshake never ends: nothing was sent, so the request was never made.
+    cut: type[transport.TransportError] = transport.TimedOut if scheme == "http" else transport.NotConnected
     try:
-        batch = [
-            transport.Request(target, TLSConfig(), "GET", f"/v1/kv/{i}", None, {}, 0.3, replayable=True)
-            for i in range(3)
-        ]
+        batch = [transport.Request(target, tls, "GET", f"/v1/kv/{i}", None, {}, 0.3, True) for i in range(3)]
         started = time.monotonic()
-        outcomes = sender.send_many(batch)
-        assert all(isinstance(outcome, transport.TimedOut) for outcome in outcomes), outcomes
-        assert 0.3 <= time.monotonic() - started < 0.3 + 4 * transport.WATCHDOG_TICK_SECONDS + 0.3
+        outcomes = _within(5, lambda: sender.send_many(batch))
+        assert isinstance(outcomes, list) and isinstance(outcomes[0], cut), outcomes
+        assert time.monotonic() - started < 0.3 + 4 * transport.WATCHDOG_TICK_SECONDS + 0.3
+        if scheme == "http":
+            assert all(isinstance(o, cut) for o in outcomes), outcomes
+        else:  # a batch connects one at a time: a handshake that never ends takes its time
+            assert all(isinstance(o, transport.TimedOut) and "no time left" in str(o) for o in outcomes[1:])
+        connected = len(outcomes) if scheme == "http" else 1
+        _wait_for(lambda: len(held) == connected)
 
-        outcome: list[BaseException] = []
-
-        def wait_long() -> None:
-            try:
-                sender.send(target, TLSConfig(), "GET", "/v1/kv/long", None, {}, 30.0, replayable=True)
-            except transport.TransportError as e:
-                outcome.append(e)
-
-        waiting = threading.Thread(target=wait_long, daemon=True)
-        waiting.start()
-        time.sleep(0.3)
+        long = threading.Thread(
+            target=lambda: outcomes.append(
+                _within(5, lambda: sender.send(target, tls, "GET", "/", None, {}, 30.0, replayable=True))
+            ),
+            daemon=True,
+        )
+        long.start()
+        _wait_for(lambda: len(held) == connected + 1)  # connected, and waiting on the server
+        time.sleep(0.1)
         closed = time.monotonic()
         sender.close()
-        waiting.join(5)
-        assert not waiting.is_alive() and time.monotonic() - closed < 1.0
-        assert len(outcome) == 1 and isinstance(outcome[0], transport.TimedOut)
-        accepted = len(held)
-        with pytest.raises(transport.TimedOut):  # and a request after the close fails at once, unsent
-            sender.send(target, TLSConfig(), "GET", "/v1/kv/after", None, {}, 30.0, replayable=True)
+        long.join(5)
+        assert time.monotonic() - closed < 1.0
+        assert isinstance(outcomes[-1], cut) and "no time left" not in str(outcomes[-1]), outcomes[-1]
+        after = _within(5, lambda: sender.send(target, tls, "GET", "/after", None, {}, 30.0, replayable=True))
+        assert isinstance(after, transport.TimedOut) and "no time left" in str(after)
         time.sleep(0.1)
-        assert len(held) == accepted
+        assert len(held) == connected + 1  # it never connected
     finally:
         sender.close()
         listener.shutdown(socket.SHUT_RDWR)
