@@ -359,15 +359,11 @@ class Transport:
             if conn is None:
                 try:
                     conn = pool.connect(remaining, guard.attach)
-                except (ssl.SSLError, ValueError) as e:  # ValueError: a name TLS cannot carry
-                    if guard.expired:  # cut in the handshake: nothing was sent
+                except (OSError, ValueError) as e:  # ValueError: a name TLS cannot carry
+                    if guard.expired or isinstance(e, TimeoutError):  # cut, or slow: nothing was sent
                         raise NotConnected(f"no connection within {remaining:.1f}s") from None
-                    raise TLSFailed(_describe(e)) from None
-                except TimeoutError:
-                    raise NotConnected(f"no connection within {remaining:.1f}s") from None
-                except OSError as e:
-                    if guard.expired:
-                        raise NotConnected(f"no connection within {remaining:.1f}s") from None
+                    if isinstance(e, ssl.SSLError | ValueError):
+                        raise TLSFailed(_describe(e)) from None
                     raise NotConnected(_describe(e)) from None
             guard.attach(conn.sock)
             try:

@@ -570,7 +570,7 @@ def _request_parts(
     data = json_body if isinstance(json_body, bytes) or json_body is None else gojson.dumps(json_body)
     if data is not None:
         headers["Content-Type"] = "application/json"
-    return _url(endpoint, path, params), data, headers
+    return endpoint.target.prefix + _url_after_prefix(path, params), data, headers
 
 
 def _headers(endpoint: Endpoint, token: str) -> dict[str, str]:
@@ -582,11 +582,6 @@ def _headers(endpoint: Endpoint, token: str) -> dict[str, str]:
     if endpoint.namespace:
         headers["X-Vault-Namespace"] = _header_value(endpoint.namespace, "namespace")
     return headers
-
-
-def _url(endpoint: Endpoint, path: str, params: Mapping[str, list[str]] | None) -> str:
-    """A request's path and query: the address's prefix, /v1/ and the path."""
-    return endpoint.target.prefix + _url_after_prefix(path, params)
 
 
 def _url_after_prefix(path: str, params: Mapping[str, list[str]] | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 from typing import Any
@@ -147,3 +148,23 @@ def test_numbers_past_int64_are_clamped_at_once(text: str, expected: int) -> Non
     started = time.process_time()
     assert gojson.Number(text).as_int() == expected
     assert time.process_time() - started < 0.05
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+)
+def test_bytes_are_decoded_in_the_encoding_json_detects(encoding: str) -> None:
+    """Vault's replies start with "{" in UTF-8 and skip the detection; any other text is
+    read as json.loads reads it."""
+    for text in ('{"k": "café", "n": 1}', '{"k": "v"}', "{}", '["x"]', '"s"', "7"):
+        data = text.encode(encoding)
+        assert gojson.loads(data) == json.loads(data, parse_int=gojson.Number, parse_float=gojson.Number)
+
+
+def test_invalid_utf8_after_a_brace_fails_as_json_loads_fails() -> None:
+    for data in (b'{"k": "\xff"}', b"{\xc3", b"{"):
+        with pytest.raises(ValueError) as ours:
+            gojson.loads(data)
+        with pytest.raises(ValueError) as theirs:
+            json.loads(data)
+        assert type(ours.value) is type(theirs.value)
