@@ -6,11 +6,14 @@ read, and answers each body as a file: no class parsing, login, cache, versions,
 or logs. With `thread` the read runs on a worker thread handed the job
 the way the provider hands a Mount (one future, one call back to the loop); with `loop`
 it blocks the event loop (no thread, which a real provider cannot afford); `lean` is
-`thread` reading with the provider's own HTTP/1.1 (provider.http1), leaner than http.client. The bench
+`thread` reading with the provider's own HTTP/1.1 (provider.http1), leaner than http.client;
+`aio` reads on the event loop without blocking it (non-blocking sockets, asyncio's
+sock_sendall and sock_recv, the reply parsed by provider.http1): what a provider that
+answered warm Mounts on its loop, with no thread hand-off, could reach at best. The bench
 measures it like the provider: the gap between the two is what Python and grpcio charge
 for a Mount's shape, the gap to the provider what the provider's own work costs.
 
-Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop|lean
+Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop|lean|aio
 Mount attributes: {"paths": [...], "token": ...}.
 """
 
@@ -30,6 +33,24 @@ import grpc.aio
 
 from provider import http1
 from provider._proto import service_pb2, service_pb2_grpc
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class _Received:
+    """A socket stand-in over the bytes received so far: provider.http1 reads the reply
+    from it, and stops when they end before the reply does."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def recv(self, size: int) -> bytes:
+        if not self._data:
+            raise _Incomplete()
+        chunk, self._data = self._data[:size], self._data[size:]
+        return chunk
 
 
 class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
@@ -63,11 +84,42 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
             connection.send(http1.request("GET", f"/v1/{path}", host, {"X-Vault-Token": token}, None))
         return [connection.read_reply("GET", 1 << 20).body for connection in used]
 
+    async def _read_aio(self, attributes: str) -> list[bytes]:
+        """The reads on the loop: all sent, then each reply received as it arrives (a
+        Vault reply arrives whole in one receive on loopback; a longer one is received on)."""
+        parsed = json.loads(attributes)
+        paths: list[str] = parsed["paths"]
+        loop = asyncio.get_running_loop()
+        connections: list[socket.socket] = self.__dict__.setdefault("aio", [])
+        while len(connections) < len(paths):
+            connection = socket.create_connection(("127.0.0.1", self._port), timeout=30)
+            connection.setblocking(False)
+            connections.append(connection)
+        used = connections[: len(paths)]
+        host = f"127.0.0.1:{self._port}"
+        for connection, path in zip(used, paths, strict=True):
+            request = http1.request("GET", f"/v1/{path}", host, {"X-Vault-Token": parsed["token"]}, None)
+            await loop.sock_sendall(connection, request)
+        bodies = []
+        for connection in used:
+            received = b""
+            while True:
+                received += await loop.sock_recv(connection, 65536)
+                try:
+                    reader = http1.Connection(_Received(received))  # type: ignore[arg-type]
+                    bodies.append(reader.read_reply("GET", 1 << 20).body)
+                    break
+                except _Incomplete:
+                    continue
+        return bodies
+
     async def Version(self, request: Any, context: Any) -> service_pb2.VersionResponse:
         return service_pb2.VersionResponse(version="v1alpha1", runtime_name="bare", runtime_version="0")
 
     async def Mount(self, request: Any, context: Any) -> service_pb2.MountResponse:
-        if self._mode == "loop":
+        if self._mode == "aio":
+            bodies = await self._read_aio(request.attributes)
+        elif self._mode == "loop":
             bodies = self._read(request.attributes)
         else:
             loop = asyncio.get_running_loop()

@@ -140,9 +140,10 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     def noop() -> object:
         return provider.stub.Version(service_pb2.VersionRequest(version="v1alpha1"))
 
-    def measure(bare: Bare, bare_loop: Bare, bare_lean: Bare) -> dict[str, float]:
+    def measure(bare: Bare, bare_loop: Bare, bare_lean: Bare, bare_aio: Bare) -> dict[str, float]:
         bare_one, bare_ten = bare.mounter(paths[:1], token), bare.mounter(paths, token)
         loop_one = bare_loop.mounter(paths[:1], token)
+        aio_one, aio_ten = bare_aio.mounter(paths[:1], token), bare_aio.mounter(paths, token)
         lean_one, lean_ten = bare_lean.mounter(paths[:1], token), bare_lean.mounter(paths, token)
         return {
             "read": p50_ms(lambda: raw.read(paths[0], token), ROUNDS),
@@ -166,14 +167,18 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
             "lean_warm": p50_ms(lean_one, ROUNDS),
             "lean_cpu_one": cpu_ms_per_call(bare_lean, lean_one, ROUNDS),
             "lean_cpu_ten": cpu_ms_per_call(bare_lean, lean_ten, ROUNDS // 2),
+            "aio_warm": p50_ms(aio_one, ROUNDS),
+            "aio_cpu_one": cpu_ms_per_call(bare_aio, aio_one, ROUNDS),
+            "aio_cpu_ten": cpu_ms_per_call(bare_aio, aio_ten, ROUNDS // 2),
         }
 
     try:
-        with bare_providers(bao.port, "thread", "loop", "lean") as (bare, bare_loop, bare_lean):
+        with bare_providers(bao.port, "thread", "loop", "lean", "aio") as (bare, bare_loop, bare_lean, bare_aio):
             for warm_up in (bare.mounter(paths, token), bare_loop.mounter(paths[:1], token)):
                 warm_up()
             bare_lean.mounter(paths, token)()
-            m = medians(lambda: measure(bare, bare_loop, bare_lean))
+            bare_aio.mounter(paths, token)()
+            m = medians(lambda: measure(bare, bare_loop, bare_lean, bare_aio))
     finally:
         raw.close()
         lean_read.close()
@@ -219,14 +224,15 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     line("bare Mount read on the event loop, no thread: / (no-op + raw read)", m["loop_warm"] / floor_one, "x", "")
     line("bare Mount read on the event loop, no thread: CPU per Mount", m["loop_cpu_one"], "ms", "")
     line("CPU per raw read with provider.http1 (the provider's client)", m["cpu_lean_read"], "ms", "")
-    line("bare Mount reading with provider.http1: / (no-op + raw read)", m["lean_warm"] / floor_one, "x", "")
-    line("bare Mount reading with provider.http1: CPU per Mount", m["lean_cpu_one"], "ms", "")
-    line(
-        "bare Mount reading with provider.http1: CPU per extra object",
-        (m["lean_cpu_ten"] - m["lean_cpu_one"]) / 9,
-        "ms",
-        "",
-    )
+    bare_lines("bare Mount reading with provider.http1", m, "lean", floor_one)
+    bare_lines("bare Mount, non-blocking reads on the loop", m, "aio", floor_one)
+
+
+def bare_lines(name: str, m: dict[str, float], key: str, floor_one: float) -> None:
+    """A bare Mount's 1-object ratio, CPU per Mount and CPU per extra object."""
+    line(f"{name}: / (no-op + raw read)", m[f"{key}_warm"] / floor_one, "x", "")
+    line(f"{name}: CPU per Mount", m[f"{key}_cpu_one"], "ms", "")
+    line(f"{name}: CPU per extra object", (m[f"{key}_cpu_ten"] - m[f"{key}_cpu_one"]) / 9, "ms", "")
 
 
 def delayed_case(provider: Any, bao: Any, pod: Any, token: str) -> None:

@@ -101,6 +101,15 @@ class SecretRequest:
     path: str
     query: tuple[tuple[str, str], ...]
     body: bytes | None
+    # Computed once: a Mount looks its requests up in several maps (replies, reads,
+    # lease keys), and a dataclass hashes all its fields on every lookup.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.method, self.path, self.query, self.body)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(cls, obj: SecretObject) -> SecretRequest:
