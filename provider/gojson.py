@@ -36,10 +36,21 @@ INT64_MIN = -(2**63)
 class Number:
     """A JSON number kept as the exact text Vault sent (Go's json.Number)."""
 
-    __slots__ = ("text",)
+    __slots__ = ("_zero", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self._zero: bool | None = None
+
+    def is_zero(self) -> bool:
+        """Whether the number is zero (a template's `if` asks), read off its digits once:
+        converting a number of millions of digits (a Vault address may be anyone's) took
+        56 ms each time, with the GIL held, and a template can ask thousands of times."""
+        if self._zero is None:
+            digits = self.text.removeprefix("-")
+            # JSON writes no leading zeros: only 0, 0.ddd and their exponents start with 0.
+            self._zero = digits[:1] == "0" and not digits.partition("e")[0].partition("E")[0].strip("0.")
+        return self._zero
 
     def __repr__(self) -> str:
         return f"Number({self.text})"
@@ -65,7 +76,8 @@ class Number:
 
 def loads(text: str | bytes | bytearray) -> Any:
     """Decode JSON, keeping numbers as :class:`Number` (their exact text). What
-    json.loads does, with one decoder made once rather than one per call."""
+    json.loads does, with one decoder made once rather than one per call, except that a
+    lone surrogate in a string is U+FFFD, as Go decodes it."""
     if isinstance(text, bytes | bytearray):
         # A JSON object's "{" then a byte that is not NUL is UTF-8 to json.detect_encoding
         # (no BOM starts with "{", UTF-16 and 32 put a NUL beside it): every Vault reply.
@@ -73,7 +85,30 @@ def loads(text: str | bytes | bytearray) -> Any:
         text = text.decode("utf-8" if utf8 else json.detect_encoding(text), "surrogatepass")
     elif text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-    return _DECODER.decode(text)
+    value = _DECODER.decode(text)
+    if ("\\u" in text and _ESCAPED_SURROGATE.search(text)) or (not text.isascii() and _SURROGATE.search(text)):
+        return _without_lone_surrogates(value)
+    return value
+
+
+# A surrogate code point written as an escape, or as itself (bytes decoded as json.loads
+# decodes them, "surrogatepass"): only then can a decoded string hold a lone one. Both are
+# looked for only when the text has an escape or is not ASCII (two checks in C).
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """Lone surrogates made U+FFFD, as Go's decoder makes them (a string holding one cannot
+    be written as UTF-8: a reply with "\\ud800" failed the Mount as an internal error).
+    A pair written as two escapes is one character already."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_SURROGATE.sub("\ufffd", key): _without_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
 
 
 # A JSON string literal, escapes included, or an unterminated one up to the end: that

@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from provider import gojson
@@ -775,9 +775,11 @@ def _call(run: _Run, name: str, args: list[Any], line: int) -> Any:
 
 def _size(value: Any) -> int:
     """What a function may have to read of a value, cheaply: a string's length, a
-    collection's item count."""
+    collection's item count, a number's digits."""
     if isinstance(value, str | Mapping | list | tuple):
         return len(value)
+    if isinstance(value, gojson.Number):
+        return len(value.text)
     return 0
 
 
@@ -904,10 +906,7 @@ def _truth(value: Any) -> bool:
     if value is None or value is False or value is _MISSING:
         return False
     if isinstance(value, gojson.Number):
-        try:
-            return Decimal(value.text) != 0
-        except InvalidOperation:
-            return True
+        return not value.is_zero()
     if isinstance(value, str | Mapping | list | tuple | int | float):
         return bool(value)
     return True
@@ -1217,6 +1216,7 @@ def _short_circuit(run: _Run, args: Sequence[Any], dot: Any, final: Any, line: i
         raise TemplateError(f"wrong number of arguments to {'or' if stop_when else 'and'} (0)", line)
     value: Any = None
     for arg in args:
+        run.step(line)  # each argument is evaluated and tested: `and $a $a ...` is many steps
         value = _operand(run, arg, dot, line)
         if _truth(value) is stop_when:
             return value

@@ -518,6 +518,22 @@ def mount_files(
             failures.append(
                 (file.obj.object_name, ConfigError(f"writes {quote(file.path)}, which object {quote(earlier)} writes"))
             )
+    for file in files:  # a file where another's directory must be: the driver could write neither
+        directory = file.path
+        while "/" in directory:
+            directory = directory.rpartition("/")[0]
+            owner = paths.get(directory)
+            if owner is not None:
+                failures.append(
+                    (
+                        file.obj.object_name,
+                        ConfigError(
+                            f"writes {quote(file.path)} inside {quote(directory)}, which object {quote(owner)} "
+                            "writes as a file"
+                        ),
+                    )
+                )
+                break
     return files, failures
 
 

@@ -168,3 +168,22 @@ def test_invalid_utf8_after_a_brace_fails_as_json_loads_fails() -> None:
         with pytest.raises(ValueError) as theirs:
             json.loads(data)
         assert type(ours.value) is type(theirs.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"k": "\\ud800v"}', {"k": "\ufffdv"}),  # a lone escape
+        (b'{"k": "a\\udfffb", "\\udc00": ["\\ud83d"]}', {"k": "a\ufffdb", "\ufffd": ["\ufffd"]}),
+        (b'{"k": "\\ud83d\\ude00"}', {"k": "\U0001f600"}),  # a pair is one character
+        (b'{"k": "\xed\xa0\x80z"}', {"k": "\ufffdz"}),  # a surrogate written in UTF-8 bytes
+        (b'{"k": "\\u003c\\u00e9"}', {"k": "<\u00e9"}),
+    ],
+    ids=["lone", "nested-and-keys", "pair", "utf8-bytes", "other-escapes"],
+)
+def test_a_lone_surrogate_decodes_as_go_decodes_it(data: bytes, expected: object) -> None:
+    """Go's decoder makes a lone surrogate U+FFFD; Python's keeps it, and a string holding
+    one cannot be written as UTF-8: a reply with "\\ud800" failed the Mount as INTERNAL and
+    logged a traceback on every Mount."""
+    assert gojson.loads(data) == expected
+    assert gojson.dumps(gojson.loads(data))  # writable

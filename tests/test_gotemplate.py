@@ -451,3 +451,41 @@ def test_big_maps_are_sized_before_they_are_printed(source: str) -> None:
         render(source, data)
     assert time.thread_time() - started < 0.3
     assert rss_mib() - before < 20
+
+
+HUGE_NUMBER = gojson.loads(b'{"n": ' + b"1" * 7_500_000 + b', "z": 0.' + b"0" * 1_000_000 + b"}")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ $n := .n }}{{ if and" + " $n" * 400 + " }}ok{{ end }}",
+        "{{ $z := .z }}{{ if or" + " $z" * 400 + " }}{{ else }}ok{{ end }}",
+        "{{ range $i := 5000 }}{{ if $.n }}{{ end }}{{ if $.z }}{{ end }}{{ end }}ok",
+    ],
+    ids=["and", "or", "if-in-range"],
+)
+def test_testing_a_huge_number_costs_one_look_at_its_digits(source: str) -> None:
+    """A Vault address may be anyone's: a reply with a 7.5-million-digit number made each
+    truth test convert it (56 ms with the GIL held), so `and` over 80 copies took 4.4 s of a
+    0.5 s budget and stalled every other Mount on the node."""
+    started = time.thread_time()
+    assert render(source, HUGE_NUMBER, steps=100_000) == "ok"
+    assert time.thread_time() - started < 0.3
+
+
+@pytest.mark.parametrize(
+    ("text", "true"),
+    [(text, False) for text in ("0", "-0", "0.000", "0e5", "0.0E-3")]
+    + [(text, True) for text in ("1", "10", "0.5", "0.0001", "1e-9", "-2", "100.000")],
+)
+def test_a_number_is_false_when_zero(text: str, true: bool) -> None:
+    assert render("{{ if .n }}t{{ else }}f{{ end }}", {"n": gojson.loads(text)}) == ("t" if true else "f")
+
+
+def test_and_and_or_charge_a_step_for_each_argument() -> None:
+    """A variable costs no step to read: without this, `and $n $n ...` was one step."""
+    with pytest.raises(TemplateError, match="more than 100 steps"):
+        render("{{ $n := .n }}{{ if and" + " $n" * 200 + " }}ok{{ end }}", {"n": 1}, steps=100)
+    with pytest.raises(TemplateError, match="more than 100 steps"):
+        render("{{ $n := .n }}{{ if or" + " $n" * 200 + " }}ok{{ end }}", {"n": 0}, steps=100)

@@ -163,6 +163,39 @@ def test_two_objects_writing_one_file_are_refused(provider: ProviderClient, worl
     assert 'writes "app/username", which object "app" writes' in error.details()
 
 
+@pytest.mark.parametrize(
+    ("objects", "inner", "outer"),
+    [
+        (
+            [{"objectName": "db", "secretKey": "password"}, {"objectName": "db/user", "secretKey": "username"}],
+            "db/user",
+            "db",
+        ),
+        (
+            [{"objectName": "db", "expandKeys": True}, {"objectName": "db/password/more", "secretKey": "username"}],
+            "db/password/more",
+            "db/password",
+        ),
+        (
+            [{"objectName": "a/b/c", "secretKey": "username"}, {"objectName": "a", "secretKey": "password"}],
+            "a/b/c",
+            "a",
+        ),
+    ],
+    ids=["object-in-object", "object-in-expanded-key", "written-first"],
+)
+def test_a_file_where_another_objects_directory_must_be_is_refused(
+    provider: ProviderClient, world: VaultWorld, unique: str, objects: list[dict[str, Any]], inner: str, outer: str
+) -> None:
+    """The driver could write neither: the Mount says which objects clash, not the pod's
+    later "file exists"."""
+    pod = kv2_pod(world, unique, {"username": "app", "password": "pw"})
+    objects = [{**o, "secretPath": f"secret/data/{unique}"} for o in objects]
+    error = refused(provider, pod, objects, unique)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f'writes "{inner}" inside "{outer}", which object ' in error.details()
+
+
 def test_format_json_keeps_its_version_while_the_secret_stays(
     provider: ProviderClient, world: VaultWorld, unique: str
 ) -> None:

@@ -106,6 +106,19 @@ def test_unusable_read_replies(
     assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
 
 
+def test_a_lone_surrogate_in_a_reply_is_written_as_the_reference_writes_it(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    """A reply with "\\ud800" (no Vault writes one; any address can) was an INTERNAL error
+    with a traceback logged on every Mount. Go decodes it as U+FFFD, and so do we."""
+    pod, objects = world.kv_pod(unique)
+    body = b'{"data":{"k":"\\ud800v"}}'
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=200, body=body, headers={"Content-Type": "application/json"}))
+    whole = [{"objectName": "whole", "secretPath": f"kv1/{unique}"}]
+    assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": "\ufffdv".encode()}
+    assert "\ufffdv".encode() in files_of(proxied.mount(pod, whole, role=unique))["whole"]
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_reply_over_the_body_limit_is_refused_without_being_read(
     proxy: FaultProxy, world: VaultWorld, unique: str, chunked: bool
