@@ -815,5 +815,12 @@ def check_object_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: objectName must not contain control or invisible characters")
     if "" in parts or "." in parts:
         raise ConfigError(f"{where}: objectName must not contain empty or '.' path segments")
-    if len(name.encode("utf-8", "surrogatepass")) > 255 * 4 or any(len(p.encode()) > 255 for p in parts):
+    if any(len(p.encode()) > 255 for p in parts):
+        raise ConfigError(f"{where}: objectName is too long for a file name")
+    check_name_length(name, where)
+
+
+def check_name_length(name: str, where: str) -> None:
+    """Refuse a path longer than a file's path may be (255 bytes a segment, four segments)."""
+    if len(name.encode("utf-8", "surrogatepass")) > 255 * 4:
         raise ConfigError(f"{where}: objectName is too long for a file name")

@@ -78,37 +78,42 @@ def loads(text: str | bytes | bytearray) -> Any:
     """Decode JSON, keeping numbers as :class:`Number` (their exact text). What
     json.loads does, with one decoder made once rather than one per call, except that a
     lone surrogate in a string is U+FFFD, as Go decodes it."""
+    utf8_bytes = False
     if isinstance(text, bytes | bytearray):
         # A JSON object's "{" then a byte that is not NUL is UTF-8 to json.detect_encoding
         # (no BOM starts with "{", UTF-16 and 32 put a NUL beside it): every Vault reply.
         utf8 = text[:1] == b"{" and text[1:2] != b"\x00"
-        text = text.decode("utf-8" if utf8 else json.detect_encoding(text), "surrogatepass")
+        encoding = "utf-8" if utf8 else json.detect_encoding(text)
+        utf8_bytes = encoding == "utf-8"
+        text = text.decode(encoding, "surrogatepass")
     elif text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-    value = _DECODER.decode(text)
-    if ("\\u" in text and _ESCAPED_SURROGATE.search(text)) or (not text.isascii() and _SURROGATE.search(text)):
-        return _without_lone_surrogates(value)
-    return value
+    if not text.isascii() and _SURROGATE.search(text):
+        # Surrogates written in UTF-8 bytes (json.loads decodes them, "surrogatepass"); Go
+        # makes each of a surrogate's three bytes U+FFFD.
+        text = _SURROGATE.sub("\ufffd" * 3 if utf8_bytes else "\ufffd", text)
+    if "\\u" in text and _ESCAPED_SURROGATE.search(text):
+        text = _ESCAPED_SURROGATE.sub(_pair_or_replacement, text)
+    return _DECODER.decode(text)
 
 
-# A surrogate code point written as an escape, or as itself (bytes decoded as json.loads
-# decodes them, "surrogatepass"): only then can a decoded string hold a lone one. Both are
-# looked for only when the text has an escape or is not ASCII (two checks in C).
-_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+# A surrogate as itself, and as an escape (the backslashes before it counted: an even run
+# is escaped backslashes, not an escape), a high one with the low escape after it if any.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?")
 
 
-def _without_lone_surrogates(value: Any) -> Any:
-    """Lone surrogates made U+FFFD, as Go's decoder makes them (a string holding one cannot
-    be written as UTF-8: a reply with "\\ud800" failed the Mount as an internal error).
-    A pair written as two escapes is one character already."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {_SURROGATE.sub("\ufffd", key): _without_lone_surrogates(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_lone_surrogates(item) for item in value]
-    return value
+def _pair_or_replacement(match: re.Match[str]) -> str:
+    """A lone surrogate's escape made U+FFFD's, as Go decodes it (a string holding a lone
+    surrogate cannot be written as UTF-8: a reply with "\\ud800" failed the Mount as an
+    internal error); a pair, which json decodes to one character, as it is."""
+    backslashes, code, low = match.group(1), match.group(2), match.group(3) or ""
+    if len(backslashes) % 2 == 0:  # not an escape: escaped backslashes, then the letters
+        return backslashes + "u" + code + (_ESCAPED_SURROGATE.sub(_pair_or_replacement, low) if low else "")
+    if low and code[1] in "89abAB":
+        return match.group(0)  # a high surrogate and its low one: one character
+    replaced = backslashes + "ufffd"
+    return replaced + ("\\ufffd" if low else "")  # a low escape after a low one is lone too
 
 
 # A JSON string literal, escapes included, or an unterminated one up to the end: that

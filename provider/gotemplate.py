@@ -642,14 +642,18 @@ def _walk(run: _Run, nodes: Sequence[Any], dot: Any) -> None:
             if not node.pipeline.declared:
                 if type(value) is not str and _is_collection(value):  # JSON: sized before it is built
                     room = run.limits.output_bytes - run.size
-                    if gojson.encoded_size(value, room) > room:
+                    size = gojson.encoded_size(value, room)
+                    if size > room:
                         raise TemplateError(
                             f"the rendered file would be larger than {run.limits.output_bytes} bytes",
                             node.pipeline.line,
                             over_limit=True,
                         )
-                    run.step(node.pipeline.line, len(value) // BYTES_PER_STEP)
+                    # Paid by what it writes, nested values and all (not by its top-level
+                    # items: a map holding one list of 99,000 values was one step).
+                    run.step(node.pipeline.line, size // BYTES_PER_STEP)
                 run.write(_printed(value), node.pipeline.line)
+                run.check_time(node.pipeline.line)  # printing is work a step count does not see
         elif kind is _Branch:
             _branch(run, node, dot)
         else:

@@ -45,6 +45,8 @@ T = TypeVar("T")
 
 # Kubernetes Secrets hold at most 1 MiB: larger files mount but cannot be synced.
 SECRET_SYNC_LIMIT = 1024 * 1024
+# Files a too-large response's error names, the largest first.
+FILES_NAMED = 10
 # Room for the protobuf framing around the file bytes in a MountResponse.
 RESPONSE_OVERHEAD_PER_FILE = 512
 # Endpoints kept built (a few hundred bytes each): more than a node's Vaults and namespaces.
@@ -487,9 +489,10 @@ class Mounter:
     def _check_size(self, files: list[MountedFile]) -> None:
         total = sum(len(f.contents) + len(f.path) + RESPONSE_OVERHEAD_PER_FILE for f in files)
         if total > self._settings.max_response_bytes:
-            sizes = ", ".join(
-                f"{quote(f.path)} ({len(f.contents)} bytes)" for f in sorted(files, key=lambda f: -len(f.contents))
-            )
+            largest = sorted(files, key=lambda f: -len(f.contents))
+            sizes = ", ".join(f"{quote(f.path)} ({len(f.contents)} bytes)" for f in largest[:FILES_NAMED])
+            if len(largest) > FILES_NAMED:  # the message goes to the pod's events: kept short
+                sizes += f" and {len(largest) - FILES_NAMED} more"
             raise ResponseTooLarge(
                 f"the files total {total} bytes, over the {self._settings.max_response_bytes}-byte response "
                 f"limit (-max-response-bytes); objects: {sizes}"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provider import gojson, gotemplate
-from provider.config import SecretObject, check_object_name, json_pointer, key_filter
+from provider.config import SecretObject, check_name_length, check_object_name, json_pointer, key_filter
 from provider.errors import ConfigError, ProviderError, ResponseTooLarge, VaultBadResponse, VaultNotFound, quote
 
 # What all the templates of one Mount may cost together, on top of each one's own limits:
@@ -337,7 +337,10 @@ def _expanded(obj: SecretObject, data: ObjectData, max_bytes: int) -> list[Rende
         path = f"{obj.object_name}/{key}"
         if "/" in key or "\\" in key:
             raise ConfigError(f"expandKeys: key {quote(key)} at {data.path} is not a safe file name (it holds a slash)")
-        check_object_name(path, f"expandKeys: key {quote(key)} at {data.path}")
+        # The key alone, and the whole path's length: the objectName was checked when the
+        # class was parsed (checking it again per key cost seconds for a deep name).
+        check_object_name(key, f"expandKeys: key {quote(key)} at {data.path}")
+        check_name_length(path, f"expandKeys: key {quote(key)} at {data.path}")
         contents = decode(_text_of(values[key], max_bytes, data.path), obj, key)
         files.append(
             RenderedFile(obj=obj, path=path, contents=contents, version_input=path.encode() + b"\0" + contents)
@@ -518,10 +521,14 @@ def mount_files(
             failures.append(
                 (file.obj.object_name, ConfigError(f"writes {quote(file.path)}, which object {quote(earlier)} writes"))
             )
+    directories: set[str] = set()  # checked: no file is written there (an expandKeys object's files share theirs)
     for file in files:  # a file where another's directory must be: the driver could write neither
         directory = file.path
         while "/" in directory:
             directory = directory.rpartition("/")[0]
+            if directory in directories:
+                break
+            directories.add(directory)
             owner = paths.get(directory)
             if owner is not None:
                 failures.append(

@@ -176,10 +176,26 @@ def test_invalid_utf8_after_a_brace_fails_as_json_loads_fails() -> None:
         (b'{"k": "\\ud800v"}', {"k": "\ufffdv"}),  # a lone escape
         (b'{"k": "a\\udfffb", "\\udc00": ["\\ud83d"]}', {"k": "a\ufffdb", "\ufffd": ["\ufffd"]}),
         (b'{"k": "\\ud83d\\ude00"}', {"k": "\U0001f600"}),  # a pair is one character
-        (b'{"k": "\xed\xa0\x80z"}', {"k": "\ufffdz"}),  # a surrogate written in UTF-8 bytes
+        (b'{"k": "\\uD83D\\uDE00"}', {"k": "\U0001f600"}),
+        (b'{"k": "\\udc00\\udc01", "h": "\\ud800\\ud801"}', {"k": "\ufffd\ufffd", "h": "\ufffd\ufffd"}),
+        (b'{"k": "\\\\ud800"}', {"k": "\\ud800"}),  # an escaped backslash, then letters
+        (b'{"k": "\\\\ud800\\udc00"}', {"k": "\\ud800\ufffd"}),  # ... then a lone low escape
+        (b'{"k": "\\\\\\ud800"}', {"k": "\\\ufffd"}),  # an escaped backslash, then an escape
+        (b'{"k": "\xed\xa0\x80z"}', {"k": "\ufffd\ufffd\ufffdz"}),  # UTF-8 bytes: one per byte, as Go
         (b'{"k": "\\u003c\\u00e9"}', {"k": "<\u00e9"}),
     ],
-    ids=["lone", "nested-and-keys", "pair", "utf8-bytes", "other-escapes"],
+    ids=[
+        "lone",
+        "nested-and-keys",
+        "pair",
+        "pair-upper",
+        "two-lows-two-highs",
+        "escaped-backslash",
+        "escaped-backslash-then-low",
+        "backslash-then-escape",
+        "utf8-bytes",
+        "other-escapes",
+    ],
 )
 def test_a_lone_surrogate_decodes_as_go_decodes_it(data: bytes, expected: object) -> None:
     """Go's decoder makes a lone surrogate U+FFFD; Python's keeps it, and a string holding
@@ -187,3 +203,16 @@ def test_a_lone_surrogate_decodes_as_go_decodes_it(data: bytes, expected: object
     logged a traceback on every Mount."""
     assert gojson.loads(data) == expected
     assert gojson.dumps(gojson.loads(data))  # writable
+
+
+def test_a_lone_surrogate_costs_a_reply_no_second_walk() -> None:
+    """The first fix rebuilt the decoded reply in Python (8 times the decode for 100,000
+    values); the escape is now replaced in the text before it is decoded."""
+    items = b",".join([b'{"a":"x"}'] * 99_000)
+    plain, lone = b'{"data":[' + items + b"]}", b'{"data":[' + items + b',"\\ud800"]}'
+    started = time.process_time()
+    gojson.loads(plain)
+    decode = time.process_time() - started
+    started = time.process_time()
+    assert gojson.loads(lone)["data"][-1] == "\ufffd"
+    assert time.process_time() - started < 3 * decode + 0.02

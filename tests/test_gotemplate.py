@@ -489,3 +489,18 @@ def test_and_and_or_charge_a_step_for_each_argument() -> None:
         render("{{ $n := .n }}{{ if and" + " $n" * 200 + " }}ok{{ end }}", {"n": 1}, steps=100)
     with pytest.raises(TemplateError, match="more than 100 steps"):
         render("{{ $n := .n }}{{ if or" + " $n" * 200 + " }}ok{{ end }}", {"n": 0}, steps=100)
+
+
+WIDE = {"o": {"k": [0] * 99_000}}
+
+
+def test_printing_a_collection_is_paid_by_what_it_writes() -> None:
+    """A map holding one list of 99,000 values printed five times was 15 steps: each print
+    walked and wrote 200 KB of JSON unpaid, and a template took 0.9 s of a 0.5 s budget."""
+    with pytest.raises(TemplateError, match="more than 10000 steps"):
+        render("{{ .o }}" * 5, WIDE, steps=10_000)
+
+
+def test_printing_checks_the_time_however_few_the_steps() -> None:
+    with pytest.raises(TemplateError, match=r"longer than 0\.01 s of CPU"):
+        render("{{ .o }}" * 4, WIDE, seconds=0.01)

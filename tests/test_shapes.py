@@ -468,6 +468,22 @@ def test_every_shape_on_every_engine_is_cut_from_one_reply_and_stable_on_remount
         assert files_of(again) == files and versions_of(again) == versions_of(first)
 
 
+def test_a_response_too_large_names_its_largest_files_only(tmp_path: Path, world: VaultWorld, unique: str) -> None:
+    """The message goes to the pod's events: an expandKeys object of thousands of keys made
+    one of megabytes, which gRPC dropped ("metadata size exceeds hard limit")."""
+    client = start_provider(tmp_path, world, max_response_bytes=20_000)
+    try:
+        pod = kv2_pod(world, unique, {f"k{i:02d}": "v" * (1000 + i) for i in range(40)})
+        error = refused(
+            client, pod, [{"objectName": "db", "secretPath": f"secret/data/{unique}", "expandKeys": True}], unique
+        )
+        assert "over the 20000-byte response limit" in error.details()
+        assert '"db/k39" (1039 bytes)' in error.details() and '"db/k30" (1030 bytes)' in error.details()
+        assert '"db/k29"' not in error.details() and error.details().endswith(" and 30 more")
+    finally:
+        client.close()
+
+
 def test_a_json_file_too_large_is_refused_before_it_is_built(tmp_path: Path, world: VaultWorld, unique: str) -> None:
     """`<` is six characters in Go's JSON: a 40 KB value makes a 240 KB whole response,
     refused against -max-response-bytes before it is written, naming the limit."""
