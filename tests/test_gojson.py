@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from decimal import Decimal
 from typing import Any
@@ -176,7 +177,7 @@ def test_invalid_utf8_after_a_brace_fails_as_json_loads_fails() -> None:
         (b'{"k": "\\ud800v"}', {"k": "\ufffdv"}),  # a lone escape
         (b'{"k": "a\\udfffb", "\\udc00": ["\\ud83d"]}', {"k": "a\ufffdb", "\ufffd": ["\ufffd"]}),
         (b'{"k": "\\ud83d\\ude00"}', {"k": "\U0001f600"}),  # a pair is one character
-        (b'{"k": "\\uD83D\\uDE00"}', {"k": "\U0001f600"}),
+        (b'{"k": "\\uD83D\\uDE00", "m": "\\uDBFF\\uDFFF"}', {"k": "\U0001f600", "m": "\U0010ffff"}),
         (b'{"k": "\\udc00\\udc01", "h": "\\ud800\\ud801"}', {"k": "\ufffd\ufffd", "h": "\ufffd\ufffd"}),
         (b'{"k": "\\\\ud800"}', {"k": "\\ud800"}),  # an escaped backslash, then letters
         (b'{"k": "\\\\ud800\\udc00"}', {"k": "\\ud800\ufffd"}),  # ... then a lone low escape
@@ -216,3 +217,24 @@ def test_a_lone_surrogate_costs_a_reply_no_second_walk() -> None:
     started = time.process_time()
     assert gojson.loads(lone)["data"][-1] == "\ufffd"
     assert time.process_time() - started < 3 * decode + 0.02
+
+
+_LONE = re.compile("[\ud800-\udfff]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(st.sampled_from('\\u"d8c0a\ud800\udbff\udc00\udfff\U0001f600é'), max_size=12), max_size=4),
+    st.booleans(),
+)
+def test_any_string_decodes_with_only_its_lone_surrogates_replaced(values: list[str], escaped: bool) -> None:
+    """Whatever json writes (escaped or not; backslashes, letters like an escape's, and
+    surrogates anywhere), gojson reads what json reads, except a lone surrogate: U+FFFD,
+    one per byte when it came as UTF-8 bytes, as Go's decoder reads it."""
+    data = json.dumps({"v": values}, ensure_ascii=escaped).encode("utf-8", "surrogatepass")
+    if escaped:  # json joins a pair of escapes into one character; a lone one stays
+        joined = [v.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass") for v in values]
+        expected = [_LONE.sub("\ufffd", value) for value in joined]
+    else:
+        expected = [_LONE.sub("\ufffd" * 3, value) for value in values]
+    assert gojson.loads(data) == {"v": expected}
