@@ -47,6 +47,9 @@ from provider.vault import VaultClient
 
 # A Kubernetes Secret's data may total at most 1 MiB.
 SECRET_SIZE_LIMIT = 1024 * 1024
+# Values a checked file may hold (all its documents, an alias counting as what it repeats):
+# thousands of classes' worth.
+MAX_FILE_NODES = 200_000
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MANAGED_LABEL = "secrets-store.csi.k8s.io/managed"
@@ -71,18 +74,27 @@ class ClassReport:
     flavour: Flavour = VAULT
 
 
+def _text(value: Any, otherwise: str) -> str:
+    """A field that should be a string, as written; anything else is not printed (a list of
+    aliases can print as gigabytes)."""
+    return value if isinstance(value, str) else otherwise
+
+
 def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassReport:
     """Every problem a Mount or the driver's Secret sync would meet, found offline."""
     metadata = document.get("metadata") or {}
-    report = ClassReport(name=f"{metadata.get('namespace', 'default')}/{metadata.get('name', '?')}")
+    if not isinstance(metadata, Mapping):
+        metadata = {}
+    report = ClassReport(name=f"{_text(metadata.get('namespace'), 'default')}/{_text(metadata.get('name'), '?')}")
     spec = document.get("spec")
     if not isinstance(spec, Mapping):
         report.errors.append("spec is missing")
         return report
-    flavour = FLAVOURS.get(str(spec.get("provider")))
+    flavour = FLAVOURS.get(_text(spec.get("provider"), ""))
     if flavour is None:
+        provider = _text(spec.get("provider"), "(missing, or not a string)")
         report.errors.append(
-            f"spec.provider is {quote(str(spec.get('provider')))}; this provider answers 'vault' (vault.sock) "
+            f"spec.provider is {quote(provider)}; this provider answers 'vault' (vault.sock) "
             "and 'openbao' (openbao.sock)"
         )
         flavour = VAULT
@@ -400,8 +412,10 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
     )
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        # Bounded before anything is built: a 683-byte file of nested aliases is billions of values.
+        goyaml.check_cost(text, max_nodes=MAX_FILE_NODES)
         documents = [d for d in yaml.safe_load_all(text) if d]
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         print(f"error: cannot read {args.file}: {e}", file=out)
         return 1
     classes = [d for d in documents if isinstance(d, Mapping) and d.get("kind") == "SecretProviderClass"]

@@ -101,7 +101,7 @@ def compose(text: str) -> tuple[GoLoader, Node | None]:
     The document's cost is bounded before any node is built: a first pass over the
     parser's events (no tree) checks depth, aliases and the node count, an alias
     counting as the nodes it repeats."""
-    _check_cost(text)
+    check_cost(text)
     loader = GoLoader(text)
     try:
         return loader, loader.get_single_node()
@@ -109,7 +109,10 @@ def compose(text: str) -> tuple[GoLoader, Node | None]:
         loader.dispose()
 
 
-def _check_cost(text: str) -> None:
+def check_cost(text: str, *, max_nodes: int = MAX_NODES) -> None:
+    """Raise YAMLLimitError when the YAML (all its documents) nests deeper than MAX_DEPTH,
+    holds more than MAX_ALIASES aliases, or more than `max_nodes` values, an alias counting
+    as the nodes it repeats: checked on the parser's events, before anything is built."""
     depth = nodes = aliases = 0
     sizes: dict[str, int] = {}
     open_anchors: list[tuple[str | None, int]] = []
@@ -134,8 +137,8 @@ def _check_cost(text: str) -> None:
             anchor, started = open_anchors.pop()
             if anchor:
                 sizes[anchor] = nodes - started + 1
-        if nodes > MAX_NODES:
-            raise YAMLLimitError(f"more than {MAX_NODES} values (an alias counts as what it repeats)")
+        if nodes > max_nodes:
+            raise YAMLLimitError(f"more than {max_nodes} values (an alias counts as what it repeats)")
 
 
-__all__ = ["GoLoader", "MappingNode", "Node", "ScalarNode", "SequenceNode", "YAMLLimitError", "compose"]
+__all__ = ["GoLoader", "MappingNode", "Node", "ScalarNode", "SequenceNode", "YAMLLimitError", "check_cost", "compose"]

@@ -46,6 +46,15 @@ DEFAULT_RENEW_FRACTION = 2 / 3
 # Entries kept at most: 1,000 pods with five leased objects each, with room to spare;
 # a leased reply is a few KiB (a PKI certificate and key is the largest common one).
 DEFAULT_MAX_ENTRIES = 5000
+# A leased reply kept at most, in bytes of its JSON: a PKI certificate, its key and a long
+# chain take a few KiB. A class may name any Vault address, and one answering megabytes per
+# lease would have the cache hold gigabytes: a larger reply is served, not kept.
+MAX_KEPT_REPLY_BYTES = 64 * 1024
+# All kept replies together at most, in bytes of their JSON (5,000 certificates take about 15 MiB).
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+# A reply is kept at most this long whatever its lease and token say (Vault's default max
+# TTL): a lease of 2**63 seconds from a token without a TTL was kept for good.
+MAX_KEPT_SECONDS = 32 * 24 * 3600.0
 # How often expired entries are dropped, at most.
 PURGE_INTERVAL_SECONDS = 30.0
 
@@ -82,6 +91,7 @@ class _Entry:
     expires_at: float  # monotonic
     token_expires_at: float  # monotonic: Vault revokes the lease with the token that issued it
     issuer: Any = field(repr=False)  # what issued it (the pod's Vault login), for revocation
+    size: int = 0  # bytes of the reply's JSON, at least
 
 
 @dataclass(kw_only=True, slots=True)
@@ -108,6 +118,7 @@ class LeaseCache:
         *,
         metrics: Metrics,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         renew_fraction: float = DEFAULT_RENEW_FRACTION,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
@@ -119,6 +130,7 @@ class LeaseCache:
         self._clock = clock
         self._wall_clock = wall_clock
         self._max_entries = max(max_entries, 1)
+        self._max_bytes = max_bytes
         # Slots with an entry (a kept reply) are bounded by max_entries; slots without one
         # exist only while their request is in flight, and are removed when it ends.
         self._slots: OrderedDict[LeaseKey, _Slot] = OrderedDict()
@@ -190,11 +202,22 @@ class LeaseCache:
         try:
             secret = issue()
             entry = self._entry_for(secret, not_after, issuer())
-            if entry is not None and not self._room_for_one_more():
+            if entry is not None and entry.size > MAX_KEPT_REPLY_BYTES:
                 logger.warning(
-                    "lease cache full (%d kept replies, -lease-cache-size): credentials for pod %s/%s are not kept "
-                    "and will be issued again on its next Mount",
+                    "a leased reply of more than %d bytes is not kept: credentials for pod %s/%s will be issued "
+                    "again on its next Mount",
+                    MAX_KEPT_REPLY_BYTES,
+                    key.pod_namespace,
+                    key.pod_name,
+                )
+                self._metrics.leases.labels("not_kept").inc()
+                entry = None
+            if entry is not None and not self._room_for(entry):
+                logger.warning(
+                    "lease cache full (%d kept replies, -lease-cache-size, or %d bytes): credentials for pod %s/%s "
+                    "are not kept and will be issued again on its next Mount",
                     self._max_entries,
+                    self._max_bytes,
                     key.pod_namespace,
                     key.pod_name,
                 )
@@ -219,15 +242,18 @@ class LeaseCache:
                     if self._slots.get(key) is slot:
                         del self._slots[key]
 
-    def _room_for_one_more(self) -> bool:
-        """Whether one more reply may be kept; never by evicting a live one (its lease
-        would be orphaned: still valid in Vault, forgotten here)."""
-        with self._lock:
-            if sum(1 for slot in self._slots.values() if slot.entry is not None) < self._max_entries:
-                return True
+    def _room_for(self, entry: _Entry) -> bool:
+        """Whether one more reply may be kept, by count and by bytes; never by evicting a
+        live one (its lease would be orphaned: still valid in Vault, forgotten here)."""
+        if self._fits(entry):
+            return True
         self._purge(self._clock())
+        return self._fits(entry)
+
+    def _fits(self, entry: _Entry) -> bool:
         with self._lock:
-            return sum(1 for slot in self._slots.values() if slot.entry is not None) < self._max_entries
+            kept = [slot.entry for slot in self._slots.values() if slot.entry is not None]
+        return len(kept) < self._max_entries and sum(e.size for e in kept) + entry.size <= self._max_bytes
 
     def _usable(self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret]) -> Secret | None:
         entry = slot.entry
@@ -271,7 +297,7 @@ class LeaseCache:
         # for part of what is left, then issue new ones instead of renewing again.
         entry.renewable = granted >= increment
         entry.duration = granted
-        life = min(granted, entry.token_expires_at - now)
+        life = min(granted, entry.token_expires_at - now, MAX_KEPT_SECONDS)
         entry.renew_at = now + life * self._renew_fraction
         entry.expires_at = now + life
         self._metrics.leases.labels("renewed").inc()
@@ -282,17 +308,21 @@ class LeaseCache:
         lifetime, lease_id = self._lifetime(secret)
         if lifetime <= 0:
             return None
-        token_left = not_after - now
-        _share_long_strings(secret.body)
+        lifetime = min(lifetime, MAX_KEPT_SECONDS)
+        life = min(lifetime, not_after - now)
+        size = gojson.encoded_size(secret.body, MAX_KEPT_REPLY_BYTES)  # stops counting past the cap
+        if size <= MAX_KEPT_REPLY_BYTES:  # a larger one is not kept (fetch): nothing to share
+            _share_long_strings(secret.body)
         return _Entry(
             secret=secret,
             lease_id=lease_id,
             duration=lifetime,
             renewable=secret.renewable and bool(lease_id),
-            renew_at=now + min(lifetime, token_left) * self._renew_fraction,
-            expires_at=now + min(lifetime, token_left),
+            renew_at=now + life * self._renew_fraction,
+            expires_at=now + life,
             token_expires_at=not_after,
             issuer=issuer,
+            size=size,
         )
 
     def purge_if_due(self) -> None:

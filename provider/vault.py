@@ -51,6 +51,10 @@ from provider.transport import (
 
 logger = logging.getLogger(__name__)
 
+# A Vault token's length at most: service tokens are about 100 characters, batch tokens a
+# few hundred. A class may name any address, and a login answering megabytes per token would
+# have the token cache (a thousand entries) hold gigabytes.
+MAX_TOKEN_CHARS = 16 * 1024
 # A request is given at most this long when the caller set no tighter deadline: the
 # reference provider's Vault client default.
 DEFAULT_TIMEOUT = 30.0
@@ -191,12 +195,16 @@ class VaultClient:
             raise VaultBadResponse(f"login at {path} returned no auth block (HTTP {status})", status=status)
         if not (token.isascii() and token.isprintable()):  # never cached: no request could carry it
             raise VaultBadResponse(f"login at {path} returned a token that cannot be sent in an HTTP header")
+        if len(token) > MAX_TOKEN_CHARS:  # never cached: a token cache of them would hold gigabytes
+            raise VaultBadResponse(
+                f"login at {path} returned a token of {len(token)} characters (more than {MAX_TOKEN_CHARS})"
+            )
         assert isinstance(auth, dict)
         duration = auth.get("lease_duration")
         accessor = auth.get("accessor")
         return Login(
             token=token,
-            accessor=accessor if isinstance(accessor, str) else "",
+            accessor=accessor if isinstance(accessor, str) and len(accessor) <= MAX_TOKEN_CHARS else "",
             lease_duration=duration.as_int() if isinstance(duration, gojson.Number) else 0,
             renewable=auth.get("renewable") is True,
         )

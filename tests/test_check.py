@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,34 @@ def test_dry_run_shows_rendered_templates_and_values_only_on_request(
     assert "s3cret-pass" not in output and "alice" not in output
     status, output = run(*argv, "--service-account=app", "--show-values")
     assert "login alice password s3cret-pass" in output
+
+
+def test_a_hostile_file_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    """A linter of tenants' classes reads hostile files: 683 bytes of nested aliases as
+    metadata.name made check build and print 43 million values (stopped at 640 MiB; here two
+    levels fewer, so that going back fails in seconds rather than hangs), and
+    5,000 nested brackets ended it with a RecursionError traceback."""
+    levels = ['    a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [f"    a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 7)]  # 9**7 values
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\nmetadata:\n  x:\n"
+        + "\n".join(levels)
+        + "\n  name: *a6\nspec:\n  provider: vault\n"
+    )
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("kind: SecretProviderClass\nspec: " + "[" * 5000 + "]" * 5000 + "\n")
+    for path, reason in ((bomb, "more than 200000 values"), (deep, "nested deeper")):
+        started = time.process_time()
+        code, out = run(str(path))
+        assert code == 1 and out.startswith(f"error: cannot read {path}") and reason in out, out
+        assert time.process_time() - started < 1
+
+
+def test_fields_that_should_be_strings_are_not_printed_whatever_they_hold(tmp_path: Path) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_text(
+        "kind: SecretProviderClass\nmetadata: {name: [1, 2], namespace: {a: b}}\nspec: {provider: [vault]}\n"
+    )
+    code, out = run(str(path))
+    assert code == 1 and "default/?" in out and 'spec.provider is "(missing, or not a string)"' in out, out

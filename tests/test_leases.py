@@ -7,7 +7,7 @@ import threading
 import time
 
 from provider import gojson
-from provider.leases import PURGE_INTERVAL_SECONDS, LeaseCache, LeaseKey
+from provider.leases import MAX_KEPT_REPLY_BYTES, MAX_KEPT_SECONDS, PURGE_INTERVAL_SECONDS, LeaseCache, LeaseKey
 from provider.metrics import Metrics
 from provider.vault import Secret
 
@@ -97,3 +97,48 @@ def test_kept_replies_share_long_equal_strings_and_nothing_else() -> None:
     assert first["issuing_ca"] is second["issuing_ca"] is first["ca_chain"][0] is second["ca_chain"][0]
     assert first["private_key"] != second["private_key"]
     assert kept[0].lease_id != kept[1].lease_id
+
+
+def padded(n: int, pad: int, duration: str = "1000000") -> Secret:
+    return Secret(
+        body={"lease_id": f"db/creds/app/{n}", "lease_duration": gojson.Number(duration), "data": {"p": "x" * pad}}
+    )
+
+
+def fetches(cache: LeaseCache, pod: str, reply: Secret) -> int:
+    """How many times two fetches of one pod's request issued."""
+    issued = []
+
+    def issue() -> Secret:
+        issued.append(1)
+        return reply
+
+    for _ in range(2):
+        cache.fetch(key(pod), issue=issue, renew=lambda lease, inc: reply, deadline=float("inf"))
+    return len(issued)
+
+
+def test_a_leased_reply_too_large_to_keep_is_served_not_kept() -> None:
+    """A class may name any address: a Vault padding each lease with megabytes had the cache
+    hold 150 MiB for ten objects' worth of one-byte files (40 GiB at its 5,000 entries)."""
+    metrics = Metrics()
+    cache = LeaseCache(metrics=metrics)
+    assert fetches(cache, "small", padded(1, 1000)) == 1
+    assert fetches(cache, "large", padded(2, MAX_KEPT_REPLY_BYTES)) == 2
+    assert len(cache) == 1 and metrics.leases.labels("not_kept")._value.get() == 2
+
+
+def test_kept_replies_are_bounded_in_bytes_too() -> None:
+    cache = LeaseCache(metrics=Metrics(), max_bytes=10_000)
+    assert [fetches(cache, f"pod-{i}", padded(i, 4000)) for i in range(3)] == [1, 1, 2]
+    assert len(cache) == 2
+
+
+def test_no_reply_is_kept_past_the_longest_time_vault_grants() -> None:
+    """A lease of 2**63 seconds from a token without a TTL was kept for good."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), clock=lambda: clock[0])
+    reply = padded(1, 10, duration=str(2**63 - 1))
+    assert fetches(cache, "pod", reply) == 1
+    clock[0] = MAX_KEPT_SECONDS * 0.9
+    assert fetches(cache, "pod", reply) == 1  # past 2/3 of its kept life: issued again once

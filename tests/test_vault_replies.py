@@ -52,8 +52,13 @@ LOGIN = "/v1/auth/kubernetes/login"
             grpc.StatusCode.UNKNOWN,
             "returned a token that cannot be sent in an HTTP header",
         ),
+        (
+            Rule("POST", LOGIN, status=200, body=b'{"auth":{"client_token":"hvs.%s"}}' % (b"A" * 20_000)),
+            grpc.StatusCode.UNKNOWN,
+            "returned a token of 20004 characters (more than 16384)",
+        ),
     ],
-    ids=["no-auth-block", "empty-body", "204", "not-json", "null-token", "login-403", "token-not-ascii"],
+    ids=["no-auth-block", "empty-body", "204", "not-json", "null-token", "login-403", "token-not-ascii", "token-huge"],
 )
 def test_unusable_login_replies(
     proxied: ProviderClient,
