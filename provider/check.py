@@ -90,11 +90,12 @@ def check_class(document: Mapping[str, Any], defaults: VaultSettings) -> ClassRe
     if not isinstance(spec, Mapping):
         report.errors.append("spec is missing")
         return report
-    flavour = FLAVOURS.get(_text(spec.get("provider"), ""))
+    provider = spec.get("provider")
+    flavour = FLAVOURS.get(_text(provider, ""))
     if flavour is None:
-        provider = _text(spec.get("provider"), "(missing, or not a string)")
         report.errors.append(
-            f"spec.provider is {quote(provider)}; this provider answers 'vault' (vault.sock) "
+            f"spec.provider is {quote(_text(provider, '(missing, or not a string)'))}; this provider answers "
+            "'vault' (vault.sock) "
             "and 'openbao' (openbao.sock)"
         )
         flavour = VAULT

@@ -124,6 +124,24 @@ def test_a_lone_surrogate_in_a_reply_is_written_as_the_reference_writes_it(
     assert "\ufffdv".encode() in files_of(proxied.mount(pod, whole, role=unique))["whole"]
 
 
+@pytest.mark.parametrize(("pad", "reads"), [(1000, 1), (70_000, 2)], ids=["kept", "too-large-to-keep"])
+def test_a_leased_reply_too_large_to_keep_is_read_again_not_kept(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, pad: int, reads: int
+) -> None:
+    """A class may name any address: leases padded with megabytes were kept whole (150 MiB
+    for ten one-byte files). Past 64 KiB a leased reply is served, and not kept."""
+    pod, objects = world.kv_pod(unique)
+    body = b'{"lease_id":"db/creds/%s","lease_duration":3600,"data":{"k":"v","pad":"%s"}}' % (
+        unique.encode(),
+        b"x" * pad,
+    )
+    rule = Rule("GET", f"/v1/kv1/{unique}", status=200, body=body, headers={"Content-Type": "application/json"})
+    proxy.add(rule)
+    for _ in range(2):
+        assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
+    assert rule.hits == reads
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_reply_over_the_body_limit_is_refused_without_being_read(
     proxy: FaultProxy, world: VaultWorld, unique: str, chunked: bool
