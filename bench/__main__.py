@@ -37,6 +37,9 @@ BURST_PODS = 200
 # provider keeps this many (-cache-size, -lease-cache-size) for the bench.
 FILL_PODS = (1000, 5000)
 CACHE_SIZE = 6000
+# Spread over namespaces as on a real node: one namespace keeps at most a quarter of the
+# lease cache (-lease-cache-namespace-share).
+FILL_NAMESPACES = tuple(f"fill-{i}" for i in range(10))
 NOISY_PODS = 60  # pods of another class whose Vault is dead or slow, mounting beside the good one
 NOISE_ROUNDS = 200
 NOISE_MOUNTS_PER_POD = 1000
@@ -100,12 +103,16 @@ class Provider:
         return 0.0
 
     def vault_requests(self) -> dict[str, float]:
+        return self.counts("vault_csi_provider_vault_requests_total", "operation")
+
+    def counts(self, metric: str, label: str) -> dict[str, float]:
+        """A counter's samples summed by one label, from /metrics."""
         text = requests.get(f"http://{self.health}/metrics", timeout=5).text
         counts: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("vault_csi_provider_vault_requests_total{"):
-                operation = line.split('operation="')[1].split('"')[0]
-                counts[operation] = counts.get(operation, 0) + float(line.rsplit(" ", 1)[1])
+            if line.startswith(metric + "{"):
+                value = line.split(f'{label}="')[1].split('"')[0]
+                counts[value] = counts.get(value, 0) + float(line.rsplit(" ", 1)[1])
         return counts
 
     def mount(
@@ -154,7 +161,7 @@ def configure(bao: OpenBao, kube: FakeKubernetes) -> None:
         "auth/kubernetes/role/bench",
         {
             "bound_service_account_names": ["bench"],
-            "bound_service_account_namespaces": ["bench"],
+            "bound_service_account_namespaces": ["bench", *FILL_NAMESPACES],
             "token_policies": ["bench"],
             "audience": "vault",
             "token_ttl": "1h",
@@ -354,7 +361,10 @@ def main() -> int:
             filled = 0
             kept_rss: dict[int, float] = {}
             for target in FILL_PODS:
-                fill = [kube.add_pod("bench", f"fill-{i}", "bench") for i in range(filled, target)]
+                fill = [
+                    kube.add_pod(FILL_NAMESPACES[i % len(FILL_NAMESPACES)], f"fill-{i}", "bench")
+                    for i in range(filled, target)
+                ]
                 for pod in fill:
                     provider._tokens[pod.uid] = kube.pod_token(pod)
                 started = time.perf_counter()
@@ -367,6 +377,9 @@ def main() -> int:
                     f"add {len(fill)}): RSS {kept_rss[target]:.1f} MiB, peak {provider.rss_mib('VmHWM'):.1f} MiB "
                     "(budget 100 MiB)"
                 )
+            leases = provider.counts("vault_csi_provider_leases_total", "event")
+            if leases.get("not_kept", 0):
+                raise SystemExit(f"the lease cache did not keep every certificate: {leases}")
             first, last = FILL_PODS[0], FILL_PODS[-1]
             per_pod = (kept_rss[last] - kept_rss[first]) * 1024 / (last - first)
             print(f"  RSS growth per pod kept, {first} to {last} pods: {per_pod:.1f} KiB")

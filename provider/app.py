@@ -81,6 +81,7 @@ class App:
         self.leases = LeaseCache(
             metrics=self.metrics,
             max_entries=settings.lease_cache_size,
+            namespace_share=settings.lease_cache_namespace_share,
             renew_fraction=settings.lease_renew_fraction,
         )
         self.sweeper = PodSweeper(

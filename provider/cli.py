@@ -106,6 +106,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vault-csi-provider",
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("cache-size", default=1000, type=_cache_size, help="Vault tokens cached; 0 or less disables the cache")
     flag("max-response-bytes", default=4 * 1024 * 1024, type=_non_negative_int, help="largest Mount reply")
     flag("lease-cache-size", default=5000, type=_non_negative_int, help="leased replies kept; 0 disables reuse")
+    flag(
+        "lease-cache-namespace-share",
+        default=0.25,
+        type=_share,
+        help="largest share of the lease cache (replies and bytes) one Kubernetes namespace may hold",
+    )
     flag("lease-renew-fraction", default=2 / 3, type=_fraction, help="share of a lease's life before renewal")
     switch("revoke-leases-of-deleted-pods", "revoke tokens and leases of deleted pods (needs pods get)")
     flag("revocation-interval", default=60.0, type=parse_duration, help="how often deleted pods are looked for")
@@ -195,6 +208,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         cache_size=args.cache_size,
         max_response_bytes=args.max_response_bytes,
         lease_cache_size=args.lease_cache_size,
+        lease_cache_namespace_share=args.lease_cache_namespace_share,
         lease_renew_fraction=args.lease_renew_fraction,
         revoke_deleted_pods=bool(args.revoke_leases_of_deleted_pods),
         revocation_interval=args.revocation_interval,

@@ -104,6 +104,7 @@ class Settings:
     cache_size: int = 1000
     max_response_bytes: int = 4 * 1024 * 1024
     lease_cache_size: int = 5000
+    lease_cache_namespace_share: float = 0.25
     lease_renew_fraction: float = 2 / 3
     revoke_deleted_pods: bool = False
     revocation_interval: float = 60.0

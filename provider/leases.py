@@ -55,8 +55,16 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # A reply is kept at most this long whatever its lease and token say (Vault's default max
 # TTL): a lease of 2**63 seconds from a token without a TTL was kept for good.
 MAX_KEPT_SECONDS = 32 * 24 * 3600.0
-# How often expired entries are dropped, at most.
+# One namespace keeps at most this share of the entries and of the bytes: a class may hold
+# a thousand leased objects or name a Vault of its own answering leases, and one team
+# filling the cache would have every other team's credentials issued on each Mount.
+DEFAULT_NAMESPACE_SHARE = 0.25
+# How often expired entries are dropped, at most; and, when the cache or a namespace's share
+# is full, how often a purge is tried to make room (a purge walks every entry).
 PURGE_INTERVAL_SECONDS = 30.0
+ROOM_PURGE_INTERVAL_SECONDS = 1.0
+# A namespace whose replies are not kept is warned about at most this often.
+NOT_KEPT_WARNING_INTERVAL_SECONDS = 30.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,18 +127,25 @@ class LeaseCache:
         metrics: Metrics,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        namespace_share: float = DEFAULT_NAMESPACE_SHARE,
         renew_fraction: float = DEFAULT_RENEW_FRACTION,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
         if not 0 < renew_fraction < 1:
             raise ValueError(f"renew fraction must be between 0 and 1, got {renew_fraction}")
+        if not 0 < namespace_share <= 1:
+            raise ValueError(f"namespace share must be more than 0 and at most 1, got {namespace_share}")
         self._metrics = metrics
         self._renew_fraction = renew_fraction
         self._clock = clock
         self._wall_clock = wall_clock
-        self._max_entries = max(max_entries, 1)
-        self._max_bytes = max_bytes
+        self._usage = _Usage(max_entries=max(max_entries, 1), max_bytes=max_bytes, namespace_share=namespace_share)
+        # Namespaces warned about lately: a class of a thousand leased objects would
+        # otherwise log a thousand lines per Mount once it is out of room.
+        self._warned: set[str] = set()
+        self._warn_again_at = 0.0
+        self._room_purge_at = 0.0
         # Slots with an entry (a kept reply) are bounded by max_entries; slots without one
         # exist only while their request is in flight, and are removed when it ends.
         self._slots: OrderedDict[LeaseKey, _Slot] = OrderedDict()
@@ -138,8 +153,8 @@ class LeaseCache:
         self._next_purge = clock() + PURGE_INTERVAL_SECONDS
 
     def __len__(self) -> int:
-        with self._lock:
-            return sum(1 for slot in self._slots.values() if slot.entry is not None)
+        """Replies kept."""
+        return len(self._usage)
 
     def holds(self, key: LeaseKey) -> bool:
         """Whether a reply for key is kept, or being fetched."""
@@ -202,31 +217,9 @@ class LeaseCache:
         try:
             secret = issue()
             entry = self._entry_for(secret, not_after, issuer())
-            if entry is not None and entry.size > MAX_KEPT_REPLY_BYTES:
-                logger.warning(
-                    "a leased reply of more than %d bytes is not kept: credentials for pod %s/%s will be issued "
-                    "again on its next Mount",
-                    MAX_KEPT_REPLY_BYTES,
-                    key.pod_namespace,
-                    key.pod_name,
-                )
-                self._metrics.leases.labels("not_kept").inc()
-                entry = None
-            if entry is not None and not self._room_for(entry):
-                logger.warning(
-                    "lease cache full (%d kept replies, -lease-cache-size, or %d bytes): credentials for pod %s/%s "
-                    "are not kept and will be issued again on its next Mount",
-                    self._max_entries,
-                    self._max_bytes,
-                    key.pod_namespace,
-                    key.pod_name,
-                )
-                self._metrics.leases.labels("not_kept").inc()
-                entry = None
-            with slot.lock:
-                slot.entry = entry
             if entry is not None:
-                self._metrics.leases.labels("issued").inc()
+                placed = self._keep(key, slot, entry)
+                self._metrics.leases.labels("issued" if placed else "not_kept").inc()
             shared.set_result(secret)
             return secret
         except BaseException as e:
@@ -242,18 +235,59 @@ class LeaseCache:
                     if self._slots.get(key) is slot:
                         del self._slots[key]
 
-    def _room_for(self, entry: _Entry) -> bool:
-        """Whether one more reply may be kept, by count and by bytes; never by evicting a
-        live one (its lease would be orphaned: still valid in Vault, forgotten here)."""
-        if self._fits(entry):
-            return True
-        self._purge(self._clock())
-        return self._fits(entry)
+    def _keep(self, key: LeaseKey, slot: _Slot, entry: _Entry) -> bool:
+        """Keep entry in slot if there is room, by count and bytes, in the cache and in the
+        pod's namespace's share; never by evicting a live one (its lease would be orphaned:
+        still valid in Vault, forgotten here). Expired entries are dropped to make room."""
+        if entry.size > MAX_KEPT_REPLY_BYTES:
+            self._warn_not_kept(key, f"a leased reply of more than {MAX_KEPT_REPLY_BYTES} bytes is not kept")
+            return False
+        namespace = key.pod_namespace
+        full = self._usage.take(namespace, entry.size)
+        if full:
+            now = self._clock()
+            with self._lock:
+                due = now >= self._room_purge_at
+                if due:
+                    self._room_purge_at = now + ROOM_PURGE_INTERVAL_SECONDS
+            if due:
+                self._purge(now)
+                full = self._usage.take(namespace, entry.size)
+        if full:
+            self._warn_not_kept(key, full)
+            return False
+        with slot.lock:
+            if not slot.dead:  # the pod's entries were dropped (drop_pod) while this was issued
+                slot.entry = entry
+                return True
+        self._usage.give_back(namespace, entry.size)
+        return False
 
-    def _fits(self, entry: _Entry) -> bool:
+    def _drop(self, key: LeaseKey, slot: _Slot) -> None:
+        """Forget slot's reply (the caller holds slot.lock)."""
+        if slot.entry is not None:
+            self._usage.give_back(key.pod_namespace, slot.entry.size)
+            slot.entry = None
+
+    def _warn_not_kept(self, key: LeaseKey, why: str) -> None:
+        """Warn about a namespace at most every NOT_KEPT_WARNING_INTERVAL_SECONDS: the
+        metric counts every reply not kept."""
+        now = self._clock()
         with self._lock:
-            kept = [slot.entry for slot in self._slots.values() if slot.entry is not None]
-        return len(kept) < self._max_entries and sum(e.size for e in kept) + entry.size <= self._max_bytes
+            if now >= self._warn_again_at:
+                self._warned.clear()
+                self._warn_again_at = now + NOT_KEPT_WARNING_INTERVAL_SECONDS
+            if key.pod_namespace in self._warned:
+                return
+            self._warned.add(key.pod_namespace)
+        logger.warning(
+            "%s: credentials for pod %s/%s are not kept and will be issued again on its next Mount "
+            '(said once per namespace every %.0f s; leases_total{event="not_kept"} counts every one)',
+            why,
+            key.pod_namespace,
+            key.pod_name,
+            NOT_KEPT_WARNING_INTERVAL_SECONDS,
+        )
 
     def _usable(self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret]) -> Secret | None:
         entry = slot.entry
@@ -261,21 +295,21 @@ class LeaseCache:
             return None
         now = self._clock()
         if now >= entry.expires_at:
-            slot.entry = None
+            self._drop(key, slot)
             self._metrics.leases.labels("reissued").inc()
             return None
         if now < entry.renew_at:
             self._metrics.leases.labels("reused").inc()
             return entry.secret
         if not (entry.renewable and entry.lease_id):
-            slot.entry = None
+            self._drop(key, slot)
             self._metrics.leases.labels("reissued").inc()
             return None
         increment = max(int(entry.duration), 1)
         if entry.token_expires_at - now < increment:
             # A renewal would outlive the token that issued the lease, and Vault revokes the
             # lease with that token: issue new credentials under the pod's current token.
-            slot.entry = None
+            self._drop(key, slot)
             self._metrics.leases.labels("reissued").inc()
             return None
         try:
@@ -284,12 +318,12 @@ class LeaseCache:
             logger.warning(
                 "renewing a lease for pod %s/%s failed; issuing new credentials: %s", key.pod_namespace, key.pod_name, e
             )
-            slot.entry = None
+            self._drop(key, slot)
             self._metrics.leases.labels("reissued").inc()
             return None
         granted = renewed.lease_duration
         if granted <= 0:
-            slot.entry = None
+            self._drop(key, slot)
             self._metrics.leases.labels("reissued").inc()
             return None
         now = self._clock()
@@ -341,6 +375,7 @@ class LeaseCache:
                 try:
                     if slot.inflight is None and (slot.entry is None or slot.entry.expires_at <= now):
                         slot.dead = True
+                        self._drop(key, slot)
                         del self._slots[key]
                 finally:
                     slot.lock.release()
@@ -356,12 +391,62 @@ class LeaseCache:
             keys = [k for k in self._slots if k.pod_uid == pod_uid]
             slots = [self._slots.pop(k) for k in keys]
         kept: list[KeptLease] = []
-        for slot in slots:
+        for key, slot in zip(keys, slots, strict=True):
             with slot.lock:
                 slot.dead = True
                 if slot.entry is not None and slot.entry.lease_id:
                     kept.append(KeptLease(lease_id=slot.entry.lease_id, issuer=slot.entry.issuer))
+                self._drop(key, slot)
         return kept
+
+
+class _Usage:
+    """The kept replies' count and bytes, in all and per namespace, against their bounds.
+    Its lock is taken last and around nothing else."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, namespace_share: float) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._namespace_entries = max(int(max_entries * namespace_share), 1)
+        self._namespace_bytes = int(max_bytes * namespace_share)
+        self._entries = 0
+        self._bytes = 0
+        self._by_namespace: dict[str, list[int]] = {}  # namespace: [entries, bytes], while it keeps any
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._entries
+
+    def take(self, namespace: str, size: int) -> str:
+        """Count one more reply of `size` bytes for namespace if there is room ("");
+        otherwise say what is full."""
+        with self._lock:
+            entries, used = self._by_namespace.get(namespace, (0, 0))
+            if self._entries >= self._max_entries or self._bytes + size > self._max_bytes:
+                return (
+                    f"lease cache full ({self._entries} kept replies of {self._max_entries}, -lease-cache-size; "
+                    f"{self._bytes} bytes of {self._max_bytes})"
+                )
+            if entries >= self._namespace_entries or used + size > self._namespace_bytes:
+                return (
+                    f"namespace {namespace} holds its share of the lease cache ({entries} kept replies of "
+                    f"{self._namespace_entries}, {used} bytes of {self._namespace_bytes}; "
+                    "-lease-cache-namespace-share)"
+                )
+            self._entries += 1
+            self._bytes += size
+            self._by_namespace[namespace] = [entries + 1, used + size]
+            return ""
+
+    def give_back(self, namespace: str, size: int) -> None:
+        with self._lock:
+            self._entries -= 1
+            self._bytes -= size
+            counts = self._by_namespace[namespace]
+            counts[0] -= 1
+            counts[1] -= size
+            if counts[0] == 0:
+                del self._by_namespace[namespace]
 
 
 def _is_certificate(data: Any) -> bool:

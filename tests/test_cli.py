@@ -93,7 +93,15 @@ def test_environment_is_overridden_by_flags() -> None:
 
 
 def test_unknown_flags_and_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["-no-such-flag"], ["-cache-size=many"], ["-output=xml"], ["-hmac-key-ttl=soon"]):
+    for argv in (
+        ["-no-such-flag"],
+        ["-cache-size=many"],
+        ["-output=xml"],
+        ["-hmac-key-ttl=soon"],
+        ["-lease-cache-namespace-share=0"],
+        ["-lease-cache-namespace-share=1.5"],
+        ["-lease-cache-namespace-share=nan"],
+    ):
         with pytest.raises(SystemExit) as error:
             build_parser().parse_args(argv)
         assert error.value.code == 2
@@ -211,6 +219,11 @@ def test_endpoint_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> Non
 )
 def test_flags_as_the_reference_parses_them(argv: list[str], attribute: str, expected: object) -> None:
     assert getattr(settings(argv), attribute) == expected
+
+
+def test_a_namespace_may_hold_a_quarter_of_the_lease_cache_unless_told_otherwise() -> None:
+    assert settings([]).lease_cache_namespace_share == 0.25
+    assert settings(["-lease-cache-namespace-share=1"]).lease_cache_namespace_share == 1.0
 
 
 def test_an_endpoint_that_is_not_a_socket_path_is_refused_clearly() -> None:

@@ -401,6 +401,42 @@ def test_kv_reads_do_not_take_the_room_of_kept_credentials(tmp_path: Path, world
         provider.app.stop(grace=1)
 
 
+def test_one_namespaces_certificates_cannot_take_every_other_namespaces_place(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    """One namespace's many-object class filled the whole lease cache; every other
+    namespace then got new credentials on each Mount. Each keeps at most its share now."""
+    issue = world.pki_engine(f"pki-{unique}")
+    world.policy(unique, f'path "{issue}" {{ capabilities = ["update"] }}')
+    greedy_ns, quiet_ns = f"greedy-{unique}", f"quiet-{unique}"
+    world.kube_role(unique, service_accounts=["app"], namespaces=[greedy_ns, quiet_ns], policies=[unique])
+
+    def certs(count: int) -> list[dict[str, object]]:
+        return [
+            {
+                "objectName": f"c{i}",
+                "secretPath": issue,
+                "method": "PUT",
+                "secretKey": "certificate",
+                "secretArgs": {"common_name": f"c{i}.example.com", "ttl": "1h"},  # five requests, not one
+            }
+            for i in range(count)
+        ]
+
+    provider = start_provider(tmp_path, world, lease_cache_size=8, lease_cache_namespace_share=0.25)
+    try:
+        greedy = world.kube.add_pod(greedy_ns, "greedy", "app")
+        first = files_of(provider.mount(greedy, certs(5), role=unique))
+        again = files_of(provider.mount(greedy, certs(5), role=unique))
+        assert sum(first[name] == again[name] for name in first) == 2  # its share: two of eight
+        quiet = world.kube.add_pod(quiet_ns, "quiet", "app")
+        kept = files_of(provider.mount(quiet, certs(1), role=unique))
+        assert files_of(provider.mount(quiet, certs(1), role=unique)) == kept
+        assert len(provider.app.leases) == 3 and metric(provider, "not_kept") == 6
+    finally:
+        provider.app.stop(grace=1)
+
+
 def test_a_mounts_plain_reads_go_out_together_from_one_thread(tmp_path: Path, world: VaultWorld, unique: str) -> None:
     """With no thread to borrow (one per class), ten reads held 0.4 s each by the proxy
     still take about one round trip: they are sent before any reply is read."""

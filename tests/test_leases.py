@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 
+import pytest
+
 from provider import gojson
-from provider.leases import MAX_KEPT_REPLY_BYTES, MAX_KEPT_SECONDS, PURGE_INTERVAL_SECONDS, LeaseCache, LeaseKey
+from provider.leases import (
+    MAX_KEPT_REPLY_BYTES,
+    MAX_KEPT_SECONDS,
+    NOT_KEPT_WARNING_INTERVAL_SECONDS,
+    PURGE_INTERVAL_SECONDS,
+    LeaseCache,
+    LeaseKey,
+)
 from provider.metrics import Metrics
 from provider.vault import Secret
 
@@ -29,8 +39,8 @@ def leased(n: int) -> Secret:
     return Secret(body={"lease_id": f"db/creds/app/{n}", "lease_duration": gojson.Number("1000000"), "data": {}})
 
 
-def key(pod: str) -> LeaseKey:
-    return LeaseKey(pod_uid=pod, pod_namespace="team", pod_name=pod, target_path="/t", identity="id", request="req")
+def key(pod: str, namespace: str = "team") -> LeaseKey:
+    return LeaseKey(pod_uid=pod, pod_namespace=namespace, pod_name=pod, target_path="/t", identity="id", request="req")
 
 
 def issues_in_a_race(pod: str, threads: int = 8) -> int:
@@ -105,7 +115,7 @@ def padded(n: int, pad: int, duration: str = "1000000") -> Secret:
     )
 
 
-def fetches(cache: LeaseCache, pod: str, reply: Secret) -> int:
+def fetches(cache: LeaseCache, pod: str, reply: Secret, namespace: str = "team") -> int:
     """How many times two fetches of one pod's request issued."""
     issued = []
 
@@ -114,7 +124,7 @@ def fetches(cache: LeaseCache, pod: str, reply: Secret) -> int:
         return reply
 
     for _ in range(2):
-        cache.fetch(key(pod), issue=issue, renew=lambda lease, inc: reply, deadline=float("inf"))
+        cache.fetch(key(pod, namespace), issue=issue, renew=lambda lease, inc: reply, deadline=float("inf"))
     return len(issued)
 
 
@@ -129,9 +139,81 @@ def test_a_leased_reply_too_large_to_keep_is_served_not_kept() -> None:
 
 
 def test_kept_replies_are_bounded_in_bytes_too() -> None:
-    cache = LeaseCache(metrics=Metrics(), max_bytes=10_000)
+    cache = LeaseCache(metrics=Metrics(), max_bytes=10_000, namespace_share=1)
     assert [fetches(cache, f"pod-{i}", padded(i, 4000)) for i in range(3)] == [1, 1, 2]
     assert len(cache) == 2
+
+
+def test_one_namespace_keeps_at_most_its_share_and_the_others_keep_theirs() -> None:
+    """A class of a thousand leased objects, or a Vault of a team's own answering leases,
+    filled the whole cache: every other namespace's credentials were then issued on each
+    Mount. Now each namespace keeps at most its share, by count and by bytes."""
+    metrics = Metrics()
+    cache = LeaseCache(metrics=metrics, max_entries=8, namespace_share=0.25)
+    assert [fetches(cache, f"greedy-{i}", leased(i), "greedy") for i in range(5)] == [1, 1, 2, 2, 2]
+    assert [fetches(cache, f"quiet-{i}", leased(i), "quiet") for i in range(2)] == [1, 1]
+    assert len(cache) == 4 and metrics.leases.labels("not_kept")._value.get() == 6
+    by_bytes = LeaseCache(metrics=Metrics(), max_bytes=40_000, namespace_share=0.25)  # 10,000 bytes each
+    assert [fetches(by_bytes, f"greedy-{i}", padded(i, 4000), "greedy") for i in range(3)] == [1, 1, 2]
+    assert fetches(by_bytes, "quiet", padded(9, 4000), "quiet") == 1
+
+
+def test_a_namespaces_share_comes_back_as_its_replies_go() -> None:
+    """Counted when kept, given back when a pod is dropped, a reply expires or is re-issued:
+    after concurrent churn the share holds exactly as many replies as at the start."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=40, namespace_share=0.1, clock=lambda: clock[0])
+    short = Secret(body={"lease_id": "db/creds/short", "lease_duration": gojson.Number("10"), "data": {}})
+
+    def churn(worker: int) -> None:
+        for i in range(200):
+            pod = f"pod-{worker}-{i % 7}"
+            reply = short if i % 3 else leased(i)
+            cache.fetch(key(pod), issue=lambda reply=reply: reply, renew=lambda lease, inc: short, deadline=1e9)
+            if i % 5 == 0:
+                cache.drop_pod(pod)
+            if i % 11 == 0:
+                clock[0] += 20  # everything kept so far expires: re-issued, or purged to make room
+
+    workers = [threading.Thread(target=churn, args=(w,)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    for uid, _, _ in cache.pods():
+        cache.drop_pod(uid)
+    assert len(cache) == 0
+    assert [fetches(cache, f"again-{i}", leased(i)) for i in range(5)] == [1, 1, 1, 1, 2]
+
+
+def test_a_reply_issued_for_a_pod_dropped_meanwhile_is_not_kept() -> None:
+    cache = LeaseCache(metrics=Metrics(), max_entries=4, namespace_share=0.25)
+
+    def issue() -> Secret:
+        cache.drop_pod("gone")  # the sweep forgets the pod while its Mount asks Vault
+        return leased(1)
+
+    cache.fetch(key("gone"), issue=issue, renew=lambda lease, inc: leased(0), deadline=1e9)
+    assert len(cache) == 0
+    assert fetches(cache, "next", leased(2)) == 1  # the namespace's one place is free
+
+
+def test_replies_not_kept_are_warned_about_once_per_namespace_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    """A thousand-object class past its share logged a thousand lines per Mount."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=4, namespace_share=0.25, clock=lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="provider.leases"):
+        for i in range(50):
+            fetches(cache, f"greedy-{i}", leased(i), "greedy")
+        fetches(cache, "other", leased(100), "other")
+        fetches(cache, "other-2", leased(101), "other")
+        clock[0] += NOT_KEPT_WARNING_INTERVAL_SECONDS
+        fetches(cache, "greedy-late", leased(200), "greedy")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("namespace greedy holds its share of the lease cache (1 kept replies of 1, ")
+    assert "-lease-cache-namespace-share" in lines[0] and "pod greedy/greedy-1 " in lines[0]
+    assert "namespace other holds its share" in lines[1] and "namespace greedy" in lines[2]
 
 
 def test_no_reply_is_kept_past_the_longest_time_vault_grants() -> None:
