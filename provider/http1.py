@@ -120,20 +120,37 @@ def request(method: str, url: str, host: str, headers: Mapping[str, str], body: 
         raise ValueError("the request path holds characters HTTP cannot carry")
     if not host or _NOT_PATH.search(host):
         raise ValueError("the request's host holds characters HTTP cannot carry")
-    lines = [f"{method} {url} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
-    if body is not None or method in _BODY_METHODS:
-        lines.append(f"Content-Length: {len(body or b'')}")
-    for name, value in headers.items():
+    length = f"Content-Length: {len(body or b'')}\r\n" if body is not None or method in _BODY_METHODS else ""
+    head = (
+        f"{method} {url} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n{length}{_header_lines(headers)}\r\n"
+    )
+    return head.encode("ascii") + body if body else head.encode("ascii")
+
+
+# The last header lines written, by the headers they were written from: the reads of a
+# Mount send the same headers (its token), which are then checked once, not once per read.
+_last_header_lines: tuple[tuple[tuple[str, str], ...], str] = ((), "")
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    """The headers as lines, each ending in CRLF; ValueError for one that cannot be sent."""
+    global _last_header_lines
+    fields = tuple(headers.items())
+    last = _last_header_lines
+    if fields == last[0]:
+        return last[1]
+    lines = []
+    for name, value in fields:
         if _TOKEN.fullmatch(name) is None:
             raise ValueError("a request header's name is not an HTTP token")
         if name.lower() in _OWN_HEADERS:
             raise ValueError(f"the request header {name} is the client's to write")
         if _NOT_VALUE.search(value):
             raise ValueError(f"the request header {name} holds characters HTTP cannot carry")
-        lines.append(f"{name}: {value}")
-    lines.append("\r\n")
-    head = "\r\n".join(lines).encode("ascii")
-    return head + body if body else head
+        lines.append(f"{name}: {value}\r\n")
+    written = "".join(lines)
+    _last_header_lines = (fields, written)
+    return written
 
 
 def host_header(host: str, port: int, default_port: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 import weakref
 from collections import deque
@@ -36,6 +37,7 @@ from provider.flavour import VAULT, Flavour
 from provider.kube import KubeClient
 from provider.leases import LeaseCache, LeaseKey
 from provider.metrics import Metrics
+from provider.transport import Reply
 from provider.vault import Endpoint, Login, Read, Secret, VaultClient
 from provider.versions import object_version
 
@@ -56,6 +58,9 @@ MAX_PREFETCH_PER_BATCH = 16
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
+# Bytes of replies and files a plan remembers of its last Mount, at most (MountPlan.last):
+# a few KV secrets. The parse cache keeps PARSED_ENTRIES plans.
+REMEMBERED_BYTES = 8 * 1024
 
 
 class Lanes(Protocol):
@@ -162,9 +167,14 @@ class MountPlan:
     distinct: tuple[SecretRequest, ...]  # each request once, in the objects' order
     reads: Mapping[SecretRequest, Read]  # the plain reads (GET or LIST, no body), as sent together
     lease_keys: Mapping[SecretRequest, LeaseKey]  # empty without an identity
+    # Whether the files can be remembered (MountPlan.last): none is a whole reply, whose
+    # file holds the request_id Vault makes anew for every request.
+    rememberable: bool = True
     # Requests whose last reply the lease cache did not keep (a KV secret): a lone one is
     # read ahead (Mounter._prefetch). Set and cleared by Mounts of this parse.
     unkept: set[SecretRequest] = field(default_factory=set)
+    # The last Mount's replies and files, when every reply was a plain read (Mounter.mount_plan).
+    memory: _Memory = field(default_factory=lambda: _Memory())
 
     @classmethod
     def of(cls, config: MountConfig) -> MountPlan:
@@ -193,6 +203,7 @@ class MountPlan:
             identity=identity,
             requests=requests,
             distinct=distinct,
+            rememberable=not any(render.writes_whole_reply(obj) for obj in requests),
             reads={
                 request: Read(request.method, request.path, request.params() or None)
                 for request in distinct
@@ -212,6 +223,59 @@ class MountPlan:
             if identity is not None
             else {},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _LastMount:
+    """What a plan's last Mount answered, kept when every reply was a plain read (a KV
+    secret) and all is small: each reply's bytes past the request_id Vault makes anew per
+    request, with its content type; the HMAC key; the files. A warm Mount whose replies are
+    the same bytes answers the same files without decoding, rendering or hashing them
+    again. The pod's own reads are still sent each time, with its own token (a revoked
+    token, a changed policy or secret all show at once); a plan is one pod's parse."""
+
+    replies: tuple[tuple[bytes, str], ...]
+    key: bytes | None
+    files: tuple[MountedFile, ...]
+
+    def answers(self, replies: Mapping[SecretRequest, Reply], plan: MountPlan, key: bytes | None) -> bool:
+        """Whether these replies (every one of the plan's requests') are the remembered ones."""
+        if key != self.key or len(replies) != len(self.replies):
+            return False
+        for request, (remembered, content_type) in zip(plan.distinct, self.replies, strict=True):
+            reply = replies.get(request)
+            if reply is None or reply.content_type != content_type or _past_request_id(reply.body) != remembered:
+                return False
+        return True
+
+
+class _Memory:
+    """A plan's last Mount (None: nothing to answer from), replaced whole: concurrent
+    Mounts of the plan each see one consistent _LastMount."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: _LastMount | None = None
+
+
+def _remembered(
+    plan: MountPlan, replies: Mapping[SecretRequest, Reply], key: bytes | None, files: tuple[MountedFile, ...]
+) -> _LastMount | None:
+    """The plan's last Mount as kept; None when it is too large to keep."""
+    kept = tuple((_past_request_id(replies[request].body), replies[request].content_type) for request in plan.distinct)
+    size = sum(len(body) for body, _ in kept) + sum(len(file.contents) for file in files)
+    return _LastMount(replies=kept, key=key, files=files) if size <= REMEMBERED_BYTES else None
+
+
+# Vault's reply starts with the request's own id: {"request_id":"<uuid>", then the rest.
+_REQUEST_ID = re.compile(rb'\{"request_id":"[0-9a-fA-F-]{1,64}",')
+
+
+def _past_request_id(body: bytes) -> bytes:
+    """A reply's bytes without its leading request_id (all of them if it has none)."""
+    start = _REQUEST_ID.match(body)
+    return body[start.end() :] if start is not None else body
 
 
 class Mounter:
@@ -273,9 +337,15 @@ class Mounter:
         config, endpoint = plan.config, plan.endpoint
         identity = _Identity(self, plan, deadline)
         identity.token()  # a refused login fails the whole Mount, not each object
+        read_ahead = self._prefetch(identity, plan, deadline)
+        last = plan.memory.last
+        if last is not None and len(read_ahead) == len(plan.distinct):
+            key = self._hmac_keys.get(deadline=deadline)
+            if last.answers(read_ahead, plan, key):
+                return MountResult(config=config, files=last.files)
         # Objects that share a request share its one reply: a username and its password, a
         # certificate and its key, and any template over them are cut from the same call.
-        outcomes = self._fetch_all(identity, plan, deadline, lanes or NoLanes())
+        outcomes, plain = self._fetch_all(identity, plan, deadline, lanes or NoLanes(), read_ahead)
         replies: dict[SecretObject, render.ObjectData] = {}
         failures: list[tuple[str, ProviderError]] = []
         for obj, request in plan.requests.items():
@@ -309,28 +379,40 @@ class Mounter:
             )
             for file in rendered
         ]
+        answered = tuple(files)
         self._check_size(files)
-        return MountResult(config=config, files=tuple(files))
+        if plan.rememberable:
+            plan.memory.last = _remembered(plan, read_ahead, key, answered) if plain else None
+        return MountResult(config=config, files=answered)
 
     def _fetch_all(
-        self, identity: _Identity, plan: MountPlan, deadline: float, lanes: Lanes
-    ) -> dict[SecretRequest, Secret | ProviderError]:
-        """Each distinct request once. Plain reads are first sent together from this
-        thread (one round trip for all, no hand-offs); what that leaves, this thread and
-        any it may borrow take from one queue until it is empty, so borrowed threads are
-        never idle."""
-        prefetched = self._prefetch(identity, plan, deadline)
+        self,
+        identity: _Identity,
+        plan: MountPlan,
+        deadline: float,
+        lanes: Lanes,
+        read_ahead: Mapping[SecretRequest, Reply],
+    ) -> tuple[dict[SecretRequest, Secret | ProviderError], bool]:
+        """Each distinct request once, and whether every one was a plain read. The replies
+        read ahead (sent together from this thread: one round trip for all, no hand-offs)
+        are decoded; what they leave, this thread and any it may borrow take from one
+        queue until it is empty, so borrowed threads are never idle."""
         replies: dict[SecretRequest, Secret | ProviderError] = {}
-        for request, reply in prefetched.items():
-            if isinstance(reply, Secret) and not reply.lease_id and not self._would_keep(reply):
-                # Read ahead, no lease and nothing to keep (a KV secret): no bookkeeping, and
-                # nothing to revoke should a racing Mount of this pod have kept a reply meanwhile.
-                replies[request] = reply
-            else:
-                replies[request] = self._fetch_outcome(identity, request, deadline, reply)
-        if prefetched and self._leases is not None:
+        plain = len(read_ahead) == len(plan.distinct)
+        for request, reply in read_ahead.items():
+            answer = self._vault.answer(plan.reads[request], reply)
+            if isinstance(answer, Secret) and not answer.lease_id and not self._would_keep(answer):
+                # No lease and nothing to keep (a KV secret): no bookkeeping, and nothing to
+                # revoke should a racing Mount of this pod have kept a reply meanwhile.
+                replies[request] = answer
+            else:  # through the lease cache
+                plain = False
+                replies[request] = self._fetch_outcome(identity, request, deadline, answer)
+        if replies and self._leases is not None:
             self._leases.purge_if_due()
-        pending = deque(request for request in plan.distinct if request not in prefetched)
+        pending: deque[SecretRequest] = deque()
+        if len(replies) < len(plan.distinct):  # some were not read ahead, or not settled
+            pending.extend(request for request in plan.distinct if request not in replies)
 
         def drain() -> None:
             while True:
@@ -349,11 +431,9 @@ class Mounter:
         drain()
         for helper in helpers:
             helper.result()  # every request inside is bounded by the deadline
-        return replies
+        return replies, plain
 
-    def _prefetch(
-        self, identity: _Identity, plan: MountPlan, deadline: float
-    ) -> dict[SecretRequest, Secret | ProviderError]:
+    def _prefetch(self, identity: _Identity, plan: MountPlan, deadline: float) -> dict[SecretRequest, Reply]:
         """Replies to the Mount's plain reads (GET or LIST, no body, nothing kept for
         this pod), sent together in batches; a read that attempt did not settle is left
         out, and goes the usual way (retries, a new login after a 403, redirects). A
@@ -361,28 +441,25 @@ class Mounter:
         A lone read goes this way too once its last reply was not kept: its one attempt
         costs less than the usual way's, which alone makes a pod's concurrent first Mounts
         share one call (one set of credentials, not one each)."""
-        reads = [request for request in plan.reads if not self._kept(identity, request)]
-        if not reads or (len(reads) == 1 and reads[0] not in plan.unkept):
+        reads = [(request, read) for request, read in plan.reads.items() if not self._kept(identity, request)]
+        if not reads or (len(reads) == 1 and reads[0][0] not in plan.unkept):
             return {}
         try:
             token = identity.token()
         except ProviderError:
             return {}  # the usual way reports it, once per Mount
-        settled: dict[SecretRequest, Secret | ProviderError] = {}
+        settled: dict[SecretRequest, Reply] = {}
         for start in range(0, len(reads), MAX_PREFETCH_PER_BATCH):
             batch = reads[start : start + MAX_PREFETCH_PER_BATCH]
             try:
-                answers = self._vault.read_many(
-                    identity.endpoint,
-                    token=token,
-                    reads=[plan.reads[request] for request in batch],
-                    deadline=deadline,
+                answers = self._vault.send_reads(
+                    identity.endpoint, token=token, reads=[read for _, read in batch], deadline=deadline
                 )
             except ProviderError:
-                plan.unkept.difference_update(batch)
+                plan.unkept.difference_update(request for request, _ in batch)
                 return settled
-            for request, answer in zip(batch, answers, strict=True):
-                if answer is not None and not isinstance(answer, VaultPermissionDenied):
+            for (request, _), answer in zip(batch, answers, strict=True):
+                if answer is not None and answer.status != 403:  # permission denied: a new login may help
                     settled[request] = answer
                 else:  # it goes the usual way, and a lone one keeps to it until that succeeds
                     plan.unkept.discard(request)

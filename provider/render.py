@@ -268,12 +268,25 @@ def _object_files(
     return [RenderedFile(obj=obj, path=obj.object_name, contents=contents, version_input=contents)]
 
 
+def writes_whole_reply(obj: SecretObject) -> bool:
+    """Whether the object's file is its whole reply as JSON (no secretKey nor shape): the
+    file then holds what differs in every reply, such as its request_id."""
+    return (
+        obj.write_file
+        and obj.parsed_template is None
+        and not obj.expand_keys
+        and not obj.secret_key_path
+        and not obj.format
+        and not obj.secret_key
+    )
+
+
 def key_value(data: Any, key: str, path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The value at key: under data.data when that is a map (KV v2), else data."""
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):  # a decoded reply: JSON's maps are dicts (and an ABC's check is slow)
         raise VaultNotFound(f"Vault returned no data at {path}")
     nested = data.get("data")
-    values = nested if isinstance(nested, Mapping) else data
+    values = nested if isinstance(nested, dict) else data
     if key not in values:
         raise VaultNotFound(f"key {quote(key)} does not exist at {path}")
     return _text_of(values[key], max_bytes, path)
@@ -553,4 +566,5 @@ __all__ = [
     "mount_files",
     "object_files",
     "whole_response",
+    "writes_whole_reply",
 ]

@@ -297,6 +297,7 @@ class Transport:
         trip, not one each; each keeps its own deadline."""
         now = time.monotonic()  # one clock for the batch: its connects never add up past a deadline
         guards: dict[float, _Guard] = {}  # one per deadline: a batch's requests mostly share theirs
+        pools: dict[tuple[int, int], Pool | TransportError] = {}  # by target and TLS: mostly one
         try:
             started = []
             for request in requests:
@@ -304,7 +305,11 @@ class Transport:
                 guard = guards.get(deadline)
                 if guard is None:
                     guard = guards[deadline] = self._watchdog.watch(deadline)
-                started.append(self._start(request, guard))
+                place = (id(request.target), id(request.tls))  # alive while requests holds them
+                pool = pools.get(place)
+                if pool is None:
+                    pool = pools[place] = self._pool(request)
+                started.append(pool if isinstance(pool, TransportError) else self._start(request, guard, pool))
             return self._finish_all(requests, started)
         finally:
             for guard in guards.values():
@@ -325,7 +330,7 @@ class Transport:
                 except _Stale:
                     if not (exchange.reused and request.replayable):
                         raise TransportError("the connection was closed before a reply") from None
-                again = self._start(request, exchange.guard, fresh=True)
+                again = self._start(request, exchange.guard, exchange.pool, fresh=True)
                 if isinstance(again, TransportError):
                     raise again
                 try:
@@ -339,15 +344,18 @@ class Transport:
                 outcomes.append(TransportError("the reply could not be read (an internal error, logged)"))
         return outcomes
 
-    def _start(self, request: Request, guard: _Guard, *, fresh: bool = False) -> _Exchange | TransportError:
-        """Connect (or take a kept-alive connection) and send the request, by the guard's
-        deadline."""
-        deadline = guard.deadline
+    def _pool(self, request: Request) -> Pool | TransportError:
         try:
-            pool = self.pools.get(request.target, request.tls)
-            data = http1.request(request.method, request.url_path, pool.host, request.headers, request.body)
+            return self.pools.get(request.target, request.tls)
         except TransportError as e:
             return e
+
+    def _start(self, request: Request, guard: _Guard, pool: Pool, *, fresh: bool = False) -> _Exchange | TransportError:
+        """Connect (or take a kept-alive connection from pool) and send the request, by
+        the guard's deadline."""
+        deadline = guard.deadline
+        try:
+            data = http1.request(request.method, request.url_path, pool.host, request.headers, request.body)
         except ValueError as e:
             return TransportError(str(e))
         conn = None if fresh else pool.take()
@@ -374,7 +382,7 @@ class Transport:
                 if reused and request.replayable and not fresh:
                     guard.release(conn.sock)
                     conn.close()
-                    return self._start(request, guard, fresh=True)
+                    return self._start(request, guard, pool, fresh=True)
                 raise TransportError("the connection was closed before a reply") from None
             except OSError as e:
                 raise self._failure(e, guard) from None

@@ -242,6 +242,12 @@ class VaultClient:
         hand-offs. Each answer is the Secret, the error Vault's reply means, or None when
         that attempt settled nothing (no connection, a status worth retrying, a
         redirect): send that one again with read(), which retries and follows."""
+        replies = self.send_reads(endpoint, token=token, reads=reads, deadline=deadline)
+        return [None if reply is None else self.answer(read, reply) for read, reply in zip(reads, replies, strict=True)]
+
+    def send_reads(self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float) -> list[Reply | None]:
+        """read_many's replies as Vault sent them, not yet decoded (answer() does): a
+        caller that has seen the same bytes before may skip that."""
         if self._breaker(endpoint).refusal() is not None:
             return [None] * len(reads)
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -257,35 +263,40 @@ class VaultClient:
         started = time.monotonic()
         outcomes = self._transport.send_many(requests)
         elapsed = time.monotonic() - started
-        answers: list[Secret | VaultError | None] = []
+        replies: list[Reply | None] = []
         # The batch is one look at Vault: it tells the breaker once, not once per read.
         unreachable: NotConnected | None = None
         answered = False
         labels: dict[str, int] = {}
-        for read, outcome in zip(reads, outcomes, strict=True):
-            label = "error" if isinstance(outcome, TransportError) else str(outcome.status)
-            labels[label] = labels.get(label, 0) + 1
+        for outcome in outcomes:
             if isinstance(outcome, TransportError):
+                labels["error"] = labels.get("error", 0) + 1
                 if isinstance(outcome, NotConnected):
                     unreachable = unreachable or outcome
-                answers.append(None)
+                replies.append(None)
                 continue
+            label = str(outcome.status)
+            labels[label] = labels.get(label, 0) + 1
             answered = True
             if outcome.status in RETRY_STATUSES or (outcome.status in (307, 308) and outcome.location):
-                answers.append(None)
-                continue
-            try:
-                status, body, _ = self._decoded(read.method, read.path, outcome)
-                answers.append(_secret(read.method, read.path, status, body, "read"))
-            except VaultError as e:
-                answers.append(e)
+                replies.append(None)
+            else:
+                replies.append(outcome)
         for label, count in labels.items():
             self._count("read", label, elapsed, count)
         if answered:
             self._breaker(endpoint).record_success()
         elif unreachable is not None:
             self._breaker(endpoint, failed=True).record_failure(_cannot_reach(endpoint.target, unreachable))
-        return answers
+        return replies
+
+    def answer(self, read: Read, reply: Reply) -> Secret | VaultError:
+        """A reply from send_reads decoded: the Secret, or the error it means."""
+        try:
+            status, body, _ = self._decoded(read.method, read.path, reply)
+            return _secret(read.method, read.path, status, body, "read")
+        except VaultError as e:
+            return e
 
     def renew_lease(
         self, endpoint: Endpoint, *, token: str, lease_id: str, increment: int, deadline: float | None = None

@@ -6,6 +6,9 @@ import base64
 import hashlib
 import hmac
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from provider.config import SecretObject
 from provider.versions import object_json, object_version
 
@@ -53,3 +56,13 @@ def test_equal_contents_in_two_objects_get_different_versions() -> None:
     b = SecretObject(object_name="b", secret_path="p", secret_key="k")
     assert object_version(KEY, a, b"same") != object_version(KEY, b, b"same")
     assert object_version(KEY, a, b"same") != object_version(bytes(32), a, b"same")
+
+
+@given(key=st.binary(max_size=200), name=st.text(max_size=20), contents=st.binary(max_size=300))
+def test_the_version_is_hmac_sha256_for_any_key_and_contents(key: bytes, name: str, contents: bytes) -> None:
+    """Keys of any length (longer than SHA-256's block is hashed first), and a change of
+    key between calls (the kept keyed hashes are remade)."""
+    obj = SecretObject(object_name=name or "o", secret_path="p", secret_key="k")
+    for used in (key, KEY, key):
+        expected = hmac.new(used, object_json(obj) + contents, hashlib.sha256).digest()
+        assert object_version(used, obj, contents) == base64.urlsafe_b64encode(expected).decode()
