@@ -46,11 +46,15 @@ DEFAULT_RENEW_FRACTION = 2 / 3
 # Entries kept at most: 1,000 pods with five leased objects each, with room to spare;
 # a leased reply is a few KiB (a PKI certificate and key is the largest common one).
 DEFAULT_MAX_ENTRIES = 5000
-# A leased reply kept at most, in bytes of its JSON: a PKI certificate, its key and a long
-# chain take a few KiB. A class may name any Vault address, and one answering megabytes per
-# lease would have the cache hold gigabytes: a larger reply is served, not kept.
+# A leased reply kept at most, in bytes of its weight (its JSON, and VALUE_BYTES per
+# value): a PKI certificate, its key and a long chain weigh a few KiB. A class may name
+# any Vault address, and one answering megabytes per lease would have the cache hold
+# gigabytes: a heavier reply is served, not kept.
 MAX_KEPT_REPLY_BYTES = 64 * 1024
-# All kept replies together at most, in bytes of their JSON (5,000 certificates take about 15 MiB).
+# What each decoded value (and map key) holds in memory beyond its text: a Python object.
+# Counted, a list of 30,000 zeros (60 KiB of JSON, 2 MiB decoded) weighs what it holds.
+VALUE_BYTES = 64
+# All kept replies together at most, in bytes of weight (5,000 EC certificates weigh about 20 MiB).
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # A reply is kept at most this long whatever its lease and token say (Vault's default max
 # TTL): a lease of 2**63 seconds from a token without a TTL was kept for good.
@@ -60,11 +64,15 @@ MAX_KEPT_SECONDS = 32 * 24 * 3600.0
 # filling the cache would have every other team's credentials issued on each Mount.
 DEFAULT_NAMESPACE_SHARE = 0.25
 # How often expired entries are dropped, at most; and, when the cache or a namespace's share
-# is full, how often a purge is tried to make room (a purge walks every entry).
+# is full and a purge could make room, how often it is tried (a purge walks every entry).
 PURGE_INTERVAL_SECONDS = 30.0
 ROOM_PURGE_INTERVAL_SECONDS = 1.0
-# A namespace whose replies are not kept is warned about at most this often.
-NOT_KEPT_WARNING_INTERVAL_SECONDS = 30.0
+# A kept reply no Mount asked for this long may be dropped to make room: its pod is most
+# likely gone (kubelet remounts a live one every minute or two with rotation on), and
+# without -revoke-leases-of-deleted-pods nothing else would drop it before it expires.
+IDLE_SECONDS = 15 * 60.0
+# The same warning about one namespace is logged at most this often.
+WARNING_INTERVAL_SECONDS = 30.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,6 +114,7 @@ class _Entry:
 class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     entry: _Entry | None = None
+    used_at: float = 0.0  # monotonic: when a Mount last asked for it
     inflight: Future[Secret] | None = None
     dead: bool = False  # removed from the cache: whoever still holds it looks again
 
@@ -141,11 +150,13 @@ class LeaseCache:
         self._clock = clock
         self._wall_clock = wall_clock
         self._usage = _Usage(max_entries=max(max_entries, 1), max_bytes=max_bytes, namespace_share=namespace_share)
-        # Namespaces warned about lately: a class of a thousand leased objects would
-        # otherwise log a thousand lines per Mount once it is out of room.
-        self._warned: set[str] = set()
+        # Warnings given lately, by namespace and what they say: a class of a thousand leased
+        # objects would otherwise log a thousand lines per Mount once it is out of room.
+        self._warned: set[tuple[str, str]] = set()
         self._warn_again_at = 0.0
         self._room_purge_at = 0.0
+        # No kept reply expires before this (a bound: renewals only push expiries later).
+        self._earliest_expiry = float("inf")
         # Slots with an entry (a kept reply) are bounded by max_entries; slots without one
         # exist only while their request is in flight, and are removed when it ends.
         self._slots: OrderedDict[LeaseKey, _Slot] = OrderedDict()
@@ -189,14 +200,16 @@ class LeaseCache:
         a token's leases with it, so nothing issued with it is kept past that. `issuer`
         tells, after `issue`, which login issued the reply (kept for revocation).
         """
-        self.purge_if_due()
+        now = self._clock()
+        self.purge_if_due(now)
         while True:
             with self._lock:
                 slot = self._slots.get(key)
                 if slot is None:
                     slot = self._slots[key] = _Slot()
                 else:
-                    self._slots.move_to_end(key)
+                    self._slots.move_to_end(key)  # the least recently used first: see _could_free
+                slot.used_at = now
             with slot.lock:
                 if slot.dead:
                     continue  # emptied or purged since we looked it up: look again
@@ -237,31 +250,48 @@ class LeaseCache:
 
     def _keep(self, key: LeaseKey, slot: _Slot, entry: _Entry) -> bool:
         """Keep entry in slot if there is room, by count and bytes, in the cache and in the
-        pod's namespace's share; never by evicting a live one (its lease would be orphaned:
-        still valid in Vault, forgotten here). Expired entries are dropped to make room."""
-        if entry.size > MAX_KEPT_REPLY_BYTES:
-            self._warn_not_kept(key, f"a leased reply of more than {MAX_KEPT_REPLY_BYTES} bytes is not kept")
-            return False
+        pod's namespace's share; never by evicting a reply in use (its lease would be
+        orphaned: still valid in Vault, forgotten here). Expired replies, and replies no
+        Mount asked for in IDLE_SECONDS, are dropped to make room."""
         namespace = key.pod_namespace
+        if entry.size > MAX_KEPT_REPLY_BYTES:
+            self._warn(
+                key,
+                "too large",
+                f"a leased reply weighing more than {MAX_KEPT_REPLY_BYTES} bytes (its JSON and {VALUE_BYTES} bytes "
+                "per value) is not kept: its pod gets new credentials on every Mount",
+            )
+            return False
         full = self._usage.take(namespace, entry.size)
+        if full and self._could_free():
+            self._purge(self._clock(), make_room=True)
+            full = self._usage.take(namespace, entry.size)
         if full:
-            now = self._clock()
-            with self._lock:
-                due = now >= self._room_purge_at
-                if due:
-                    self._room_purge_at = now + ROOM_PURGE_INTERVAL_SECONDS
-            if due:
-                self._purge(now)
-                full = self._usage.take(namespace, entry.size)
-        if full:
-            self._warn_not_kept(key, full)
+            self._warn(key, full[0], f"{full[1]}: new credentials are not kept, and are issued again on every Mount")
             return False
         with slot.lock:
-            if not slot.dead:  # the pod's entries were dropped (drop_pod) while this was issued
+            placed = not slot.dead  # dead: the pod's entries were dropped (drop_pod) while this was issued
+            if placed:
                 slot.entry = entry
-                return True
-        self._usage.give_back(namespace, entry.size)
-        return False
+        if not placed:
+            self._usage.give_back(namespace, entry.size)
+            return False
+        with self._lock:  # after the slot's lock, not inside it: _purge takes them the other way
+            self._earliest_expiry = min(self._earliest_expiry, entry.expires_at)
+        return True
+
+    def _could_free(self) -> bool:
+        """Whether a purge could make room now (a reply expired or idle), tried at most every
+        ROOM_PURGE_INTERVAL_SECONDS: a purge walks every entry with the cache locked."""
+        now = self._clock()
+        with self._lock:
+            if now < self._room_purge_at:
+                return False
+            oldest = next(iter(self._slots.values()), None)  # the least recently used
+            if now < self._earliest_expiry and (oldest is None or now - oldest.used_at < IDLE_SECONDS):
+                return False
+            self._room_purge_at = now + ROOM_PURGE_INTERVAL_SECONDS
+            return True
 
     def _drop(self, key: LeaseKey, slot: _Slot) -> None:
         """Forget slot's reply (the caller holds slot.lock)."""
@@ -269,24 +299,23 @@ class LeaseCache:
             self._usage.give_back(key.pod_namespace, slot.entry.size)
             slot.entry = None
 
-    def _warn_not_kept(self, key: LeaseKey, why: str) -> None:
-        """Warn about a namespace at most every NOT_KEPT_WARNING_INTERVAL_SECONDS: the
-        metric counts every reply not kept."""
+    def _warn(self, key: LeaseKey, kind: str, why: str) -> None:
+        """Warn about a namespace's `kind` of trouble at most every WARNING_INTERVAL_SECONDS:
+        the metric counts every occurrence."""
         now = self._clock()
         with self._lock:
             if now >= self._warn_again_at:
                 self._warned.clear()
-                self._warn_again_at = now + NOT_KEPT_WARNING_INTERVAL_SECONDS
-            if key.pod_namespace in self._warned:
+                self._warn_again_at = now + WARNING_INTERVAL_SECONDS
+            if (key.pod_namespace, kind) in self._warned:
                 return
-            self._warned.add(key.pod_namespace)
+            self._warned.add((key.pod_namespace, kind))
         logger.warning(
-            "%s: credentials for pod %s/%s are not kept and will be issued again on its next Mount "
-            '(said once per namespace every %.0f s; leases_total{event="not_kept"} counts every one)',
+            "%s (pod %s/%s; said once per namespace every %.0f s)",
             why,
             key.pod_namespace,
             key.pod_name,
-            NOT_KEPT_WARNING_INTERVAL_SECONDS,
+            WARNING_INTERVAL_SECONDS,
         )
 
     def _usable(self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret]) -> Secret | None:
@@ -315,9 +344,7 @@ class LeaseCache:
         try:
             renewed = renew(entry.lease_id, increment)
         except ProviderError as e:
-            logger.warning(
-                "renewing a lease for pod %s/%s failed; issuing new credentials: %s", key.pod_namespace, key.pod_name, e
-            )
+            self._warn(key, "renewal failed", f"renewing a lease failed ({e}); new credentials are issued instead")
             self._drop(key, slot)
             self._metrics.leases.labels("reissued").inc()
             return None
@@ -344,7 +371,9 @@ class LeaseCache:
             return None
         lifetime = min(lifetime, MAX_KEPT_SECONDS)
         life = min(lifetime, not_after - now)
-        size = gojson.encoded_size(secret.body, MAX_KEPT_REPLY_BYTES)  # stops counting past the cap
+        # Both walks stop once past the cap.
+        size = gojson.encoded_size(secret.body, MAX_KEPT_REPLY_BYTES)
+        size += VALUE_BYTES * _values(secret.body, MAX_KEPT_REPLY_BYTES // VALUE_BYTES)
         if size <= MAX_KEPT_REPLY_BYTES:  # a larger one is not kept (fetch): nothing to share
             _share_long_strings(secret.body)
         return _Entry(
@@ -359,26 +388,47 @@ class LeaseCache:
             size=size,
         )
 
-    def purge_if_due(self) -> None:
+    def purge_if_due(self, now: float | None = None) -> None:
         """Drop expired entries, at most every PURGE_INTERVAL_SECONDS."""
-        now = self._clock()
+        now = self._clock() if now is None else now
         if now >= self._next_purge:
             self._purge(now)
 
-    def _purge(self, now: float) -> None:
-        """Drop expired entries. A slot busy with a fetch is skipped, never raced."""
+    def _purge(self, now: float, *, make_room: bool = False) -> None:
+        """Drop expired entries, and with make_room idle ones too. A slot busy with a fetch
+        is skipped, never raced."""
+        idle_before = now - IDLE_SECONDS if make_room else float("-inf")
+        idle: list[LeaseKey] = []
         with self._lock:
             self._next_purge = now + PURGE_INTERVAL_SECONDS
+            earliest = float("inf")
             for key, slot in list(self._slots.items()):
                 if not slot.lock.acquire(blocking=False):
                     continue
                 try:
-                    if slot.inflight is None and (slot.entry is None or slot.entry.expires_at <= now):
+                    entry = slot.entry
+                    if slot.inflight is None and (
+                        entry is None or entry.expires_at <= now or slot.used_at < idle_before
+                    ):
+                        if entry is not None and entry.expires_at > now:
+                            idle.append(key)
                         slot.dead = True
                         self._drop(key, slot)
                         del self._slots[key]
+                    elif entry is not None:
+                        earliest = min(earliest, entry.expires_at)
                 finally:
                     slot.lock.release()
+            self._earliest_expiry = earliest
+        if idle:
+            namespaces = sorted({key.pod_namespace for key in idle})
+            logger.warning(
+                "dropped %d kept credentials no Mount asked for in %.0f s, to make room (namespaces %s): their "
+                "leases are no longer revoked with their pods, and expire in Vault on their own",
+                len(idle),
+                IDLE_SECONDS,
+                ", ".join(namespaces[:10]) + (f" and {len(namespaces) - 10} more" if len(namespaces) > 10 else ""),
+            )
 
     def pods(self) -> set[tuple[str, str, str]]:
         """(uid, namespace, name) of every pod with an entry."""
@@ -408,7 +458,8 @@ class _Usage:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._namespace_entries = max(int(max_entries * namespace_share), 1)
-        self._namespace_bytes = int(max_bytes * namespace_share)
+        # At least one reply of the largest kept (a tiny share would keep nothing at all).
+        self._namespace_bytes = max(int(max_bytes * namespace_share), min(MAX_KEPT_REPLY_BYTES, max_bytes))
         self._entries = 0
         self._bytes = 0
         self._by_namespace: dict[str, list[int]] = {}  # namespace: [entries, bytes], while it keeps any
@@ -417,26 +468,32 @@ class _Usage:
     def __len__(self) -> int:
         return self._entries
 
-    def take(self, namespace: str, size: int) -> str:
-        """Count one more reply of `size` bytes for namespace if there is room ("");
-        otherwise say what is full."""
+    def take(self, namespace: str, size: int) -> tuple[str, str] | None:
+        """Count one more reply of `size` bytes for namespace if there is room (None);
+        otherwise say what is full: what kind of trouble, and in words."""
         with self._lock:
             entries, used = self._by_namespace.get(namespace, (0, 0))
-            if self._entries >= self._max_entries or self._bytes + size > self._max_bytes:
-                return (
-                    f"lease cache full ({self._entries} kept replies of {self._max_entries}, -lease-cache-size; "
-                    f"{self._bytes} bytes of {self._max_bytes})"
+            if self._entries >= self._max_entries:
+                return "cache full", f"the lease cache is full ({self._entries} kept replies, -lease-cache-size)"
+            if self._bytes + size > self._max_bytes:
+                return "cache full", (
+                    f"the lease cache is full by weight ({self._bytes} of {self._max_bytes} bytes; a reply weighs "
+                    f"its JSON and {VALUE_BYTES} bytes per value)"
                 )
-            if entries >= self._namespace_entries or used + size > self._namespace_bytes:
-                return (
-                    f"namespace {namespace} holds its share of the lease cache ({entries} kept replies of "
-                    f"{self._namespace_entries}, {used} bytes of {self._namespace_bytes}; "
-                    "-lease-cache-namespace-share)"
+            if entries >= self._namespace_entries:
+                return "share full", (
+                    f"namespace {namespace} holds its share of the lease cache ({entries} kept replies, "
+                    "-lease-cache-namespace-share of -lease-cache-size)"
+                )
+            if used + size > self._namespace_bytes:
+                return "share full", (
+                    f"namespace {namespace} holds its share of the lease cache by weight ({used} of "
+                    f"{self._namespace_bytes} bytes, -lease-cache-namespace-share)"
                 )
             self._entries += 1
             self._bytes += size
             self._by_namespace[namespace] = [entries + 1, used + size]
-            return ""
+            return None
 
     def give_back(self, namespace: str, size: int) -> None:
         with self._lock:
@@ -485,3 +542,18 @@ def _share_long_strings(value: Any) -> None:
                     item[index] = sys.intern(inner)
                 elif isinstance(inner, dict | list):
                     pending.append(inner)
+
+
+def _values(value: Any, limit: int) -> int:
+    """How many values (map keys too) a decoded reply holds; counting stops past limit."""
+    count = 0
+    pending = [value]
+    while pending and count <= limit:
+        item = pending.pop()
+        count += 1
+        if isinstance(item, dict):
+            count += len(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return count

@@ -234,7 +234,7 @@ class _LastMount:
     again. The pod's own reads are still sent each time, with its own token (a revoked
     token, a changed policy or secret all show at once); a plan is one pod's parse."""
 
-    replies: tuple[tuple[bytes, str], ...]
+    replies: tuple[tuple[int, str, bytes], ...]  # status, content type, bytes past the request_id
     key: bytes | None
     files: tuple[MountedFile, ...]
 
@@ -242,9 +242,9 @@ class _LastMount:
         """Whether these replies (every one of the plan's requests') are the remembered ones."""
         if key != self.key or len(replies) != len(self.replies):
             return False
-        for request, (remembered, content_type) in zip(plan.distinct, self.replies, strict=True):
+        for request, remembered in zip(plan.distinct, self.replies, strict=True):
             reply = replies.get(request)
-            if reply is None or reply.content_type != content_type or _past_request_id(reply.body) != remembered:
+            if reply is None or _remembered_reply(reply) != remembered:
                 return False
         return True
 
@@ -263,8 +263,8 @@ def _remembered(
     plan: MountPlan, replies: Mapping[SecretRequest, Reply], key: bytes | None, files: tuple[MountedFile, ...]
 ) -> _LastMount | None:
     """The plan's last Mount as kept; None when it is too large to keep."""
-    kept = tuple((_past_request_id(replies[request].body), replies[request].content_type) for request in plan.distinct)
-    size = sum(len(body) for body, _ in kept) + sum(len(file.contents) for file in files)
+    kept = tuple(_remembered_reply(replies[request]) for request in plan.distinct)
+    size = sum(len(body) for _, _, body in kept) + sum(len(file.contents) for file in files)
     return _LastMount(replies=kept, key=key, files=files) if size <= REMEMBERED_BYTES else None
 
 
@@ -272,10 +272,12 @@ def _remembered(
 _REQUEST_ID = re.compile(rb'\{"request_id":"[0-9a-fA-F-]{1,64}",')
 
 
-def _past_request_id(body: bytes) -> bytes:
-    """A reply's bytes without its leading request_id (all of them if it has none)."""
+def _remembered_reply(reply: Reply) -> tuple[int, str, bytes]:
+    """What of a reply decides the files: its status, content type, and bytes without the
+    leading request_id (all of them if it has none)."""
+    body = reply.body
     start = _REQUEST_ID.match(body)
-    return body[start.end() :] if start is not None else body
+    return reply.status, reply.content_type, body[start.end() :] if start is not None else body
 
 
 class Mounter:

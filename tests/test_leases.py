@@ -10,11 +10,14 @@ import time
 import pytest
 
 from provider import gojson
+from provider.errors import VaultUnreachable
 from provider.leases import (
+    IDLE_SECONDS,
     MAX_KEPT_REPLY_BYTES,
     MAX_KEPT_SECONDS,
-    NOT_KEPT_WARNING_INTERVAL_SECONDS,
     PURGE_INTERVAL_SECONDS,
+    ROOM_PURGE_INTERVAL_SECONDS,
+    WARNING_INTERVAL_SECONDS,
     LeaseCache,
     LeaseKey,
 )
@@ -153,9 +156,9 @@ def test_one_namespace_keeps_at_most_its_share_and_the_others_keep_theirs() -> N
     assert [fetches(cache, f"greedy-{i}", leased(i), "greedy") for i in range(5)] == [1, 1, 2, 2, 2]
     assert [fetches(cache, f"quiet-{i}", leased(i), "quiet") for i in range(2)] == [1, 1]
     assert len(cache) == 4 and metrics.leases.labels("not_kept")._value.get() == 6
-    by_bytes = LeaseCache(metrics=Metrics(), max_bytes=40_000, namespace_share=0.25)  # 10,000 bytes each
-    assert [fetches(by_bytes, f"greedy-{i}", padded(i, 4000), "greedy") for i in range(3)] == [1, 1, 2]
-    assert fetches(by_bytes, "quiet", padded(9, 4000), "quiet") == 1
+    by_bytes = LeaseCache(metrics=Metrics(), max_bytes=400_000, namespace_share=0.25)  # 100,000 bytes each
+    assert [fetches(by_bytes, f"greedy-{i}", padded(i, 40_000), "greedy") for i in range(3)] == [1, 1, 2]
+    assert fetches(by_bytes, "quiet", padded(9, 40_000), "quiet") == 1
 
 
 def test_a_namespaces_share_comes_back_as_its_replies_go() -> None:
@@ -207,12 +210,12 @@ def test_replies_not_kept_are_warned_about_once_per_namespace_a_while(caplog: py
             fetches(cache, f"greedy-{i}", leased(i), "greedy")
         fetches(cache, "other", leased(100), "other")
         fetches(cache, "other-2", leased(101), "other")
-        clock[0] += NOT_KEPT_WARNING_INTERVAL_SECONDS
+        clock[0] += WARNING_INTERVAL_SECONDS
         fetches(cache, "greedy-late", leased(200), "greedy")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3, lines
-    assert lines[0].startswith("namespace greedy holds its share of the lease cache (1 kept replies of 1, ")
-    assert "-lease-cache-namespace-share" in lines[0] and "pod greedy/greedy-1 " in lines[0]
+    assert lines[0].startswith("namespace greedy holds its share of the lease cache (1 kept replies, ")
+    assert "-lease-cache-namespace-share" in lines[0] and "(pod greedy/greedy-1;" in lines[0]
     assert "namespace other holds its share" in lines[1] and "namespace greedy" in lines[2]
 
 
@@ -224,3 +227,83 @@ def test_no_reply_is_kept_past_the_longest_time_vault_grants() -> None:
     assert fetches(cache, "pod", reply) == 1
     clock[0] = MAX_KEPT_SECONDS * 0.9
     assert fetches(cache, "pod", reply) == 1  # past 2/3 of its kept life: issued again once
+
+
+def test_a_reply_weighs_its_values_not_only_its_text() -> None:
+    """30,000 zeros are 60 KiB of JSON and 2 MiB decoded: a namespace's 8 MiB share of
+    such replies held 226 MiB. Each value now weighs what it holds."""
+    cache = LeaseCache(metrics=Metrics())
+    zeros = Secret(
+        body={
+            "lease_id": "db/creds/app/zeros",
+            "lease_duration": gojson.Number("1000000"),
+            "data": {"z": [gojson.Number("0")] * 30_000},
+        }
+    )
+    assert gojson.encoded_size(zeros.body, MAX_KEPT_REPLY_BYTES) < MAX_KEPT_REPLY_BYTES
+    assert fetches(cache, "zeros", zeros) == 2
+    assert fetches(cache, "few", padded(1, 100)) == 1
+
+
+def test_a_tiny_share_still_keeps_a_reply() -> None:
+    cache = LeaseCache(metrics=Metrics(), namespace_share=1e-6)
+    assert fetches(cache, "one", padded(1, 1000)) == 1
+
+
+def test_a_refused_reply_walks_the_cache_only_when_a_walk_could_make_room() -> None:
+    """A namespace at its share walked every entry, with the cache locked, once a second."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=400, namespace_share=0.25, clock=lambda: clock[0])
+    for i in range(100):
+        fetches(cache, f"kept-{i}", leased(i))
+    walks = []
+    real = cache._purge
+    cache._purge = lambda now, make_room=False: (
+        (  # type: ignore[method-assign]
+            walks.append(now) if make_room else None
+        )
+        or real(now, make_room=make_room)
+    )
+    for i in range(50):
+        clock[0] += 2 * ROOM_PURGE_INTERVAL_SECONDS
+        assert fetches(cache, f"refused-{i}", leased(1000 + i)) == 2
+    assert walks == []
+    clock[0] += IDLE_SECONDS  # now the first hundred are idle: one walk makes room
+    assert fetches(cache, "late", leased(2000)) == 1 and len(walks) == 1
+
+
+def test_replies_idle_for_long_make_room_for_a_namespaces_live_pods(caplog: pytest.LogCaptureFixture) -> None:
+    """Without the revocation sweep, gone pods' credentials filled a namespace's share
+    until they expired, and every live pod's were then issued on each Mount."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=8, namespace_share=0.25, clock=lambda: clock[0])
+    assert [fetches(cache, f"gone-{i}", leased(i), "batch") for i in range(2)] == [1, 1]
+    clock[0] += IDLE_SECONDS / 2
+    assert fetches(cache, "live", leased(10), "batch") == 2  # the gone ones are not idle long enough yet
+    clock[0] += IDLE_SECONDS / 2 + ROOM_PURGE_INTERVAL_SECONDS
+    with caplog.at_level(logging.WARNING, logger="provider.leases"):
+        assert fetches(cache, "live", leased(11), "batch") == 1
+    assert any("dropped 2 kept credentials no Mount asked for" in r.getMessage() for r in caplog.records)
+    assert cache.pods() == {("live", "batch", "live")}
+
+
+def test_each_kind_of_warning_is_said_and_each_is_said_once_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=4, namespace_share=0.25, clock=lambda: clock[0])
+    failing = Secret(body={"lease_id": "db/creds/app/f", "lease_duration": gojson.Number("3"), "renewable": True})
+
+    def renew(lease: str, increment: int) -> Secret:
+        raise VaultUnreachable("Vault did not answer")
+
+    with caplog.at_level(logging.WARNING, logger="provider.leases"):
+        fetches(cache, "big", padded(1, MAX_KEPT_REPLY_BYTES), "ns")
+        fetches(cache, "kept", leased(2), "ns")
+        fetches(cache, "over", leased(3), "ns")
+        for _ in range(10):  # a Vault whose renewals fail: said once, not once per Mount
+            clock[0] += 2.5
+            cache.fetch(key("renewing", "other"), issue=lambda: failing, renew=renew, deadline=1e9)
+    said = [r.getMessage().split(":")[0] for r in caplog.records]
+    assert len(said) == 3, said
+    assert said[0].startswith("a leased reply weighing more than")
+    assert said[1].startswith("namespace ns holds its share")
+    assert said[2].startswith("renewing a lease failed (Vault did not answer)")

@@ -186,12 +186,14 @@ def faked(world: VaultWorld, tmp_path: Any) -> Iterator[tuple[ProviderClient, Fa
         proxy.close()
 
 
-def answering(proxy: FaultProxy, path: str, body: bytes, content_type: str = "application/json") -> None:
+def answering(
+    proxy: FaultProxy, path: str, body: bytes, content_type: str = "application/json", status: int = 200
+) -> None:
     proxy.clear()
-    proxy.add(Rule("GET", path, status=200, body=body, headers={"Content-Type": content_type}))
+    proxy.add(Rule("GET", path, status=status, body=body, headers={"Content-Type": content_type}))
 
 
-def test_only_the_same_bytes_and_content_type_are_answered_from_memory(
+def test_only_the_same_status_bytes_and_content_type_are_answered_from_memory(
     faked: tuple[ProviderClient, FaultProxy, Decodes], world: VaultWorld, unique: str
 ) -> None:
     client, proxy, decodes = faked
@@ -211,6 +213,12 @@ def test_only_the_same_bytes_and_content_type_are_answered_from_memory(
         mount()
     answering(proxy, path, reply("v"))  # another request_id, the rest the same
     assert decodes.during(mount) == 0
+    answering(proxy, path, reply("v"), status=404)  # the same bytes, but not found
+    with pytest.raises(grpc.RpcError) as missing:
+        mount()
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    answering(proxy, path, reply("v"))
+    assert decodes.during(mount) == 0  # remembered still: a failed Mount forgets nothing
     answering(proxy, path, reply("v"), content_type="text/plain")
     assert decodes.during(mount) == 1
     answering(proxy, path, reply("w"))
