@@ -32,12 +32,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from provider.breaker import EndpointKey
 from provider.errors import MountRejected, ProviderError
+from provider.threads import Threads
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,14 @@ class Admission:
         self._waiters: list[_Waiter] = []
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.executor = ThreadPoolExecutor(max_workers=total, thread_name_prefix="mount")
+        self.threads = Threads(total, name="mount")
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop Mounts wait on; wake() schedules work there from any thread."""
         self._loop = loop
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
 
     @property
     def running(self) -> int:
@@ -176,17 +177,22 @@ class Admission:
                 return None
             self._take(lane)
 
-        def run() -> T:
+        borrowed: Future[T] = Future()
+
+        def run() -> None:
             try:
-                return fn()
+                borrowed.set_result(fn())
+            except BaseException as e:
+                borrowed.set_exception(e)
             finally:
                 self.release(lane)
 
         try:
-            return self.executor.submit(run)
+            self.threads.submit(run)
         except RuntimeError:  # shut down: the caller does the work itself
             self.release(lane)
             return None
+        return borrowed
 
     def release(self, lane: Lane) -> None:
         with self._lock:

@@ -54,6 +54,11 @@ class Dispatched:
     endpoint: EndpointKey
     plan: MountPlan | None = None
 
+    @functools.cached_property
+    def lane(self) -> Lane:
+        """What its Mounts count against (admission): made once per kept parse."""
+        return Lane(tenant=self.route.tenant, endpoint=self.endpoint, namespace=self.route.tenant[0])
+
 
 class ParsedMounts:
     """The parse of each recent Mount request, keyed by the request itself.
@@ -154,7 +159,7 @@ class MountDispatcher:
         probe = verdict is Verdict.PROBE
         try:
             ticket = await self._admission.enter(
-                Lane(tenant=dispatched.route.tenant, endpoint=endpoint, namespace=dispatched.route.tenant[0]),
+                dispatched.lane,
                 deadline=deadline,
                 refusal=(lambda: None) if probe else self._refusal(endpoint),
             )
@@ -172,7 +177,7 @@ class MountDispatcher:
         answer: asyncio.Future[MountResult] = loop.create_future()
         job = functools.partial(self._run, request, dispatched, deadline, ticket, breaker if probe else None)
         try:
-            self._admission.executor.submit(_answering, loop, answer, job)
+            self._admission.threads.submit(functools.partial(_answering, loop, answer, job))
         except RuntimeError:  # shutting down
             ticket.release()
             raise MountRejected(STOPPING) from None

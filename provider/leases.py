@@ -155,8 +155,11 @@ class LeaseCache:
         self._warned: set[tuple[str, str]] = set()
         self._warn_again_at = 0.0
         self._room_purge_at = 0.0
-        # No kept reply expires before this (a bound: renewals only push expiries later).
+        # No kept reply expires before this (a bound: renewals only push expiries later), and
+        # per namespace, none expires nor was last used before these: what tells whether a
+        # purge could make room (_could_free). Made exact by each purge.
         self._earliest_expiry = float("inf")
+        self._namespace_bounds: dict[str, tuple[float, float]] = {}
         # Slots with an entry (a kept reply) are bounded by max_entries; slots without one
         # exist only while their request is in flight, and are removed when it ends.
         self._slots: OrderedDict[LeaseKey, _Slot] = OrderedDict()
@@ -263,8 +266,9 @@ class LeaseCache:
             )
             return False
         full = self._usage.take(namespace, entry.size)
-        if full and self._could_free():
-            self._purge(self._clock(), make_room=True)
+        if full and self._could_free(None if full[0] == "cache full" else namespace):
+            # Out of its share, a namespace makes room only among its own replies.
+            self._purge(self._clock(), make_room=True, namespace=None if full[0] == "cache full" else namespace)
             full = self._usage.take(namespace, entry.size)
         if full:
             self._warn(key, full[0], f"{full[1]}: new credentials are not kept, and are issued again on every Mount")
@@ -278,17 +282,26 @@ class LeaseCache:
             return False
         with self._lock:  # after the slot's lock, not inside it: _purge takes them the other way
             self._earliest_expiry = min(self._earliest_expiry, entry.expires_at)
+            expiry, use = self._namespace_bounds.get(namespace, (float("inf"), float("inf")))
+            self._namespace_bounds[namespace] = (min(expiry, entry.expires_at), min(use, slot.used_at))
         return True
 
-    def _could_free(self) -> bool:
-        """Whether a purge could make room now (a reply expired or idle), tried at most every
-        ROOM_PURGE_INTERVAL_SECONDS: a purge walks every entry with the cache locked."""
+    def _could_free(self, namespace: str | None) -> bool:
+        """Whether a purge could make room now: a reply expired, or one idle in namespace
+        (None: in any). Tried at most every ROOM_PURGE_INTERVAL_SECONDS: a purge walks
+        every entry with the cache locked."""
         now = self._clock()
         with self._lock:
             if now < self._room_purge_at:
                 return False
-            oldest = next(iter(self._slots.values()), None)  # the least recently used
-            if now < self._earliest_expiry and (oldest is None or now - oldest.used_at < IDLE_SECONDS):
+            if namespace is None:
+                oldest = next(iter(self._slots.values()), None)  # the least recently used
+                used = oldest.used_at if oldest is not None else float("inf")
+                expiry = self._earliest_expiry
+            else:
+                expiry, used = self._namespace_bounds.get(namespace, (float("inf"), float("inf")))
+                expiry = min(expiry, self._earliest_expiry)
+            if now < expiry and now - used < IDLE_SECONDS:
                 return False
             self._room_purge_at = now + ROOM_PURGE_INTERVAL_SECONDS
             return True
@@ -394,32 +407,37 @@ class LeaseCache:
         if now >= self._next_purge:
             self._purge(now)
 
-    def _purge(self, now: float, *, make_room: bool = False) -> None:
-        """Drop expired entries, and with make_room idle ones too. A slot busy with a fetch
-        is skipped, never raced."""
+    def _purge(self, now: float, *, make_room: bool = False, namespace: str | None = None) -> None:
+        """Drop expired entries; with make_room, idle ones too, of namespace (None: of any).
+        A slot busy with a fetch is skipped, never raced (its reply still counts in the
+        bounds _could_free reads)."""
         idle_before = now - IDLE_SECONDS if make_room else float("-inf")
         idle: list[LeaseKey] = []
+        earliest = float("inf")
+        bounds: dict[str, tuple[float, float]] = {}
         with self._lock:
             self._next_purge = now + PURGE_INTERVAL_SECONDS
-            earliest = float("inf")
             for key, slot in list(self._slots.items()):
-                if not slot.lock.acquire(blocking=False):
-                    continue
-                try:
-                    entry = slot.entry
-                    if slot.inflight is None and (
-                        entry is None or entry.expires_at <= now or slot.used_at < idle_before
-                    ):
-                        if entry is not None and entry.expires_at > now:
-                            idle.append(key)
-                        slot.dead = True
-                        self._drop(key, slot)
-                        del self._slots[key]
-                    elif entry is not None:
-                        earliest = min(earliest, entry.expires_at)
-                finally:
-                    slot.lock.release()
+                entry = slot.entry
+                if slot.lock.acquire(blocking=False):
+                    try:
+                        entry = slot.entry
+                        idle_here = slot.used_at < idle_before and namespace in (None, key.pod_namespace)
+                        if slot.inflight is None and (entry is None or entry.expires_at <= now or idle_here):
+                            if entry is not None and entry.expires_at > now:
+                                idle.append(key)
+                            slot.dead = True
+                            self._drop(key, slot)
+                            del self._slots[key]
+                            continue
+                    finally:
+                        slot.lock.release()
+                if entry is not None:
+                    earliest = min(earliest, entry.expires_at)
+                    expiry, use = bounds.get(key.pod_namespace, (float("inf"), float("inf")))
+                    bounds[key.pod_namespace] = (min(expiry, entry.expires_at), min(use, slot.used_at))
             self._earliest_expiry = earliest
+            self._namespace_bounds = bounds
         if idle:
             namespaces = sorted({key.pod_namespace for key in idle})
             logger.warning(

@@ -40,6 +40,9 @@ class Metrics:
         self.mounts_in_flight = Gauge(
             "vault_csi_provider_mounts_in_flight", "Mount requests being answered now.", registry=r
         )
+        # Counted by the servicers, all on the one event loop: a plain int, no lock per Mount.
+        self.in_flight = 0
+        self.mounts_in_flight.set_function(lambda: self.in_flight)
         self.vault_requests = Counter(
             "vault_csi_provider_vault_requests",
             "Requests sent to Vault, by operation and HTTP status.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 import threading
 import weakref
 from collections import deque
@@ -17,7 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from provider import render
@@ -58,9 +59,12 @@ MAX_PREFETCH_PER_BATCH = 16
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
-# Bytes of replies and files a plan remembers of its last Mount, at most (MountPlan.last):
-# a few KV secrets. The parse cache keeps PARSED_ENTRIES plans.
+# Bytes of memory a plan's remembered last Mount may hold (MountPlan.memory): ten KV
+# secrets and their files take about 7 KiB. The parse cache keeps at most 512 plans a
+# socket (dispatch.PARSED_ENTRIES): 4 MiB at worst.
 REMEMBERED_BYTES = 8 * 1024
+# What each remembered reply holds beside its bytes: its record and the tuple slot.
+REPLY_OVERHEAD_BYTES = 120
 
 
 class Lanes(Protocol):
@@ -86,7 +90,7 @@ class MountRequest:
     permission: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MountedFile:
     path: str
     mode: int
@@ -158,7 +162,9 @@ class MountPlan:
     the pod's identity, each object's request and the pod's lease key for each. Kept
     with the parse (dispatch.ParsedMounts), so a warm Mount does none of it again. Beside
     the parse (which holds the pod's service-account token, as a kept parse did) it holds
-    keys only: no Vault token, no reply."""
+    no Vault token; it remembers its last Mount's plain-read replies and files (`memory`,
+    at most REMEMBERED_BYTES, forgotten when a Mount fails), so those secret values stay in
+    memory as long as the parse is kept, as its service-account token does."""
 
     config: MountConfig
     endpoint: Endpoint
@@ -167,8 +173,8 @@ class MountPlan:
     distinct: tuple[SecretRequest, ...]  # each request once, in the objects' order
     reads: Mapping[SecretRequest, Read]  # the plain reads (GET or LIST, no body), as sent together
     lease_keys: Mapping[SecretRequest, LeaseKey]  # empty without an identity
-    # Whether the files can be remembered (MountPlan.last): none is a whole reply, whose
-    # file holds the request_id Vault makes anew for every request.
+    # Whether the files can be remembered (memory): none is a whole reply, whose file
+    # holds the request_id Vault makes anew for every request.
     rememberable: bool = True
     # Requests whose last reply the lease cache did not keep (a KV secret): a lone one is
     # read ahead (Mounter._prefetch). Set and cleared by Mounts of this parse.
@@ -225,18 +231,27 @@ class MountPlan:
         )
 
 
+class _Reply(NamedTuple):
+    """What of a reply decides the files made from it."""
+
+    status: int
+    json_typed: bool  # its Content-Type names JSON: then a body that is not JSON fails the read
+    json: bool  # it decoded as JSON: its leading request_id (new for every request) is left out
+    rest: bytes  # the body, without that request_id
+
+
 @dataclass(frozen=True, slots=True)
 class _LastMount:
     """What a plan's last Mount answered, kept when every reply was a plain read (a KV
-    secret) and all is small: each reply's bytes past the request_id Vault makes anew per
-    request, with its content type; the HMAC key; the files. A warm Mount whose replies are
-    the same bytes answers the same files without decoding, rendering or hashing them
-    again. The pod's own reads are still sent each time, with its own token (a revoked
-    token, a changed policy or secret all show at once); a plan is one pod's parse."""
+    secret) and all is small: each reply as _Reply, the HMAC key, the files. A warm Mount
+    whose replies are the same answers the same files without decoding, rendering or
+    hashing them again. The pod's own reads are still sent each time, with its own token
+    (a revoked token, a changed policy or secret all show at once); a plan is one pod's
+    parse. Nothing here is printed: its replies and files hold secret values."""
 
-    replies: tuple[tuple[int, str, bytes], ...]  # status, content type, bytes past the request_id
-    key: bytes | None
-    files: tuple[MountedFile, ...]
+    replies: tuple[_Reply, ...] = field(repr=False)
+    key: bytes | None = field(repr=False)
+    files: tuple[MountedFile, ...] = field(repr=False)
 
     def answers(self, replies: Mapping[SecretRequest, Reply], plan: MountPlan, key: bytes | None) -> bool:
         """Whether these replies (every one of the plan's requests') are the remembered ones."""
@@ -244,7 +259,7 @@ class _LastMount:
             return False
         for request, remembered in zip(plan.distinct, self.replies, strict=True):
             reply = replies.get(request)
-            if reply is None or _remembered_reply(reply) != remembered:
+            if reply is None or _remembered_reply(reply, json=remembered.json) != remembered:
                 return False
         return True
 
@@ -260,24 +275,43 @@ class _Memory:
 
 
 def _remembered(
-    plan: MountPlan, replies: Mapping[SecretRequest, Reply], key: bytes | None, files: tuple[MountedFile, ...]
+    plan: MountPlan,
+    replies: Mapping[SecretRequest, Reply],
+    secrets: Mapping[SecretRequest, Secret | ProviderError],
+    key: bytes | None,
+    files: tuple[MountedFile, ...],
 ) -> _LastMount | None:
-    """The plan's last Mount as kept; None when it is too large to keep."""
-    kept = tuple(_remembered_reply(replies[request]) for request in plan.distinct)
-    size = sum(len(body) for _, _, body in kept) + sum(len(file.contents) for file in files)
+    """The plan's last Mount as kept; None when what it holds in memory (the replies, the
+    files and their paths and versions, as Python objects) is over REMEMBERED_BYTES: ten
+    thousand empty files of an expandKeys object are megabytes of objects for no bytes."""
+    kept = tuple(_remembered_reply(replies[request], json=_decoded_json(secrets[request])) for request in plan.distinct)
+    size = sum(sys.getsizeof(reply.rest) + REPLY_OVERHEAD_BYTES for reply in kept)
+    for file in files:
+        size += sum(map(sys.getsizeof, (file, file.path, file.contents, file.version)))
+        if size > REMEMBERED_BYTES:
+            return None
     return _LastMount(replies=kept, key=key, files=files) if size <= REMEMBERED_BYTES else None
+
+
+def _decoded_json(outcome: Secret | ProviderError) -> bool:
+    return isinstance(outcome, Secret) and outcome.raw is None
 
 
 # Vault's reply starts with the request's own id: {"request_id":"<uuid>", then the rest.
 _REQUEST_ID = re.compile(rb'\{"request_id":"[0-9a-fA-F-]{1,64}",')
 
 
-def _remembered_reply(reply: Reply) -> tuple[int, str, bytes]:
-    """What of a reply decides the files: its status, content type, and bytes without the
-    leading request_id (all of them if it has none)."""
+def _remembered_reply(reply: Reply, *, json: bool) -> _Reply:
+    """What of a reply decides the files; a JSON one without its leading request_id (a
+    body that is not JSON goes into files as it is, every byte of it)."""
     body = reply.body
-    start = _REQUEST_ID.match(body)
-    return reply.status, reply.content_type, body[start.end() :] if start is not None else body
+    start = _REQUEST_ID.match(body) if json else None
+    return _Reply(
+        status=reply.status,
+        json_typed="json" in reply.content_type.lower(),
+        json=json,
+        rest=body[start.end() :] if start is not None else body,
+    )
 
 
 class Mounter:
@@ -336,6 +370,13 @@ class Mounter:
         return self.mount_plan(MountPlan.of(config), deadline=deadline, lanes=lanes)
 
     def mount_plan(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
+        try:
+            return self._mount(plan, deadline=deadline, lanes=lanes)
+        except ProviderError:
+            plan.memory.last = None  # a revoked token or policy, a missing secret: forget its values
+            raise
+
+    def _mount(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None) -> MountResult:
         config, endpoint = plan.config, plan.endpoint
         identity = _Identity(self, plan, deadline)
         identity.token()  # a refused login fails the whole Mount, not each object
@@ -384,7 +425,7 @@ class Mounter:
         answered = tuple(files)
         self._check_size(files)
         if plan.rememberable:
-            plan.memory.last = _remembered(plan, read_ahead, key, answered) if plain else None
+            plan.memory.last = _remembered(plan, read_ahead, outcomes, key, answered) if plain else None
         return MountResult(config=config, files=answered)
 
     def _fetch_all(

@@ -109,7 +109,7 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         )
         who = "-"
         failure: tuple[grpc.StatusCode, str] | None = None
-        self._metrics.mounts_in_flight.inc()
+        self._metrics.in_flight += 1
         try:
             dispatched = self._dispatcher.route(mount_request)
             who = f"{dispatched.route.pod} role={dispatched.route.role} vault={dispatched.endpoint.address}"
@@ -122,7 +122,7 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
             failure = grpc.StatusCode.INTERNAL, "internal error in the Vault provider; see its logs"
             self._finish(started, "error", failure[0], who, None, "internal error")
         finally:
-            self._metrics.mounts_in_flight.dec()  # before the answer leaves: metrics agree with it
+            self._metrics.in_flight -= 1  # before the answer leaves: metrics agree with it
         if failure is not None:
             await context.abort(*failure)
         self._finish(

@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -258,12 +259,13 @@ def test_a_refused_reply_walks_the_cache_only_when_a_walk_could_make_room() -> N
         fetches(cache, f"kept-{i}", leased(i))
     walks = []
     real = cache._purge
-    cache._purge = lambda now, make_room=False: (
-        (  # type: ignore[method-assign]
-            walks.append(now) if make_room else None
-        )
-        or real(now, make_room=make_room)
-    )
+
+    def purge(now: float, **kwargs: Any) -> None:
+        if kwargs.get("make_room"):
+            walks.append(now)
+        real(now, **kwargs)
+
+    cache._purge = purge  # type: ignore[method-assign]
     for i in range(50):
         clock[0] += 2 * ROOM_PURGE_INTERVAL_SECONDS
         assert fetches(cache, f"refused-{i}", leased(1000 + i)) == 2
@@ -307,3 +309,34 @@ def test_each_kind_of_warning_is_said_and_each_is_said_once_a_while(caplog: pyte
     assert said[0].startswith("a leased reply weighing more than")
     assert said[1].startswith("namespace ns holds its share")
     assert said[2].startswith("renewing a lease failed (Vault did not answer)")
+
+
+def test_a_namespace_out_of_its_share_makes_room_only_among_its_own_replies() -> None:
+    """It cannot gain from other namespaces' idle replies: dropping them took them out of
+    revocation with their pods, for nothing."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=40, namespace_share=0.25, clock=lambda: clock[0])
+    fetches(cache, "quiet", leased(1), "good")  # never remounted (rotation off)
+    clock[0] += IDLE_SECONDS + 1
+    for i in range(10):
+        fetches(cache, f"greedy-{i}", leased(100 + i), "greedy")  # its whole share, in use
+    clock[0] += ROOM_PURGE_INTERVAL_SECONDS
+    assert fetches(cache, "greedy-extra", leased(999), "greedy") == 2
+    assert ("quiet", "good", "quiet") in cache.pods()
+    clock[0] += IDLE_SECONDS  # now its own are idle: they make room for its new pod
+    assert fetches(cache, "greedy-new", leased(1000), "greedy") == 1
+
+
+def test_a_reply_busy_during_a_purge_still_counts_when_room_is_needed() -> None:
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=4, namespace_share=1.0, clock=lambda: clock[0])
+    short = Secret(body={"lease_id": "db/creds/app/s", "lease_duration": gojson.Number("60"), "data": {}})
+    fetches(cache, "short", short)
+    for i in range(3):
+        fetches(cache, f"long-{i}", leased(i))
+    slot = cache._slots[key("short")]
+    with slot.lock:  # a Mount renewing it: a Vault round trip under the slot's lock
+        clock[0] = 45.0
+        cache.purge_if_due()
+    clock[0] = 61.0  # the short one has expired: a purge makes room for a new reply
+    assert fetches(cache, "new", leased(50)) == 1

@@ -46,6 +46,12 @@ def kv2(world: VaultWorld, name: str, **values: str) -> None:
     world.bao.api("POST", f"secret/data/{name}", {"data": values})
 
 
+def kept_plans(client: ProviderClient) -> list[Any]:
+    """The plans of the parses the provider keeps (dispatch.ParsedMounts)."""
+    kept = client.app.dispatcher.parsed._kept._kept.values()
+    return [dispatched.plan for dispatched, _ in kept if dispatched.plan is not None]
+
+
 def remounter(client: ProviderClient, pod: Any, objects: list[dict[str, Any]], role: str) -> Any:
     """The pod's Mount as kubelet repeats it: the very same request (its token included),
     so its parse, and the plan that remembers, is kept."""
@@ -218,7 +224,7 @@ def test_only_the_same_status_bytes_and_content_type_are_answered_from_memory(
         mount()
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     answering(proxy, path, reply("v"))
-    assert decodes.during(mount) == 0  # remembered still: a failed Mount forgets nothing
+    assert decodes.during(mount) == 1  # a failed Mount forgets what it remembered
     answering(proxy, path, reply("v"), content_type="text/plain")
     assert decodes.during(mount) == 1
     answering(proxy, path, reply("w"))
@@ -227,3 +233,57 @@ def test_only_the_same_status_bytes_and_content_type_are_answered_from_memory(
     answering(proxy, path, reply("big", pad=9000))
     mount()
     assert decodes.during(mount) == 1
+
+
+def test_a_body_that_is_not_json_is_remembered_whole(
+    faked: tuple[ProviderClient, FaultProxy, Decodes], world: VaultWorld, unique: str
+) -> None:
+    """A reply that is not JSON goes into the file as it is: every byte of it decides."""
+    client, proxy, _ = faked
+    pod, _ = world.kv_pod(unique)
+    objects = [{"objectName": "ca", "secretPath": f"kv1/{unique}", "format": "pem-chain"}]
+    mount = remounter(client, pod, objects, unique)
+    path = f"/v1/kv1/{unique}"
+    answering(proxy, path, b'{"request_id":"aaaa",not json', "text/plain")
+    for _ in range(3):
+        assert files_of(mount())["ca"] == b'{"request_id":"aaaa",not json'
+    answering(proxy, path, b'{"request_id":"bbbb",not json', "text/plain")
+    assert files_of(mount())["ca"] == b'{"request_id":"bbbb",not json'
+
+
+def test_many_small_files_are_not_remembered(
+    faked: tuple[ProviderClient, FaultProxy, Decodes], world: VaultWorld, unique: str
+) -> None:
+    """Thousands of empty files weigh megabytes of objects for a few KiB of reply."""
+    client, proxy, decodes = faked
+    pod, _ = world.kv_pod(unique)
+    keys = [f"k{i}" for i in range(300)]
+    body = (
+        b'{"request_id":"%s",' % str(uuid.uuid4()).encode()
+        + json.dumps(
+            {"lease_id": "", "renewable": False, "lease_duration": 0, "data": dict.fromkeys(keys, "")}
+        ).encode()[1:]
+    )
+    answering(proxy, f"/v1/kv1/{unique}", body, content_type="application/json; " + "x" * 60_000)
+    objects = [{"objectName": f"o{i}", "secretPath": f"kv1/{unique}", "expandKeys": True} for i in range(4)]
+    mount = remounter(client, pod, objects, unique)
+    for _ in range(3):
+        assert len(mount().files) == 1200
+    assert decodes.during(mount) == 1
+    assert [plan.memory.last for plan in kept_plans(client)] == [None]
+
+
+def test_a_failed_mount_forgets_what_it_remembered(
+    provider: ProviderClient, world: VaultWorld, unique: str, decodes: Decodes
+) -> None:
+    """The values of a secret the pod may no longer read are not kept in memory."""
+    pod, objects = world.kv_pod(unique, value="s3cr3t-value")
+    mount = remounter(provider, pod, objects, unique)
+    for _ in range(3):
+        mount()
+    [plan] = kept_plans(provider)
+    assert plan.memory.last is not None and "s3cr3t" not in repr(plan.memory.last)
+    world.policy(unique, 'path "kv1/other" { capabilities = ["read"] }')
+    with pytest.raises(grpc.RpcError):
+        mount()
+    assert plan.memory.last is None
