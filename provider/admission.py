@@ -189,7 +189,7 @@ class Admission:
 
         try:
             self.threads.submit(run)
-        except RuntimeError:  # shut down: the caller does the work itself
+        except Exception:  # shut down, or no thread could start: the caller does the work itself
             self.release(lane)
             return None
         return borrowed

@@ -27,6 +27,7 @@ from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
 from provider.metrics import Metrics
 from provider.mount import Mounter, MountPlan, MountRequest, MountResult
+from provider.threads import Closed
 from provider.vault import VaultClient
 
 logger = logging.getLogger(__name__)
@@ -178,9 +179,13 @@ class MountDispatcher:
         job = functools.partial(self._run, request, dispatched, deadline, ticket, breaker if probe else None)
         try:
             self._admission.threads.submit(functools.partial(_answering, loop, answer, job))
-        except RuntimeError:  # shutting down
+        except Closed:  # shutting down
             ticket.release()
             raise MountRejected(STOPPING) from None
+        except Exception as e:  # the system refused a thread (memory, its thread limit)
+            ticket.release()
+            logger.error("could not start a thread for a Mount: %s", e)
+            raise MountRejected(f"the Vault provider could not start a thread for the Mount ({e})") from None
         backstop = loop.call_at(
             loop.time() + max(deadline + BACKSTOP_SECONDS - self._clock(), 0), _too_late, answer, endpoint
         )
@@ -232,6 +237,7 @@ class MountDispatcher:
         try:
             self._vault.probe(plan.endpoint, deadline=deadline)
         except VaultUnreachable as e:
+            plan.memory.last = None  # the Mount fails: it forgets, as any failed Mount does
             raise breaker.refusal() or e from None
 
 

@@ -155,9 +155,9 @@ class LeaseCache:
         self._warned: set[tuple[str, str]] = set()
         self._warn_again_at = 0.0
         self._room_purge_at = 0.0
-        # No kept reply expires before this (a bound: renewals only push expiries later), and
-        # per namespace, none expires nor was last used before these: what tells whether a
-        # purge could make room (_could_free). Made exact by each purge.
+        # No kept reply expires before this, and per namespace, none expires nor was last used
+        # before these (lowered as replies are kept or renewed): what tells whether a purge
+        # could make room (_could_free). Made exact by each purge.
         self._earliest_expiry = float("inf")
         self._namespace_bounds: dict[str, tuple[float, float]] = {}
         # Slots with an entry (a kept reply) are bounded by max_entries; slots without one
@@ -373,7 +373,11 @@ class LeaseCache:
         entry.duration = granted
         life = min(granted, entry.token_expires_at - now, MAX_KEPT_SECONDS)
         entry.renew_at = now + life * self._renew_fraction
-        entry.expires_at = now + life
+        entry.expires_at = now + life  # sooner than before, if Vault granted less than was left
+        with self._lock:  # the slot's lock is held: _purge only tries slots' locks, never waits
+            self._earliest_expiry = min(self._earliest_expiry, entry.expires_at)
+            expiry, use = self._namespace_bounds.get(key.pod_namespace, (float("inf"), float("inf")))
+            self._namespace_bounds[key.pod_namespace] = (min(expiry, entry.expires_at), use)
         self._metrics.leases.labels("renewed").inc()
         return entry.secret
 

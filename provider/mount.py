@@ -12,10 +12,12 @@ import logging
 import re
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -32,6 +34,7 @@ from provider.errors import (
     ResponseTooLarge,
     VaultLoginDenied,
     VaultPermissionDenied,
+    VaultUnreachable,
     quote,
 )
 from provider.flavour import VAULT, Flavour
@@ -59,6 +62,8 @@ MAX_PREFETCH_PER_BATCH = 16
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
+# A Mount waits this long past its deadline for a thread it borrowed, at most.
+HELPER_GRACE_SECONDS = 1.0
 # Bytes of memory a plan's remembered last Mount may hold (MountPlan.memory): ten KV
 # secrets and their files take about 7 KiB. The parse cache keeps at most 512 plans a
 # socket (dispatch.PARSED_ENTRIES): 4 MiB at worst.
@@ -237,6 +242,7 @@ class _Reply(NamedTuple):
     status: int
     json_typed: bool  # its Content-Type names JSON: then a body that is not JSON fails the read
     json: bool  # it decoded as JSON: its leading request_id (new for every request) is left out
+    cut: bool  # a leading request_id was left out (a JSON body without one is compared whole)
     rest: bytes  # the body, without that request_id
 
 
@@ -259,7 +265,16 @@ class _LastMount:
             return False
         for request, remembered in zip(plan.distinct, self.replies, strict=True):
             reply = replies.get(request)
-            if reply is None or _remembered_reply(reply, json=remembered.json) != remembered:
+            if reply is None or reply.status != remembered.status:
+                return False
+            body, rest = reply.body, remembered.rest
+            start = _request_id_end(body) if remembered.json else 0
+            if (
+                (start > 0) != remembered.cut
+                or len(body) - start != len(rest)
+                or not body.endswith(rest)  # compared in place: a large body is not copied
+                or ("json" in reply.content_type.lower()) != remembered.json_typed
+            ):
                 return False
         return True
 
@@ -284,6 +299,11 @@ def _remembered(
     """The plan's last Mount as kept; None when what it holds in memory (the replies, the
     files and their paths and versions, as Python objects) is over REMEMBERED_BYTES: ten
     thousand empty files of an expandKeys object are megabytes of objects for no bytes."""
+    size = 0
+    for request in plan.distinct:  # sized before anything is copied: a reply may be megabytes
+        size += len(replies[request].body) + REPLY_OVERHEAD_BYTES
+        if size > REMEMBERED_BYTES:
+            return None
     kept = tuple(_remembered_reply(replies[request], json=_decoded_json(secrets[request])) for request in plan.distinct)
     size = sum(sys.getsizeof(reply.rest) + REPLY_OVERHEAD_BYTES for reply in kept)
     for file in files:
@@ -305,13 +325,20 @@ def _remembered_reply(reply: Reply, *, json: bool) -> _Reply:
     """What of a reply decides the files; a JSON one without its leading request_id (a
     body that is not JSON goes into files as it is, every byte of it)."""
     body = reply.body
-    start = _REQUEST_ID.match(body) if json else None
+    start = _request_id_end(body) if json else 0
     return _Reply(
         status=reply.status,
         json_typed="json" in reply.content_type.lower(),
         json=json,
-        rest=body[start.end() :] if start is not None else body,
+        cut=start > 0,
+        rest=body[start:] if start else body,
     )
+
+
+def _request_id_end(body: bytes) -> int:
+    """Where a body's leading request_id ends (0: it has none)."""
+    start = _REQUEST_ID.match(body)
+    return start.end() if start is not None else 0
 
 
 class Mounter:
@@ -372,8 +399,8 @@ class Mounter:
     def mount_plan(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
         try:
             return self._mount(plan, deadline=deadline, lanes=lanes)
-        except ProviderError:
-            plan.memory.last = None  # a revoked token or policy, a missing secret: forget its values
+        except BaseException:
+            plan.memory.last = None  # a revoked token or policy, a missing secret, a defect: forget its values
             raise
 
     def _mount(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None) -> MountResult:
@@ -473,7 +500,13 @@ class Mounter:
             helpers.append(helper)
         drain()
         for helper in helpers:
-            helper.result()  # every request inside is bounded by the deadline
+            try:  # every request inside is bounded by the deadline; this wait is too
+                helper.result(timeout=max(deadline - time.monotonic(), 0.0) + HELPER_GRACE_SECONDS)
+            except FutureTimeout:
+                break
+        for request in plan.distinct:
+            if request not in replies:  # a helper that never ran (the threads shut down meanwhile)
+                replies[request] = VaultUnreachable("the request did not finish before the Mount's deadline")
         return replies, plain
 
     def _prefetch(self, identity: _Identity, plan: MountPlan, deadline: float) -> dict[SecretRequest, Reply]:

@@ -18,6 +18,10 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 
+class Closed(RuntimeError):
+    """The threads are shut down: no job is taken any more."""
+
+
 class Threads:
     """At most `limit` daemon threads, kept once started; thread-safe. The caller bounds
     how many jobs run at once (admission.Admission never has more than `limit`), so a job
@@ -33,32 +37,37 @@ class Threads:
         self._closed = False
 
     def submit(self, job: Callable[[], object]) -> None:
-        """Run job on a thread; RuntimeError once closed (or if no thread can start)."""
+        """Run job on a thread. Raises Closed once closed, or the error that kept a needed
+        thread from starting (the job is then not taken)."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("the Mount threads are shut down")
+                raise Closed("the Mount threads are shut down")
             self._idle -= 1  # the job claims a waiting thread, or waits for one
             start = self._idle < 0 and self._started < self._limit
             if start:  # a thread of its own
                 self._started += 1
                 self._idle += 1
+            else:  # queued under the lock: always ahead of close()'s stop marks
+                self._jobs.put(job)
         if start:
             try:
                 threading.Thread(target=self._work, name=f"{self._name}-{self._started}", daemon=True).start()
-            except RuntimeError:
+            except BaseException:
                 with self._lock:
-                    self._started -= 1
+                    self._started -= 1  # the job is not taken: its claim went to this thread
                 raise
-        self._jobs.put(job)
+            with self._lock:
+                if self._closed:  # closed meanwhile: the new thread ends at its stop mark
+                    raise Closed("the Mount threads are shut down")
+                self._jobs.put(job)
 
     def close(self) -> None:
         """No job is taken after this: jobs already queued still run (each is bounded by its
         Mount's deadline), then every thread ends."""
         with self._lock:
             self._closed = True
-            started = self._started
-        for _ in range(started):
-            self._jobs.put(None)
+            for _ in range(self._started):
+                self._jobs.put(None)
 
     def _work(self) -> None:
         while True:

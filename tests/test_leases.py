@@ -340,3 +340,27 @@ def test_a_reply_busy_during_a_purge_still_counts_when_room_is_needed() -> None:
         cache.purge_if_due()
     clock[0] = 61.0  # the short one has expired: a purge makes room for a new reply
     assert fetches(cache, "new", leased(50)) == 1
+
+
+def test_a_renewal_granting_less_than_was_left_still_lets_its_expiry_make_room() -> None:
+    """Near its max TTL Vault grants less than was left: the reply expires sooner than the
+    bound said, and a namespace out of its share was refused room until the next purge."""
+    clock = [0.0]
+    cache = LeaseCache(metrics=Metrics(), max_entries=4, namespace_share=0.5, clock=lambda: clock[0])
+
+    def renewable(n: int, duration: int) -> Secret:
+        return Secret(
+            body={
+                "lease_id": f"db/creds/app/{n}",
+                "lease_duration": gojson.Number(str(duration)),
+                "renewable": True,
+                "data": {},
+            }
+        )
+
+    for pod in ("p1", "p2"):
+        cache.fetch(key(pod), issue=lambda: renewable(1, 1000), renew=lambda lease, inc: renewable(0, 0), deadline=1e9)
+    clock[0] = 700.0  # past 2/3: renewed, but granted only 10 s more
+    cache.fetch(key("p1"), issue=lambda: renewable(2, 1000), renew=lambda lease, inc: renewable(1, 10), deadline=1e9)
+    clock[0] = 720.0  # p1's reply has expired: its place is free
+    assert fetches(cache, "p3", leased(3)) == 1

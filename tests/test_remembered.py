@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from provider.mount import _LastMount
 from provider.vault import Secret, VaultError
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.fault_proxy import FaultProxy, Rule
@@ -287,3 +288,42 @@ def test_a_failed_mount_forgets_what_it_remembered(
     with pytest.raises(grpc.RpcError):
         mount()
     assert plan.memory.last is None
+
+
+def test_a_reply_that_is_the_remembered_one_cut_short_is_decoded(
+    faked: tuple[ProviderClient, FaultProxy, Decodes], world: VaultWorld, unique: str
+) -> None:
+    """Its bytes are the remembered ones past the request_id, but without one it is no
+    JSON: decoded, it fails the Mount, as it must."""
+    client, proxy, _ = faked
+    pod, objects = world.kv_pod(unique)
+    path = f"/v1/kv1/{unique}"
+    mount = remounter(client, pod, objects, unique)
+    whole = b'{"request_id":"%s","lease_id":"","data":{"k":"v"}}' % str(uuid.uuid4()).encode()
+    answering(proxy, path, whole, content_type="text/plain")
+    for _ in range(3):
+        assert files_of(mount()) == {"k": b"v"}
+    answering(proxy, path, whole[whole.index(b'"lease_id"') :], content_type="text/plain")
+    with pytest.raises(grpc.RpcError) as refused:
+        mount()
+    assert "is not JSON" in (refused.value.details() or "")
+
+
+def test_an_unexpected_error_forgets_too(
+    faked: tuple[ProviderClient, FaultProxy, Decodes], world: VaultWorld, unique: str, monkeypatch: Any
+) -> None:
+    client, _, _ = faked
+    pod, objects = world.kv_pod(unique)
+    mount = remounter(client, pod, objects, unique)
+    for _ in range(3):
+        mount()
+    [plan] = kept_plans(client)
+    assert plan.memory.last is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a defect")
+
+    monkeypatch.setattr(_LastMount, "answers", broken)
+    with pytest.raises(grpc.RpcError) as failed:
+        mount()
+    assert failed.value.code() == grpc.StatusCode.INTERNAL and plan.memory.last is None

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from provider.threads import Threads
+from provider.threads import Closed, Threads
 
 
 def names_of_threads(prefix: str) -> set[str]:
@@ -76,3 +76,59 @@ def test_closing_ends_every_thread_and_refuses_new_jobs() -> None:
     while names_of_threads("t-close") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(ran) == [0, 1, 2, 3] and not names_of_threads("t-close")
+
+
+def closing_while_submitting(name: str) -> list[threading.Event]:
+    """Two threads submit while a third closes; the events of the jobs accepted."""
+    threads = Threads(2, name=name)
+    accepted: list[threading.Event] = []
+    start = threading.Barrier(3)
+
+    def submitter() -> None:
+        start.wait()
+        for _ in range(20):
+            done = threading.Event()
+            try:
+                threads.submit(done.set)
+            except Closed:
+                return
+            accepted.append(done)
+
+    workers = [threading.Thread(target=submitter) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    threads.close()
+    for worker in workers:
+        worker.join(5)
+    return accepted
+
+
+def test_a_job_accepted_while_closing_runs() -> None:
+    """A job queued behind close()'s stop marks was taken and never run: a borrowed fetch's
+    Future never completed, and its Mount waited on it for good."""
+    for round_ in range(50):
+        accepted = closing_while_submitting(f"t-race-{round_}")
+        assert all(done.wait(5) for done in accepted), f"round {round_}: an accepted job never ran"
+
+
+def test_a_thread_that_cannot_start_leaves_no_slot_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = Threads(1, name="t-nostart")
+    real_start = threading.Thread.start
+    failures = iter([MemoryError("no memory for a stack")])
+
+    def start(self: threading.Thread) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        with pytest.raises(MemoryError):
+            threads.submit(lambda: None)
+        done = threading.Event()
+        threads.submit(done.set)
+        assert done.wait(5)
+    finally:
+        threads.close()
