@@ -1,8 +1,8 @@
 """Instructions per warm Mount, counted by valgrind's callgrind: `python -m bench.instructions`.
 
 Times on a shared 2-core machine wander by 15% from run to run; an instruction count
-repeats to 0.1% whatever else the machine does, so it tells a change of a few
-microseconds apart. It counts the provider's own user-space work (Python, the JSON and
+repeats to within 0.1 to 2% whatever else the machine does (the garbage collector's timing
+moves it most), so it tells a change of a few microseconds apart. It counts the provider's own user-space work (Python, the JSON and
 regular-expression engines, OpenSSL's hashing), not the kernel's (system calls, thread
 wake-ups) nor grpcio's C core: a Mount is served in process, its request handed to the
 servicer as grpcio would, against a real OpenBao (which runs outside valgrind).
