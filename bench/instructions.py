@@ -2,16 +2,17 @@
 
 Times on a shared 2-core machine wander by 15% from run to run; an instruction count
 repeats to within 0.1 to 2% whatever else the machine does (the garbage collector's timing
-moves it most), so it tells a change of a few microseconds apart. It counts the provider's own user-space work (Python, the JSON and
-regular-expression engines, OpenSSL's hashing), not the kernel's (system calls, thread
-wake-ups) nor grpcio's C core: a Mount is served in process, its request handed to the
-servicer as grpcio would, against a real OpenBao (which runs outside valgrind).
+moves it most), so it tells a change of a few microseconds apart. It counts the provider's
+own user-space work (Python, the JSON and regular-expression engines, OpenSSL's hashing),
+not the kernel's (system calls, thread wake-ups) nor grpcio's C core: a Mount is served in
+process, its request handed to the servicer as grpcio would, against a real OpenBao (which
+runs outside valgrind).
 
 The script runs itself under callgrind, and zeroes and dumps the counters around each
 measured loop (callgrind_control), for a 1-object and a 10-object KV class; and the same
 for the lean bare Mount (bench/bare_provider.py reading with provider.http1: a grpc.aio
 Mount that hands its reads to a thread and answers the bodies, nothing else), the floor
-in the same unit. Needs valgrind (Debian's package). Takes about a minute and a half.
+in the same unit. Needs valgrind (Debian's package). Takes about a minute.
 """
 
 from __future__ import annotations
