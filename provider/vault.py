@@ -234,20 +234,13 @@ class VaultClient:
         )
         return _secret(method, path, status, body, operation)
 
-    def read_many(
-        self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float
-    ) -> list[Secret | VaultError | None]:
+    def send_reads(self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float) -> list[Reply | None]:
         """One attempt at each read (GET or LIST), all sent before any reply is read, so
         a Mount's reads from one thread take about one round trip, with no thread
-        hand-offs. Each answer is the Secret, the error Vault's reply means, or None when
-        that attempt settled nothing (no connection, a status worth retrying, a
-        redirect): send that one again with read(), which retries and follows."""
-        replies = self.send_reads(endpoint, token=token, reads=reads, deadline=deadline)
-        return [None if reply is None else self.answer(read, reply) for read, reply in zip(reads, replies, strict=True)]
-
-    def send_reads(self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float) -> list[Reply | None]:
-        """read_many's replies as Vault sent them, not yet decoded (answer() does): a
-        caller that has seen the same bytes before may skip that."""
+        hand-offs. Each answer is Vault's reply, not yet decoded (answer() decodes it: a
+        caller that has seen the same bytes before may skip that), or None when that
+        attempt settled nothing (no connection, a status worth retrying, a redirect): send
+        that one again with read(), which retries and follows."""
         if self._breaker(endpoint).refusal() is not None:
             return [None] * len(reads)
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -563,7 +556,7 @@ class VaultClient:
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """One of several reads sent together (read_many)."""
+    """One of several reads sent together (send_reads)."""
 
     method: str  # GET or LIST
     path: str  # without /v1/

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import weakref
-from typing import Any
 
 from provider import gojson
 from provider.config import SecretObject
@@ -58,28 +58,20 @@ def _object_json(obj: SecretObject) -> bytes:
 
 def object_version(key: bytes, obj: SecretObject, contents: bytes) -> str:
     """URL-safe base64 (padded) of HMAC-SHA256(key, object JSON + contents)."""
-    inner, outer = _pads(key)
-    inner.update(object_json(obj))
-    inner.update(contents)
-    outer.update(inner.digest())
-    return base64.urlsafe_b64encode(outer.digest()).decode()
+    digest = _keyed_hmac(key).copy()
+    digest.update(object_json(obj))
+    digest.update(contents)
+    return base64.urlsafe_b64encode(digest.digest()).decode()
 
 
-# HMAC's two keyed hashes (RFC 2104), made once per key: hmac.digest makes them again for
-# every file, and under OpenSSL 3 that costs twice the hashing itself.
-_BLOCK_BYTES = 64  # SHA-256's block
-_keyed: tuple[bytes, Any, Any] | None = None  # the last key, its inner and outer hashes
+# The HMAC keyed once per key and copied for each file: hmac.digest keys it again for
+# every file, which under OpenSSL 3 costs more than the hashing itself.
+_keyed: tuple[bytes, hmac.HMAC] | None = None  # the last key, and its HMAC before any message
 
 
-def _pads(key: bytes) -> tuple[Any, Any]:
-    """Copies of the inner and outer hashes keyed with key, ready for the message."""
+def _keyed_hmac(key: bytes) -> hmac.HMAC:
     global _keyed
     keyed = _keyed
     if keyed is None or keyed[0] != key:
-        block = (hashlib.sha256(key).digest() if len(key) > _BLOCK_BYTES else key).ljust(_BLOCK_BYTES, b"\0")
-        keyed = _keyed = (
-            key,
-            hashlib.sha256(bytes(b ^ 0x36 for b in block)),
-            hashlib.sha256(bytes(b ^ 0x5C for b in block)),
-        )
-    return keyed[1].copy(), keyed[2].copy()
+        keyed = _keyed = (key, hmac.new(key, digestmod=hashlib.sha256))
+    return keyed[1]

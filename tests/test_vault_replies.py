@@ -124,17 +124,19 @@ def test_a_lone_surrogate_in_a_reply_is_written_as_the_reference_writes_it(
     assert "\ufffdv".encode() in files_of(proxied.mount(pod, whole, role=unique))["whole"]
 
 
-@pytest.mark.parametrize(("pad", "reads"), [(1000, 1), (70_000, 2)], ids=["kept", "too-large-to-keep"])
+@pytest.mark.parametrize(
+    ("pad", "reads"),
+    [(b'"' + b"x" * 1000 + b'"', 1), (b'"' + b"x" * 70_000 + b'"', 2), (b"[" + b",".join([b"0"] * 2000) + b"]", 2)],
+    ids=["kept", "too-large-to-keep", "too-many-values-to-keep"],
+)
 def test_a_leased_reply_too_large_to_keep_is_read_again_not_kept(
-    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, pad: int, reads: int
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, pad: bytes, reads: int
 ) -> None:
     """A class may name any address: leases padded with megabytes were kept whole (150 MiB
-    for ten one-byte files). Past 64 KiB a leased reply is served, and not kept."""
+    for ten one-byte files). Past 64 KiB of weight (its JSON, and 64 bytes per value: 2,000
+    zeros are 4 KiB of JSON and 128 KiB in memory) a leased reply is served, and not kept."""
     pod, objects = world.kv_pod(unique)
-    body = b'{"lease_id":"db/creds/%s","lease_duration":3600,"data":{"k":"v","pad":"%s"}}' % (
-        unique.encode(),
-        b"x" * pad,
-    )
+    body = b'{"lease_id":"db/creds/%s","lease_duration":3600,"data":{"k":"v","pad":%s}}' % (unique.encode(), pad)
     rule = Rule("GET", f"/v1/kv1/{unique}", status=200, body=body, headers={"Content-Type": "application/json"})
     proxy.add(rule)
     for _ in range(2):
@@ -247,7 +249,7 @@ def test_reads_sent_together_share_one_deadline() -> None:
     endpoint = Endpoint(address=f"https://127.0.0.1:{server.port}", tls=TLSConfig(skip_verify=True))
     try:
         started = time.monotonic()
-        answers = client.read_many(
+        answers = client.send_reads(
             endpoint,
             token="t",
             reads=[Read("GET", f"kv/{i}", None) for i in range(16)],
@@ -268,7 +270,7 @@ def test_reads_sent_together_to_a_vault_that_refuses_count_once_for_the_breaker(
     client = VaultClient(breakers=breakers)
     endpoint = Endpoint(address=f"http://127.0.0.1:{free_port()}", tls=TLSConfig())
     try:
-        answers = client.read_many(
+        answers = client.send_reads(
             endpoint,
             token="t",
             reads=[Read("GET", f"kv/{i}", None) for i in range(10)],
@@ -278,7 +280,7 @@ def test_reads_sent_together_to_a_vault_that_refuses_count_once_for_the_breaker(
         breaker = breakers.peek(endpoint.key)
         assert breaker is not None and breaker.state is State.CLOSED
         for _ in range(FAILURES_TO_OPEN - 1):  # and it still counts: a few more such batches open it
-            client.read_many(endpoint, token="t", reads=[Read("GET", "kv/x", None)], deadline=time.monotonic() + 5)
+            client.send_reads(endpoint, token="t", reads=[Read("GET", "kv/x", None)], deadline=time.monotonic() + 5)
         assert breaker.state is State.OPEN
     finally:
         client.close()
