@@ -63,7 +63,9 @@ def timed(call: Callable[[], object], rounds: int) -> list[float]:
 
 
 class Provider:
-    def __init__(self, work: Path, bao: OpenBao, kube: FakeKubernetes) -> None:
+    def __init__(self, work: Path, bao: OpenBao, kube: FakeKubernetes, *, cwd: Path | None = None) -> None:
+        """The provider in a process of its own; from the code at `cwd` when given
+        (`python -m provider` imports the package of its working directory first)."""
         kubeconfig = work / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump(kube.kubeconfig()))
         self.socket = work / "vault.sock"
@@ -81,6 +83,7 @@ class Provider:
                 f"-lease-cache-size={CACHE_SIZE}",
             ],
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            cwd=cwd,
         )
         deadline = time.monotonic() + 30
         while not self.socket.exists():

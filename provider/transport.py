@@ -530,13 +530,16 @@ class _Watchdog:
         self._heap: list[tuple[float, int, _Guard]] = []
         self._compacted = 0  # the heap's size after the last compaction
         self._seq = itertools.count()
-        self._cond = threading.Condition(threading.Lock())  # a plain lock: watch() is on every request
+        # A plain lock, taken as itself on the hot path (watch() is on every request: a
+        # Condition's own `with` is Python code); the condition waits and wakes over it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def watch(self, deadline: float) -> _Guard:
         guard = _Guard(deadline)
-        with self._cond:
+        with self._lock:
             if self._closed:
                 guard.expire()  # nothing would cut it later: it fails at once
                 return guard
