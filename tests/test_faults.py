@@ -7,12 +7,16 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from provider.breaker import JITTER, OPEN_BASE_SECONDS
 from provider.config import VaultSettings
+from provider.dispatch import BACKSTOP_SECONDS
+from provider.mount import Mounter, MountPlan, MountResult
+from provider.server import DEADLINE_MARGIN_SECONDS
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider
 from tests.fault_proxy import FaultProxy, Rule
 from tests.kube_fake import FakePod
@@ -94,6 +98,37 @@ def test_slower_than_the_deadline(proxied: ProviderClient, proxy: FaultProxy, kv
     assert "did not answer within" in error.details()
     proxy.clear()
     assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
+
+
+def test_a_mount_thread_held_past_its_deadline_still_gets_the_caller_a_final_answer(
+    provider: ProviderClient,
+    kv,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    # Whatever holds a Mount's thread past its deadline where no socket deadline reaches
+    # (a defect, a name lookup), the backstop answers the caller with a final error before
+    # its own deadline: DEADLINE_EXCEEDED would leave kubelet the mount as uncertain.
+    pod, objects = kv
+    provider.mount(pod, objects, role=unique)
+    held = threading.Event()
+    real = Mounter.mount_plan
+
+    def holding(self: Mounter, plan: MountPlan, **kwargs: Any) -> MountResult:
+        held.wait(10)
+        return real(self, plan, **kwargs)
+
+    monkeypatch.setattr(Mounter, "mount_plan", holding)
+    try:
+        error, elapsed = failing_mount(provider, pod, objects, unique, timeout=2)
+    finally:
+        held.set()
+    assert error.code() == grpc.StatusCode.UNKNOWN
+    assert "the Mount did not finish before its deadline" in error.details()
+    # The Mount's deadline is the caller's less DEADLINE_MARGIN_SECONDS; the backstop follows it.
+    assert elapsed >= 2 - DEADLINE_MARGIN_SECONDS + BACKSTOP_SECONDS - 0.05
+    monkeypatch.undo()
+    assert files_of(provider.mount(pod, objects, role=unique)) == {"k": b"v"}  # the thread came back
 
 
 def test_sealed_vault(provider: ProviderClient, world: VaultWorld, kv, unique: str) -> None:  # type: ignore[no-untyped-def]
