@@ -84,9 +84,6 @@ class App:
             namespace_share=settings.lease_cache_namespace_share,
             renew_fraction=settings.lease_renew_fraction,
         )
-        self.sweeper = PodSweeper(
-            kube=self.kube, vault=self.vault, tokens=self.tokens, leases=self.leases, metrics=self.metrics
-        )
         # Per contract (flavour.py): its defaults, HMAC key Secret, Mounter and dispatcher.
         # Everything else (tokens, leases, bulkheads, breakers, connections) is shared: its
         # keys hold whatever tells one pod, class or Vault from another.
@@ -122,6 +119,14 @@ class App:
                 defaults=mounter.defaults,
                 parse_gate=parse_gate,
             )
+        self.sweeper = PodSweeper(
+            kube=self.kube,
+            vault=self.vault,
+            tokens=self.tokens,
+            leases=self.leases,
+            metrics=self.metrics,
+            parsed=[dispatcher.parsed for dispatcher in self.dispatchers.values()],
+        )
         # The first socket's, for callers that serve one (tests, check).
         self.dispatcher = self.dispatchers[of_endpoint(settings.endpoint).name]
         self.mounter = self.dispatcher.mounter

@@ -98,6 +98,19 @@ class ParsedMounts:
         route = dataclasses.replace(dispatched.route, decoded=None)
         self._kept.put(request, Dispatched(route=route, endpoint=dispatched.endpoint, plan=plan), weight)
 
+    def pods(self) -> set[tuple[str, str, str]]:
+        """(uid, namespace, name) of each pod with a kept parse (the revocation sweep's)."""
+        return {
+            (kept.plan.config.pod.uid, kept.plan.config.pod.namespace, kept.plan.config.pod.name)
+            for kept in self._kept.values()
+            if kept.plan is not None and kept.plan.config.pod.uid
+        }
+
+    def forget_pod(self, uid: str) -> int:
+        """Drop the pod's kept parses, and with them its service-account token and the files
+        its plans remember: the revocation sweep found it gone. How many were dropped."""
+        return self._kept.drop_where(lambda kept: kept.plan is not None and kept.plan.config.pod.uid == uid)
+
     def __len__(self) -> int:
         return len(self._kept)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -47,6 +47,18 @@ class WeightedLRU(Generic[K, V]):
             self._weight += weight
             while len(self._kept) > self._entries or self._weight > self._total_weight:
                 self._weight -= self._kept.popitem(last=False)[1][1]
+
+    def values(self) -> list[V]:
+        with self._lock:
+            return [value for value, _ in self._kept.values()]
+
+    def drop_where(self, matches: Callable[[V], bool]) -> int:
+        """Drop every value that `matches`; how many were dropped."""
+        with self._lock:
+            dropped = [key for key, (value, _) in self._kept.items() if matches(value)]
+            for key in dropped:
+                self._weight -= self._kept.pop(key)[1]
+        return len(dropped)
 
     def __len__(self) -> int:
         with self._lock:

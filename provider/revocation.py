@@ -5,7 +5,8 @@ A dynamic credential outlives its pod until its TTL runs out. With
 ``-revocation-interval``, whether each pod it holds tokens or leases for still exists
 with the same uid. For a pod that is gone it revokes each kept lease and then the pod's
 Vault token (``auth/token/revoke-self``, allowed by Vault's default policy), which also
-revokes every lease the token created, and forgets both.
+revokes every lease the token created, and forgets both, and the pod's kept parses (which
+hold its service-account token and the files its last Mount answered).
 
 RBAC: this needs ``get`` on ``pods`` in every namespace that mounts Vault secrets (a
 ClusterRole); see deploy/overlays/revocation/.
@@ -16,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Sequence
 
 from provider.cache import TokenCache
+from provider.dispatch import ParsedMounts
 from provider.errors import ProviderError
 from provider.kube import KubeClient
 from provider.leases import LeaseCache
@@ -30,9 +33,17 @@ logger = logging.getLogger(__name__)
 
 class PodSweeper:
     def __init__(
-        self, *, kube: KubeClient, vault: VaultClient, tokens: TokenCache, leases: LeaseCache, metrics: Metrics
+        self,
+        *,
+        kube: KubeClient,
+        vault: VaultClient,
+        tokens: TokenCache,
+        leases: LeaseCache,
+        metrics: Metrics,
+        parsed: Sequence[ParsedMounts] = (),
     ) -> None:
         self._kube = kube
+        self._parsed = parsed
         self._vault = vault
         self._tokens = tokens
         self._leases = leases
@@ -42,6 +53,8 @@ class PodSweeper:
 
     def known_pods(self) -> set[tuple[str, str, str]]:
         pods = self._leases.pods()
+        for parsed in self._parsed:
+            pods |= parsed.pods()
         for key in self._tokens.identities():
             if isinstance(key, IdentityKey):
                 pods.add((key.pod_uid, key.pod_namespace, key.pod_name))
@@ -63,6 +76,7 @@ class PodSweeper:
         return revoked
 
     def _revoke(self, uid: str, namespace: str, name: str) -> None:
+        parses = sum(parsed.forget_pod(uid) for parsed in self._parsed)
         kept = self._leases.drop_pod(uid)
         logins = self._tokens.pop_where(lambda key: isinstance(key, IdentityKey) and key.pod_uid == uid)
         # Every token that may hold the pod's leases: the cached ones, and the ones that
@@ -97,13 +111,14 @@ class PodSweeper:
             )
         self._metrics.leases.labels("revoked").inc(len(revoked))
         logger.info(
-            "pod %s/%s is gone: revoked %d of %d kept lease(s) and %d of %d token(s)",
+            "pod %s/%s is gone: revoked %d of %d kept lease(s) and %d of %d token(s); forgot %d kept parse(s)",
             namespace,
             name,
             len(revoked),
             len(kept),
             tokens_revoked,
             len(tokens),
+            parses,
         )
 
     def start(self, interval: float) -> None:

@@ -211,6 +211,26 @@ def test_revocation_sweep_revokes_a_deleted_pods_credentials(
     assert files_of(provider.mount(stays, db.objects(), role=unique)) == kept
 
 
+def test_the_sweep_forgets_a_deleted_pods_kept_parses(provider: ProviderClient, world: VaultWorld, unique: str) -> None:
+    # A kept parse holds the pod's service-account token and the files its last Mount
+    # answered: a pod found gone takes them along, not left until newer requests push them out.
+    world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+    gone = world.grant(unique, [f"kv1/{unique}"])
+    stays = world.kube.add_pod(gone.namespace, f"stays-{unique}", gone.service_account)
+    objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+    for pod in (gone, stays):
+        republished = provider.request(pod, objects, role=unique)  # kubelet's same request each time
+        for _ in range(2):  # the second is answered from the kept parse's remembered files
+            assert files_of(provider.raw_mount(republished)) == {"k": b"v"}
+    parsed = provider.app.dispatcher.parsed
+    assert {uid for uid, _, _ in parsed.pods()} == {gone.uid, stays.uid} and len(parsed) == 2
+    world.kube.delete_pod(gone)
+    assert provider.app.sweeper.sweep() == 1
+    assert {uid for uid, _, _ in parsed.pods()} == {stays.uid} and len(parsed) == 1
+    assert provider.app.sweeper.sweep() == 0  # nothing left of it to find
+    assert files_of(provider.mount(stays, objects, role=unique)) == {"k": b"v"}
+
+
 def test_concurrent_mounts_of_one_pod_share_one_vault_call(
     tmp_path: Path, world: VaultWorld, postgres: Postgres, unique: str
 ) -> None:
