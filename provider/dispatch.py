@@ -100,11 +100,8 @@ class ParsedMounts:
 
     def pods(self) -> set[tuple[str, str, str]]:
         """(uid, namespace, name) of each pod with a kept parse (the revocation sweep's)."""
-        return {
-            (kept.plan.config.pod.uid, kept.plan.config.pod.namespace, kept.plan.config.pod.name)
-            for kept in self._kept.values()
-            if kept.plan is not None and kept.plan.config.pod.uid
-        }
+        pods = (kept.plan.config.pod for kept in self._kept.values() if kept.plan is not None)
+        return {(pod.uid, pod.namespace, pod.name) for pod in pods if pod.uid and pod.namespace and pod.name}
 
     def forget_pod(self, uid: str) -> int:
         """Drop the pod's kept parses, and with them its service-account token and the files
