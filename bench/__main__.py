@@ -85,14 +85,19 @@ class Provider:
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
             cwd=cwd,
         )
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit("provider did not start")
-            time.sleep(0.05)
-        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
-        self.stub = service_pb2_grpc.CSIDriverProviderStub(self.channel)
-        grpc.channel_ready_future(self.channel).result(timeout=10)
+        try:
+            deadline = time.monotonic() + 30
+            while not self.socket.exists():
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("provider did not start")
+                time.sleep(0.05)
+            self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+            self.stub = service_pb2_grpc.CSIDriverProviderStub(self.channel)
+            grpc.channel_ready_future(self.channel).result(timeout=10)
+        except BaseException:  # not left running: nobody would stop it
+            self.process.kill()
+            self.process.wait(10)
+            raise
         self.kube = kube
         self._tokens: dict[str, str] = {}  # the driver's token, made outside the timed calls
 

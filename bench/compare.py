@@ -6,8 +6,11 @@ can tell apart here (their figures wander by 5 to 15% from run to run). This run
 working tree's provider and REV's (checked out by `git worktree` into a temporary
 directory) at once, against one OpenBao, beside the lean bare Mount
 (bench/bare_provider.py), and takes their Mounts in turn, in a new order each round
-(bench.lean.interleaved_p50s): each p50 sees the same machine. Three providers of the same
-code, measured so, agreed within 0.01 to 0.04 ms (about 1%) on this 2-core machine.
+(bench.lean.interleaved_p50s): each p50 sees the same machine. Each run starts both
+providers anew, in turns of which starts first (the one started first measured up to
+0.04 ms slower), and the result is the mean of the runs' differences: over an even number
+of runs the start order cancels out. Two providers of the same code, measured so, differ
+by 0.01 to 0.02 ms on this 2-core machine: what this can tell apart.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from tests.kube_fake import FakeKubernetes
 from tests.openbao import OpenBao
 
 BARE = "lean bare Mount"
+THIS = "this tree"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("rev", help="the git revision to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=500, help="Mounts of each per run")
-    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=4, help="an even number: each order of start as often")
     args = parser.parse_args()
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
@@ -42,14 +46,18 @@ def main() -> int:
             ["git", "-C", str(root), "worktree", "add", "--quiet", "--detach", str(tree), args.rev], check=True
         )
         try:
-            runs = _measure(work, {"this tree": root, f"{args.rev}": tree}, args.rounds, args.runs)
+            runs = _measure(work, {THIS: root, args.rev: tree}, args.rounds, args.runs)
         finally:
             subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=False)
     print(f"warm 1-object Mount p50 in ms, taken in turn: {args.runs} runs of {args.rounds} rounds")
-    medians = {name: statistics.median(p50s) for name, p50s in runs.items()}
     for name, p50s in runs.items():
-        beside = f"{medians[name] - medians[args.rev]:+8.3f} ms vs {args.rev}" if name != args.rev else ""
-        print(f"  {name:20}" + "".join(f"{p50:8.3f}" for p50 in p50s) + f"   median {medians[name]:6.3f} {beside}")
+        print(f"  {name:20}" + "".join(f"{p50:8.3f}" for p50 in p50s) + f"   median {statistics.median(p50s):6.3f}")
+    for name in (THIS, BARE):
+        differences = [ours - theirs for ours, theirs in zip(runs[name], runs[args.rev], strict=True)]
+        print(
+            f"  {name} - {args.rev}: mean {statistics.fmean(differences):+.3f} ms "
+            f"(runs {', '.join(f'{d:+.3f}' for d in differences)})"
+        )
     return 0
 
 
@@ -57,28 +65,34 @@ def _measure(work: Path, trees: dict[str, Path], rounds: int, runs: int) -> dict
     kube = FakeKubernetes()
     kube.start()
     bao = OpenBao(work / "openbao")
-    providers: list[Provider] = []
+    taken: dict[str, list[float]] = {name: [] for name in (*trees, BARE)}
     try:
         bao.start()
         configure(bao, kube)
         pod = kube.add_pod("bench", "pod-0", "bench")
         token = lean.RawVault(bao.port).login("bench", kube.pod_token(pod))
-        calls: dict[str, Callable[[], object]] = {}
-        for index, (name, tree) in enumerate(trees.items()):
-            home = work / f"provider-{index}"
-            home.mkdir()
-            providers.append(Provider(home, bao, kube, cwd=tree))
-            calls[name] = providers[-1].mounter(pod, kv_objects(1), "bench")
         with lean.bare_providers(bao.port, "lean") as (bare,):
-            calls[BARE] = bare.mounter(["secret/data/app/0"], token)
-            lean.interleaved_p50s(calls, rounds // 5)  # warm up: connections, tokens, parses
-            taken = [lean.interleaved_p50s(calls, rounds) for _ in range(runs)]
+            bare_one = bare.mounter(["secret/data/app/0"], token)
+            for run in range(runs):
+                order = list(trees) if run % 2 == 0 else list(reversed(trees))
+                providers: list[Provider] = []
+                try:
+                    calls: dict[str, Callable[[], object]] = {BARE: bare_one}
+                    for name in order:  # started in this order, each from its own tree
+                        home = work / f"run-{run}-{len(providers)}"
+                        home.mkdir()
+                        providers.append(Provider(home, bao, kube, cwd=trees[name]))
+                        calls[name] = providers[-1].mounter(pod, kv_objects(1), "bench")
+                    lean.interleaved_p50s(calls, rounds // 5, seed=-1 - run)  # warm up: tokens, parses
+                    for name, p50 in lean.interleaved_p50s(calls, rounds, seed=run).items():
+                        taken[name].append(p50)
+                finally:
+                    for provider in providers:
+                        provider.stop()
     finally:
-        for provider in providers:
-            provider.stop()
         bao.stop()
         kube.stop()
-    return {name: [run[name] for run in taken] for name in calls}
+    return taken
 
 
 if __name__ == "__main__":

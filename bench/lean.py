@@ -45,7 +45,7 @@ def p50_ms(call: Callable[[], object], rounds: int) -> float:
     return statistics.median(samples) * 1000
 
 
-def interleaved_p50s(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved_p50s(calls: dict[str, Callable[[], object]], rounds: int, *, seed: int = 0) -> dict[str, float]:
     """Each call's p50 in ms, the calls taken in turn: one of each per round, in a new
     order each round (a call may pay for what the one before it left running, so no call
     always follows the same one). Every figure sees the same machine, so a ratio between
@@ -54,7 +54,7 @@ def interleaved_p50s(calls: dict[str, Callable[[], object]], rounds: int) -> dic
     1.09 ms against 0.71 in a loop of its own): compare these p50s with each other, never
     with a floor measured in a loop (bench.compare does the former)."""
     names = list(calls)
-    order = random.Random(0)  # the same orders in every run
+    order = random.Random(seed)  # the same orders for the same seed
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name in order.sample(names, len(names)):
