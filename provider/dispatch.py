@@ -276,9 +276,18 @@ def _settle(answer: asyncio.Future[MountResult], outcome: MountResult | BaseExce
 
 
 def _too_late(answer: asyncio.Future[MountResult], endpoint: EndpointKey) -> None:
+    """The backstop: a Mount's requests are cut at its deadline, so a Mount still running
+    past it is held by something else (a name lookup no timeout reaches, a starved node, a
+    defect). Said so, not blamed on Vault, and logged for the operator."""
     if not answer.done():
+        logger.warning(
+            "a Mount for Vault at %s was still running %.2fs past its deadline; answered it with an error",
+            endpoint.describe(),
+            BACKSTOP_SECONDS,
+        )
         answer.set_exception(
             VaultUnreachable(
-                f"the Mount did not finish before its deadline: Vault at {endpoint.describe()} is answering slowly"
+                f"the Mount did not finish before its deadline (its requests to Vault at {endpoint.describe()} are "
+                "cut at the deadline; something else held it, such as a slow name lookup or an overloaded node)"
             )
         )
