@@ -43,9 +43,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         work = Path(tmp)
         tree = work / "rev"
-        subprocess.run(
-            ["git", "-C", str(root), "worktree", "add", "--quiet", "--detach", str(tree), args.rev], check=True
+        checkout = subprocess.run(
+            ["git", "-C", str(root), "worktree", "add", "--quiet", "--detach", str(tree), args.rev],
+            capture_output=True,
+            text=True,
         )
+        if checkout.returncode != 0:
+            raise SystemExit(f"cannot check out {args.rev!r}: {checkout.stderr.strip()}")
         try:
             runs = _measure(work, {THIS: root, args.rev: tree}, args.rounds, args.runs)
         finally:

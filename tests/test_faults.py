@@ -4,6 +4,7 @@ Reads are retried with backoff; writes only when Vault surely did not act."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -102,9 +103,10 @@ def test_slower_than_the_deadline(proxied: ProviderClient, proxy: FaultProxy, kv
 
 def test_a_mount_thread_held_past_its_deadline_still_gets_the_caller_a_final_answer(
     provider: ProviderClient,
-    kv,
+    kv: tuple[FakePod, list[dict[str, str]]],
     unique: str,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Whatever holds a Mount's thread past its deadline where no socket deadline reaches
     # (a defect, a name lookup), the backstop answers the caller with a final error before
@@ -120,9 +122,11 @@ def test_a_mount_thread_held_past_its_deadline_still_gets_the_caller_a_final_ans
 
     monkeypatch.setattr(Mounter, "mount_plan", holding)
     try:
-        error, elapsed = failing_mount(provider, pod, objects, unique, timeout=2)
+        with caplog.at_level(logging.WARNING, logger="provider.dispatch"):
+            error, elapsed = failing_mount(provider, pod, objects, unique, timeout=2)
     finally:
         held.set()
+    assert "past its deadline; answered it with an error" in caplog.text  # the operator sees it too
     assert error.code() == grpc.StatusCode.UNKNOWN
     assert "the Mount did not finish before its deadline" in error.details()
     assert "something else held it" in error.details()  # not blamed on Vault: its requests were cut
