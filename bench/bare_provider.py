@@ -33,24 +33,7 @@ import grpc.aio
 
 from provider import http1
 from provider._proto import service_pb2, service_pb2_grpc
-
-
-class _Incomplete(Exception):
-    pass
-
-
-class _Received:
-    """A socket stand-in over the bytes received so far: provider.http1 reads the reply
-    from it, and stops when they end before the reply does."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def recv(self, size: int) -> bytes:
-        if not self._data:
-            raise _Incomplete()
-        chunk, self._data = self._data[:size], self._data[size:]
-        return chunk
+from provider.loopio import Incomplete, Received
 
 
 class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
@@ -106,10 +89,10 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
             while True:
                 received += await loop.sock_recv(connection, 65536)
                 try:
-                    reader = http1.Connection(_Received(received))  # type: ignore[arg-type]
+                    reader = http1.Connection(Received(received))  # type: ignore[arg-type]
                     bodies.append(reader.read_reply("GET", 1 << 20).body)
                     break
-                except _Incomplete:
+                except Incomplete:
                     continue
         return bodies
 

@@ -81,6 +81,20 @@ class TokenCache:
                 return TokenGrant(login=slot.login, cached=True, expires_at=slot.expires_at)
             return self._grant(login(), cached=False, slot=slot)
 
+    def peek(self, key: Hashable) -> str | None:
+        """The cached token for key while it needs no refresh; None when it does, or when
+        a login for key is under way: this never waits (it is asked on the event loop)."""
+        if self._size <= 0:
+            return None
+        with self._lock:
+            slot = self._slots.get(key)
+        if slot is None or not slot.lock.acquire(blocking=False):
+            return None
+        try:
+            return slot.login.token if slot.login is not None and self._clock() < slot.refresh_at else None
+        finally:
+            slot.lock.release()
+
     def _grant(self, fresh: Login, *, cached: bool, slot: _TokenSlot) -> TokenGrant:
         now = self._clock()
         ttl = fresh.lease_duration
@@ -143,6 +157,11 @@ class HmacKeySource:
         self._key: bytes | None = None
         self._valid_until = 0.0
         self._fetching: threading.Event | None = None
+
+    def peek(self) -> bytes | None:
+        """The key while it is fresh, without fetching or waiting; None otherwise."""
+        with self._lock:
+            return self._key if self._clock() < self._valid_until else None
 
     def get(self, *, deadline: float = float("inf")) -> bytes | None:
         with self._lock:

@@ -4,8 +4,11 @@ The gRPC server answers on an asyncio event loop that never blocks. For each Mou
 
 1. the endpoint's breaker: if Vault is known to be down, answer now, no thread taken;
 2. admission: wait (on the loop, for free) for a thread the class and endpoint may use;
-3. the Mount itself (parse, login, reads) on that thread, bounded by the deadline;
-4. a backstop: if the thread has not answered shortly after the deadline, the caller
+3. a warm Mount whose plan remembers its last one may be answered on the loop, its reads
+   sent and read there without waiting for anything else (Mounter.mount_on_loop); what
+   it could not answer goes on, with the replies it read;
+4. the Mount itself (parse, login, reads) on that thread, bounded by the deadline;
+5. a backstop: if the thread has not answered shortly after the deadline, the caller
    still gets a final answer in time; the thread finishes on its own and frees its slot.
 """
 
@@ -17,8 +20,9 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
@@ -26,8 +30,9 @@ from provider.config import Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
 from provider.metrics import Metrics
-from provider.mount import Mounter, MountPlan, MountRequest, MountResult
+from provider.mount import Mounter, MountPlan, MountRequest, MountResult, SecretRequest
 from provider.threads import Closed
+from provider.transport import Reply
 from provider.vault import VaultClient
 
 logger = logging.getLogger(__name__)
@@ -127,7 +132,7 @@ class MountDispatcher:
     ) -> None:
         self._parse_gate = parse_gate or ParseGate()
         self.parsed = ParsedMounts()
-        self._answers: set[asyncio.Future[MountResult]] = set()
+        self._answers: set[asyncio.Future[Any]] = set()  # what stop_answering ends
         self._stopping = False
         self._mounter = mounter
         self._admission = admission
@@ -180,13 +185,21 @@ class MountDispatcher:
             else:  # not by address: any class can make a bulkhead full, and labels must stay few
                 self._metrics.mounts_refused.labels("", "busy").inc()
             raise
+        read_ahead = None
+        if dispatched.plan is not None and dispatched.plan.memory.last is not None and not probe:
+            on_loop = await self._on_loop(dispatched.plan, deadline, ticket)
+            if isinstance(on_loop, MountResult):
+                return on_loop
+            read_ahead = on_loop
         # The caller waits on a future of its own, answered by the thread when it is done
         # or by the backstop timer: the job goes on when the caller stops waiting
         # (deadline, shutdown) and frees its thread when its own deadline ends. One
         # future and one timer: each further hop between thread and loop costs CPU.
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[MountResult] = loop.create_future()
-        job = functools.partial(self._run, request, dispatched, deadline, ticket, breaker if probe else None)
+        job = functools.partial(
+            self._run, request, dispatched, deadline, ticket, breaker if probe else None, read_ahead
+        )
         try:
             self._admission.threads.submit(functools.partial(_answering, loop, answer, job))
         except Closed:  # shutting down
@@ -205,6 +218,30 @@ class MountDispatcher:
         finally:
             backstop.cancel()
             self._answers.discard(answer)
+
+    async def _on_loop(
+        self, plan: MountPlan, deadline: float, ticket: Ticket
+    ) -> MountResult | Mapping[SecretRequest, Reply] | None:
+        """The Mount answered on the loop if it can be (the ticket is then released), else
+        the replies read there for the thread (None: none)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._answers.add(done)
+        try:
+            on_loop = await self._mounter.mount_on_loop(plan, deadline=deadline, done=done)
+        except MountRejected:  # shutting down
+            ticket.release()
+            raise
+        except Exception:  # a defect of ours: the thread does it the usual way
+            logger.exception("answering a Mount on the event loop failed; it goes to a thread")
+            return None
+        except BaseException:  # the call was cancelled: nobody waits for it
+            ticket.release()
+            raise
+        finally:
+            self._answers.discard(done)
+        if isinstance(on_loop, MountResult):
+            ticket.release()
+        return on_loop
 
     def stop_answering(self) -> None:
         """On the loop, shortly before the server's stop grace ends: answer every Mount still
@@ -226,7 +263,13 @@ class MountDispatcher:
         return refusal
 
     def _run(
-        self, request: MountRequest, dispatched: Dispatched, deadline: float, ticket: Ticket, probe: Breaker | None
+        self,
+        request: MountRequest,
+        dispatched: Dispatched,
+        deadline: float,
+        ticket: Ticket,
+        probe: Breaker | None,
+        read_ahead: Mapping[SecretRequest, Reply] | None,
     ) -> MountResult:
         try:
             plan = dispatched.plan
@@ -239,7 +282,7 @@ class MountDispatcher:
                 self.parsed.put(request, dispatched, plan)
             if probe is not None:
                 self._probe(plan, probe, deadline)
-            return self._mounter.mount_plan(plan, deadline=deadline, lanes=ticket)
+            return self._mounter.mount_plan(plan, deadline=deadline, lanes=ticket, read_ahead=read_ahead)
         finally:
             ticket.release()
 

@@ -7,6 +7,7 @@ file, and version it with the cluster's HMAC key.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -59,6 +60,10 @@ RESPONSE_OVERHEAD_PER_FILE = 512
 ENDPOINTS_KEPT = 256
 # Plain reads of one Mount sent together at most, each on its own connection.
 MAX_PREFETCH_PER_BATCH = 16
+# Requests a Mount answered on the event loop may have at most (Mounter.mount_on_loop):
+# it saves a warm Mount the thread hand-off, but each reply waited for on the loop costs
+# more CPU than a thread's blocking receive of it.
+LOOP_MAX_READS = 2
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
@@ -396,18 +401,72 @@ class Mounter:
     def mount_config(self, config: MountConfig, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
         return self.mount_plan(MountPlan.of(config), deadline=deadline, lanes=lanes)
 
-    def mount_plan(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None = None) -> MountResult:
+    def mount_plan(
+        self,
+        plan: MountPlan,
+        *,
+        deadline: float,
+        lanes: Lanes | None = None,
+        read_ahead: Mapping[SecretRequest, Reply] | None = None,
+    ) -> MountResult:
+        """`read_ahead`: replies mount_on_loop read for this Mount (not to be sent again)."""
         try:
-            return self._mount(plan, deadline=deadline, lanes=lanes)
+            return self._mount(plan, deadline=deadline, lanes=lanes, read_ahead=read_ahead)
         except BaseException:
             plan.memory.last = None  # a revoked token or policy, a missing secret, a defect: forget its values
             raise
 
-    def _mount(self, plan: MountPlan, *, deadline: float, lanes: Lanes | None) -> MountResult:
+    async def mount_on_loop(
+        self, plan: MountPlan, *, deadline: float, done: asyncio.Future[bool]
+    ) -> MountResult | dict[SecretRequest, Reply] | None:
+        """A warm Mount answered on the event loop, without a thread (provider.loopio),
+        when its plan remembers its last Mount (every request a plain read of a KV secret)
+        and nothing is missing that would have to be waited for: the pod's token and the
+        HMAC key cached, a kept-alive connection for each read. The reads are sent with the
+        pod's own token, as on a thread; when every reply is the remembered one, the
+        remembered files are the answer. Otherwise: the replies read (for mount_plan on a
+        thread to use, not read again), or None when none were (the thread reads them).
+        `done` set from outside (shutdown) ends the wait with its exception."""
+        last = plan.memory.last
+        if last is None or plan.identity is None or len(plan.distinct) > LOOP_MAX_READS:
+            return None
+        key = self._hmac_keys.peek()  # None also when it must be fetched: a thread does that
+        token = self._tokens.peek(plan.identity) if key is not None and key == last.key else None
+        if token is None or any(self._kept_key(plan.lease_keys.get(request)) for request in plan.distinct):
+            return None
+        answers = await self._vault.send_reads_on_loop(
+            plan.endpoint,
+            token=token,
+            reads=[plan.reads[request] for request in plan.distinct],
+            deadline=deadline,
+            done=done,
+        )
+        if answers is None:
+            return None
+        self._token_counts[True].inc()
+        replies: dict[SecretRequest, Reply] = {}
+        for request, answer in zip(plan.distinct, answers, strict=True):
+            if answer is not None and answer.status != 403:  # as _prefetch: a new login may help
+                replies[request] = answer
+            else:
+                plan.unkept.discard(request)
+        if len(replies) == len(plan.distinct) and last.answers(replies, plan, key):
+            return MountResult(config=plan.config, files=last.files)
+        return replies
+
+    def _mount(
+        self,
+        plan: MountPlan,
+        *,
+        deadline: float,
+        lanes: Lanes | None,
+        read_ahead: Mapping[SecretRequest, Reply] | None = None,
+    ) -> MountResult:
         config, endpoint = plan.config, plan.endpoint
         identity = _Identity(self, plan, deadline)
         identity.token()  # a refused login fails the whole Mount, not each object
-        read_ahead = self._prefetch(identity, plan, deadline)
+        if read_ahead is None:
+            read_ahead = self._prefetch(identity, plan, deadline)
         last = plan.memory.last
         if last is not None and len(read_ahead) == len(plan.distinct):
             key = self._hmac_keys.get(deadline=deadline)
@@ -547,7 +606,9 @@ class Mounter:
     def _kept(self, identity: _Identity, request: SecretRequest) -> bool:
         """Whether the lease cache holds (or is fetching) this pod's reply to request:
         then it is not read ahead, which for dynamic secrets would issue credentials."""
-        key = identity.lease_key(request)
+        return self._kept_key(identity.lease_key(request))
+
+    def _kept_key(self, key: LeaseKey | None) -> bool:
         return key is not None and self._leases is not None and self._leases.holds(key)
 
     def _fetch_outcome(

@@ -74,6 +74,17 @@ class Reply(NamedTuple):
     content_type: str
     retry_after: float | None
 
+    @classmethod
+    def of(cls, reply: http1.Reply) -> Reply:
+        head = reply.head
+        return cls(
+            status=head.status,
+            body=reply.body,
+            location=head.first.get("location", ""),
+            content_type=head.first.get("content-type", ""),
+            retry_after=_retry_after(head.first.get("retry-after")),
+        )
+
 
 class TransportError(Exception):
     """An exchange that did not produce a whole reply; the message never holds data."""
@@ -415,13 +426,7 @@ class Transport:
             if guard.expired:
                 raise TimedOut("the deadline passed")
             keep = not reply.will_close
-            return Reply(
-                status=head.status,
-                body=reply.body,
-                location=head.first.get("location", ""),
-                content_type=head.first.get("content-type", ""),
-                retry_after=_retry_after(head.first.get("retry-after")),
-            )
+            return Reply.of(reply)
         finally:
             if guard.release(conn.sock) and keep:  # no later cut reaches whoever takes the connection next
                 exchange.pool.give(conn)

@@ -14,6 +14,7 @@ Mount of many objects is bound by exactly that.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import random
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
-from provider import gojson
+from provider import gojson, http1, loopio
 from provider.address import Target
 from provider.breaker import PROBE_TIMEOUT_SECONDS, Breaker, Breakers, EndpointKey
 from provider.config import TLSConfig
@@ -271,7 +272,7 @@ class VaultClient:
             label = str(outcome.status)
             labels[label] = labels.get(label, 0) + 1
             answered = True
-            if outcome.status in RETRY_STATUSES or (outcome.status in (307, 308) and outcome.location):
+            if outcome.status in RETRY_STATUSES or _redirect(outcome):
                 replies.append(None)
             else:
                 replies.append(outcome)
@@ -282,6 +283,46 @@ class VaultClient:
         elif unreachable is not None:
             self._breaker(endpoint, failed=True).record_failure(_cannot_reach(endpoint.target, unreachable))
         return replies
+
+    async def send_reads_on_loop(
+        self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float, done: asyncio.Future[bool]
+    ) -> list[Reply | None] | None:
+        """send_reads on the running event loop, without waiting for anything but the
+        replies (provider.loopio): None when that cannot be done (no kept-alive connection
+        for each read, a reply slow, large or cut), and a thread should send them; else each
+        read's answer as send_reads gives it. `done` set from outside ends the wait."""
+        if self._breaker(endpoint).refusal() is not None:
+            return None
+        timeout = min(self._timeout, deadline - time.monotonic())
+        if timeout <= MIN_ATTEMPT_SECONDS:
+            return None
+        target = endpoint.target
+        try:
+            pool = self._transport.pools.get(target, endpoint.tls)
+        except TransportError:
+            return None  # the TLS files cannot be loaded: the usual way says so
+        headers = _headers(endpoint, token)
+        if target.authorization:
+            headers["Authorization"] = target.authorization
+        method = reads[0].method
+        if any(read.method != method for read in reads):
+            return None
+        try:
+            requests = [http1.request(method, target.prefix + read.url, pool.host, headers, None) for read in reads]
+        except ValueError:
+            return None
+        started = time.monotonic()
+        replies = await loopio.exchange(pool, requests, method=method, timeout=timeout, done=done)
+        if replies is None:
+            return None
+        elapsed = time.monotonic() - started
+        answers: list[Reply | None] = []
+        for reply in map(Reply.of, replies):
+            self._count("read", str(reply.status), elapsed)
+            settled = not (reply.status < 200 or reply.status in RETRY_STATUSES or _redirect(reply))
+            answers.append(reply if settled else None)
+        self._breaker(endpoint).record_success()
+        return answers
 
     def answer(self, read: Read, reply: Reply) -> Secret | VaultError:
         """A reply from send_reads decoded: the Secret, or the error it means."""
@@ -478,7 +519,7 @@ class VaultClient:
                 if hop_count:  # the endpoint answered; the node it sent us to did not
                     raise _RedirectNotSent(str(e)) from None
                 raise
-            if reply.status not in (307, 308) or not reply.location:
+            if not _redirect(reply):
                 break
             # A standby sends writes to the active node; follow, as Vault's own client does,
             # but only on the same scheme (never from https to http) and without credentials.
@@ -612,6 +653,11 @@ def _secret(method: str, path: str, status: int, body: Any, operation: str) -> S
     if not isinstance(body, dict):
         raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
     return Secret(body=_enveloped(body))
+
+
+def _redirect(reply: Reply) -> bool:
+    """Whether the reply sends the request elsewhere (a standby to its active node)."""
+    return reply.status in (307, 308) and bool(reply.location)
 
 
 def _cannot_reach(target: Target, error: TransportError) -> str:

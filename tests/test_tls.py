@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from provider.config import TLSConfig, VaultSettings
 from tests.conftest import ProviderClient, VaultWorld, configure, files_of, start_provider
 from tests.openbao import OpenBao, free_port
+from tests.test_loop_mounts import ThreadJobs, remounter, warm
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,22 @@ def test_unknown_certificate_is_refused_by_default(client: ProviderClient, tls_w
 
 def test_ca_certificate_from_the_class(client: ProviderClient, tls_world: VaultWorld) -> None:
     assert mount(client, tls_world, vaultCACertPath=str(tls_world.bao.ca_path)) == {"k": b"over-tls"}
+
+
+def test_warm_mounts_over_tls_are_answered_on_the_loop(client: ProviderClient, tls_world: VaultWorld) -> None:
+    jobs = ThreadJobs(client)
+    pod = tls_world.kube.add_pod("team", "tls-pod", "tls-app")
+    mount = remounter(client, pod, OBJECTS, "tls-role", vaultCACertPath=str(tls_world.bao.ca_path))
+    warm(mount, jobs)
+    answered: list[Any] = []
+    for _ in range(3):
+        assert jobs.during(lambda: answered.append(mount())) == 0
+    assert [files_of(response) for response in answered] == [{"k": b"over-tls"}] * 3
+    tls_world.bao.api("POST", "kv1/app", {"k": "changed-over-tls"})
+    try:
+        assert files_of(mount()) == {"k": b"changed-over-tls"}
+    finally:
+        tls_world.bao.api("POST", "kv1/app", {"k": "over-tls"})
 
 
 def test_skip_verify_from_the_class(client: ProviderClient, tls_world: VaultWorld) -> None:

@@ -1,0 +1,194 @@
+"""A warm Mount whose plan remembers its last one is answered on the event loop, without a
+thread (Mounter.mount_on_loop, provider.loopio): its reads still go to Vault with the
+pod's own token each time. Whatever the loop cannot finish at once goes to a thread with
+what the loop read, and a slow or hostile Vault on the loop holds no other Mount."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import ProviderClient, VaultWorld, files_of
+from tests.fault_proxy import FaultProxy, Rule
+
+
+class ThreadJobs:
+    """Counts the jobs the provider hands to its Mount threads."""
+
+    def __init__(self, client: ProviderClient) -> None:
+        self.count = 0
+        threads = client.app.dispatcher._admission.threads
+        real = threads.submit
+
+        def submit(job: Callable[[], object]) -> None:
+            self.count += 1
+            real(job)
+
+        threads.submit = submit  # type: ignore[method-assign]
+
+    def during(self, call: Callable[[], object]) -> int:
+        before = self.count
+        call()
+        return self.count - before
+
+
+def reads(client: ProviderClient) -> float:
+    registry = client.app.metrics.registry
+    return (
+        registry.get_sample_value("vault_csi_provider_vault_requests_total", {"operation": "read", "status": "200"})
+        or 0.0
+    )
+
+
+def remounter(client: ProviderClient, pod: Any, objects: list[dict[str, Any]], role: str, **params: str) -> Any:
+    """The pod's Mount as kubelet repeats it: the very same request, so its plan is kept."""
+    request = client.request(pod, objects, role=role, **params)
+    return lambda timeout=30: client.raw_mount(request, timeout=timeout)
+
+
+def warmed(client: ProviderClient, world: VaultWorld, name: str, value: str = "v", **params: str) -> Any:
+    """A KV pod's Mount, repeated until the loop answers it."""
+    pod, objects = world.kv_pod(name, value)
+    mount = remounter(client, pod, objects, name, **params)
+    warm(mount, ThreadJobs(client))  # another counter wraps this one: both count
+    return mount
+
+
+def warm(mount: Callable[[], object], jobs: ThreadJobs) -> None:
+    """Mount until a Mount is answered on the loop (the first parse, the next read ahead
+    and remembered): at most a few."""
+    for _ in range(5):
+        if jobs.during(mount) == 0:
+            return
+    raise AssertionError("no Mount was answered on the loop")
+
+
+def test_a_remembered_mount_is_answered_on_the_loop_and_still_reads_vault_each_time(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    jobs = ThreadJobs(provider)
+    pod, objects = world.kv_pod(unique, "one")
+    mount = remounter(provider, pod, objects, unique)
+    warm(mount, jobs)
+    before = reads(provider)
+    answered: list[Any] = []
+    for _ in range(5):
+        assert jobs.during(lambda: answered.append(mount())) == 0
+    assert {files_of(response)["k"] for response in answered} == {b"one"}
+    assert reads(provider) - before == 5  # each Mount read Vault, with the pod's token
+    # A changed secret: the loop read it once, a thread makes the new files from that reply.
+    world.bao.api("POST", f"kv1/{unique}", {"k": "two"})
+    before = reads(provider)
+    changed: list[Any] = []
+    assert jobs.during(lambda: changed.append(mount())) == 1
+    assert files_of(changed[0]) == {"k": b"two"} and reads(provider) - before == 1
+    assert jobs.during(mount) == 0  # and remembered again
+    # Taken away: the very next Mount fails, as on a thread.
+    world.policy(unique, 'path "kv1/other" { capabilities = ["read"] }')
+    with pytest.raises(grpc.RpcError) as denied:
+        mount()
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def in_background(call: Callable[[], object], count: int = 1) -> list[tuple[grpc.StatusCode, str]]:
+    """Start `count` threads making the call; the list fills with each one's code and details."""
+    outcomes: list[tuple[grpc.StatusCode, str]] = []
+
+    def one() -> None:
+        try:
+            call()
+            outcomes.append((grpc.StatusCode.OK, ""))
+        except grpc.RpcError as e:
+            outcomes.append((e.code(), e.details() or ""))
+
+    for _ in range(count):
+        threading.Thread(target=one, daemon=True).start()
+    return outcomes
+
+
+def settled(outcomes: list[tuple[grpc.StatusCode, str]], count: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while len(outcomes) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(outcomes) == count
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Rule("GET", "", drop=True, times=1),  # a kept-alive connection found closed
+        Rule("GET", "", status=200, body=b'{"data":{"k":"v"}}', drip_seconds=0.01, drip_headers=True, times=1),
+        Rule("GET", "", status=502, body=b"bad gateway", times=1),  # a status worth retrying
+    ],
+    ids=["closed", "dribbled", "retry-status"],
+)
+def test_what_the_loop_cannot_finish_at_once_a_thread_does(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, fault: Rule
+) -> None:
+    client, jobs = proxied, ThreadJobs(proxied)
+    pod, objects = world.kv_pod(unique)
+    mount = remounter(client, pod, objects, unique)
+    warm(mount, jobs)
+    fault.path_prefix = f"/v1/kv1/{unique}"
+    proxy.add(fault)
+    started = time.monotonic()
+    answered: list[Any] = []
+    assert jobs.during(lambda: answered.append(mount())) == 1
+    assert files_of(answered[0]) == {"k": b"v"} and fault.hits == 1
+    assert time.monotonic() - started < 3  # a dribbled reply is given up after a few bytes
+    warm(mount, jobs)  # and back on the loop
+
+
+def test_a_slow_vault_on_the_loop_holds_no_other_mount(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    slow = warmed(proxied, world, unique)
+    other = warmed(proxied, world, f"{unique}-b", "fine", vaultAddress=world.bao.url)
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", delay_seconds=4))
+    outcomes = in_background(lambda: slow(timeout=2), count=4)
+    time.sleep(0.3)
+    for _ in range(10):
+        started = time.monotonic()
+        assert files_of(other()) == {"k": b"fine"}
+        assert time.monotonic() - started < 0.5
+    settled(outcomes, 4, within=10)
+    assert all(code != grpc.StatusCode.OK for code, _ in outcomes)
+
+
+def test_shutting_down_answers_a_mount_waiting_on_the_loop(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    mount = warmed(proxied, world, unique)
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", delay_seconds=10))
+    outcomes = in_background(lambda: mount(timeout=25))
+    time.sleep(0.5)
+    started = time.monotonic()
+    proxied.app.stop(grace=2)
+    settled(outcomes, 1, within=10)
+    assert time.monotonic() - started < 4
+    assert "restarting; the driver retries the Mount" in outcomes[0][1]
+
+
+def test_a_cancelled_mount_waiting_on_the_loop_gives_its_place_back(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    client, jobs = proxied, ThreadJobs(proxied)
+    pod, objects = world.kv_pod(unique)
+    request = client.request(pod, objects, role=unique)
+    warm(lambda: client.raw_mount(request), jobs)
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", delay_seconds=5))
+    admission = client.app.dispatcher._admission
+    call = client.stub.Mount.future(request, timeout=25)
+    deadline = time.monotonic() + 2
+    while admission.running == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert admission.running == 1  # waiting on the loop, holding its class's place
+    call.cancel()
+    while admission.running and time.monotonic() < deadline + 2:
+        time.sleep(0.01)
+    assert admission.running == 0

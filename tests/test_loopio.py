@@ -1,0 +1,264 @@
+"""Replies read on the event loop (provider.loopio): whole replies come back and their
+connections go back to the pool, blocking again; a reply that is slow, dribbled, large,
+cut or framed to run to the close ends the exchange at once, without ever stalling the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from provider import http1, loopio
+from provider.address import Target
+from provider.config import TLSConfig
+from provider.transport import Pool
+from tests.test_tls import _certificate
+
+Script = Callable[[socket.socket], None]
+BODY = b'{"data":{"k":"v"}}'
+REPLY = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+
+
+class ScriptedServer:
+    """Answers each request on a connection by running `script` on the socket."""
+
+    def __init__(self, script: Script, context: ssl.SSLContext | None = None) -> None:
+        self.script = script
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._context = context
+        self._open: list[socket.socket] = []
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            if self._context is not None:
+                conn = self._context.wrap_socket(conn, server_side=True)
+            self._open.append(conn)
+            while True:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    received += chunk
+                self.script(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def replying(*parts: bytes, pause: float = 0.0) -> Script:
+    def script(conn: socket.socket) -> None:
+        for part in parts:
+            time.sleep(pause)
+            conn.sendall(part)
+
+    return script
+
+
+def closing(conn: socket.socket) -> None:
+    conn.close()
+
+
+def pooled(server: ScriptedServer, scheme: str = "http", tls: TLSConfig | None = None, count: int = 1) -> Pool:
+    """A pool holding `count` kept-alive connections to the server."""
+    pool = _opened(Pool(Target.parse(f"{scheme}://127.0.0.1:{server.port}"), tls or TLSConfig()))
+    for conn in [pool.connect(5, lambda sock: None) for _ in range(count)]:
+        pool.give(conn)
+    return pool
+
+
+_POOLS: list[Pool] = []
+
+
+def _opened(pool: Pool) -> Pool:
+    _POOLS.append(pool)
+    return pool
+
+
+@pytest.fixture(autouse=True)
+def _close_pools() -> Iterator[None]:
+    yield
+    while _POOLS:
+        _POOLS.pop().close()
+
+
+def request() -> bytes:
+    return http1.request("GET", "/v1/kv/x", "127.0.0.1", {"X-Vault-Token": "t"}, None)
+
+
+class Outcome:
+    def __init__(self, replies: list[http1.Reply] | None, seconds: float, longest_stall: float) -> None:
+        self.replies, self.seconds, self.longest_stall = replies, seconds, longest_stall
+
+
+def exchange(pool: Pool, count: int = 1, timeout: float = 5.0, end_after: float | None = None) -> Outcome:
+    """loopio.exchange on a fresh loop, with a ticker on the same loop measuring the longest
+    time the loop went without running it (what a stalled loop would show)."""
+
+    async def run() -> Outcome:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        ticks: list[float] = [time.monotonic()]
+        stall = 0.0
+
+        async def ticker() -> None:
+            nonlocal stall
+            while True:
+                await asyncio.sleep(0.002)
+                now = time.monotonic()
+                stall = max(stall, now - ticks[-1])
+                ticks.append(now)
+
+        ticking = asyncio.create_task(ticker())
+        if end_after is not None:
+            loop.call_later(end_after, done.set_exception, RuntimeError("stopping"))
+        started = time.monotonic()
+        try:
+            replies = await loopio.exchange(pool, [request()] * count, method="GET", timeout=timeout, done=done)
+        finally:
+            ticking.cancel()
+        return Outcome(replies, time.monotonic() - started, stall)
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    def start(script: Script, context: ssl.SSLContext | None = None) -> ScriptedServer:
+        servers.append(ScriptedServer(script, context))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_whole_replies_come_back_and_their_connections_go_back_to_the_pool(
+    serve: Callable[..., ScriptedServer],
+) -> None:
+    pool = pooled(serve(replying(REPLY[:20], REPLY[20:], pause=0.02)), count=2)
+    outcome = exchange(pool, count=2)
+    assert outcome.replies is not None
+    assert [(reply.head.status, reply.body) for reply in outcome.replies] == [(200, BODY)] * 2
+    kept = [pool.take(), pool.take()]
+    assert all(conn is not None and conn.sock.gettimeout() is None for conn in kept)  # blocking again
+    assert pool.take() is None
+    for conn in kept:
+        assert conn is not None
+        conn.close()
+
+
+def test_without_a_kept_alive_connection_for_each_request_nothing_is_sent(
+    serve: Callable[..., ScriptedServer],
+) -> None:
+    sent: list[int] = []
+    server = serve(lambda conn: sent.append(1))
+    pool = pooled(server, count=1)
+    assert exchange(pool, count=2).replies is None
+    time.sleep(0.1)
+    assert sent == [] and server.accepted == 1  # nothing sent, no connection made
+    kept = pool.take()
+    assert kept is not None  # the one it has is kept
+    kept.close()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        replying(*[bytes([byte]) for byte in REPLY], pause=0.003),  # more receives than LOOP_ARRIVALS
+        replying(b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"x" * 20000),  # past LOOP_REPLY_BYTES
+        replying(b"HTTP/1.1 200 OK\r\n\r\n" + BODY),  # runs to the close: cannot be read here
+        replying(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),  # cut short, then silent
+        closing,  # closed while idle: the stale connection of a restarted Vault
+        replying(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),  # framing refused
+    ],
+    ids=["dribbled", "too-large", "to-the-close", "cut-short", "closed", "bad-framing"],
+)
+def test_a_reply_that_cannot_be_read_whole_at_once_ends_the_exchange_without_stalling_the_loop(
+    serve: Callable[..., ScriptedServer], script: Script
+) -> None:
+    pool = pooled(serve(script))
+    outcome = exchange(pool, timeout=0.5)
+    assert outcome.replies is None
+    assert outcome.longest_stall < 0.1
+    assert pool.take() is None  # its connection closed
+
+
+def test_a_dribbled_reply_is_given_up_after_a_few_receives_not_at_the_deadline(
+    serve: Callable[..., ScriptedServer],
+) -> None:
+    pool = pooled(serve(replying(*[bytes([byte]) for byte in REPLY], pause=0.01)))
+    outcome = exchange(pool, timeout=5)
+    assert outcome.replies is None and outcome.seconds < 1
+
+
+def test_the_timeout_ends_the_wait(serve: Callable[..., ScriptedServer]) -> None:
+    pool = pooled(serve(replying(REPLY, pause=2)))
+    outcome = exchange(pool, timeout=0.2)
+    assert outcome.replies is None and 0.15 < outcome.seconds < 1
+    assert pool.take() is None
+
+
+def test_done_set_from_outside_ends_the_wait_with_its_error(serve: Callable[..., ScriptedServer]) -> None:
+    pool = pooled(serve(replying(REPLY, pause=2)))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="stopping"):
+        exchange(pool, timeout=5, end_after=0.1)
+    assert time.monotonic() - started < 1
+    assert pool.take() is None
+
+
+def test_bytes_after_the_reply_close_its_connection(serve: Callable[..., ScriptedServer]) -> None:
+    pool = pooled(serve(replying(REPLY + b"HTTP/1.1 200 OK\r\n")))
+    outcome = exchange(pool)
+    assert outcome.replies is not None and outcome.replies[0].body == BODY
+    assert pool.take() is None  # not trusted with another request
+
+
+def test_tls_replies_are_read_on_the_loop_too(serve: Callable[..., ScriptedServer], tmp_path: Path) -> None:
+    ca = _certificate(tmp_path, "ca")
+    _certificate(tmp_path, "server", issuer=ca)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server-key.pem")
+    # A large reply in many TLS records, sent in pieces: decrypted bytes the socket no
+    # longer signals are taken at once.
+    body = b'{"data":{"k":"%s"}}' % (b"v" * 12000)
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    server = serve(replying(reply[:5000], reply[5000:], pause=0.02), context)
+    pool = _opened(Pool(Target.parse(f"https://127.0.0.1:{server.port}"), TLSConfig(ca_cert=str(tmp_path / "ca.pem"))))
+    for conn in [pool.connect(5, lambda sock: None) for _ in range(2)]:
+        # A first exchange, as on a thread: TLS 1.3 session tickets arrive after the
+        # handshake, and a connection with unread bytes is not taken from the pool.
+        conn.send(request())
+        assert conn.read_reply("GET", 1 << 20).body == body
+        pool.give(conn)
+    for _ in range(3):
+        outcome = exchange(pool, count=2)
+        assert outcome.replies is not None and [r.body for r in outcome.replies] == [body, body]
+    # A TLS server that goes silent is cut by the timeout like any other.
+    server.script = replying(reply, pause=2)
+    assert exchange(pool, timeout=0.2).replies is None
