@@ -195,6 +195,9 @@ class MountDispatcher:
         # or by the backstop timer: the job goes on when the caller stops waiting
         # (deadline, shutdown) and frees its thread when its own deadline ends. One
         # future and one timer: each further hop between thread and loop costs CPU.
+        if self._stopping:  # stop_answering ran while this Mount was admitted or on the loop
+            ticket.release()
+            raise MountRejected(STOPPING)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[MountResult] = loop.create_future()
         job = functools.partial(
@@ -227,6 +230,8 @@ class MountDispatcher:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._answers.add(done)
         try:
+            if self._stopping:  # stop_answering ran while this Mount was being admitted
+                raise MountRejected(STOPPING)
             on_loop = await self._mounter.mount_on_loop(plan, deadline=deadline, done=done)
         except MountRejected:  # shutting down
             ticket.release()

@@ -170,10 +170,15 @@ class LeaseCache:
         """Replies kept."""
         return len(self._usage)
 
-    def holds(self, key: LeaseKey) -> bool:
-        """Whether a reply for key is kept, or being fetched."""
-        with self._lock:
+    def holds(self, key: LeaseKey, *, wait: bool = True) -> bool:
+        """Whether a reply for key is kept, or being fetched. Without `wait` (on the event
+        loop) it answers True rather than wait while a purge holds the cache's lock."""
+        if not self._lock.acquire(blocking=wait):
+            return True
+        try:
             return key in self._slots
+        finally:
+            self._lock.release()
 
     def would_keep(self, secret: Secret) -> bool:
         """Whether a reply like this one is kept: a lease, or a certificate not yet expired."""

@@ -6,11 +6,13 @@ about a tenth of its time here (two thread wake-ups and the lock between them); 
 read here costs an epoll registration instead. Nothing in this module waits: it only
 uses connections a pool keeps alive (no connect, no name lookup, no TLS handshake), sends
 each request in one non-blocking send, and reads what arrives when it arrives. Anything
-else ends the exchange at once and the Mount goes to a thread the usual way: a request
-that does not leave in one send, a connection found closed, a reply that is not whole
-within LOOP_REPLY_BYTES or LOOP_ARRIVALS receives (CPU on the loop is every Mount's: a
-server dripping a reply byte by byte may not hold it), a reply framed to run to the close.
-The Mount's deadline ends the wait, and so does `done` set from outside (shutdown).
+ends the exchange at once, and what it did not read goes to a thread the usual way: a
+request that does not leave in one send, a connection found closed, a reply that is not
+whole within LOOP_REPLY_BYTES, LOOP_ARRIVALS receives of data or LOOP_WAKEUPS wake-ups in
+all (CPU on the loop is every Mount's: a server dripping a reply byte by byte, or TLS
+records segment by segment, may not hold it), an interim (1xx) reply, a reply framed to
+run to the close. The Mount's deadline ends the wait, and so does `done` set from outside
+(shutdown).
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from provider.transport import Pool
 # Bytes a reply may take on the wire when read on the loop: a remembered Mount's replies
 # hold at most mount.REMEMBERED_BYTES, and Vault's headers about 300 bytes.
 LOOP_REPLY_BYTES = 16 * 1024
-# Receives a reply may take on the loop; a reply is parsed again on each (from its start).
+# Receives of data a reply may take on the loop; a reply is parsed again on each (from its
+# start). Vault's reply to a KV read arrives whole in one, or a few over a real network.
 LOOP_ARRIVALS = 8
+# Wake-ups a reply may take on the loop in all: over TLS, each piece of a record not yet
+# whole wakes the loop without giving data.
+LOOP_WAKEUPS = 4 * LOOP_ARRIVALS
 
 
 class Incomplete(Exception):
@@ -52,17 +58,21 @@ class Received:
 class _Exchange:
     """One request on one kept-alive connection, its reply read as it arrives."""
 
-    __slots__ = ("arrivals", "conn", "received", "reply", "sock")
+    __slots__ = ("arrivals", "conn", "received", "reply", "sock", "wakeups")
 
     def __init__(self, conn: http1.Connection) -> None:
         self.conn = conn
         self.sock: socket.socket = conn.sock
         self.received = bytearray()
         self.arrivals = 0
+        self.wakeups = 0
         self.reply: http1.Reply | None = None
 
     def receive(self, method: str) -> bool | None:
         """Take what arrived: True once the reply is whole, None if it cannot be read here."""
+        self.wakeups += 1
+        if self.wakeups > LOOP_WAKEUPS:
+            return None
         room = LOOP_REPLY_BYTES + 1 - len(self.received)  # at least 1: a larger reply ended the read
         try:
             chunk = self.sock.recv(room)
@@ -89,6 +99,8 @@ class _Exchange:
             return None if self.arrivals >= LOOP_ARRIVALS else False
         except (http1.Closed, http1.ProtocolError, http1.TooLarge):
             return None
+        if reply.head.status < 200:  # an interim reply (103): the final one is still to come
+            return None
         self.reply = reply
         return True
 
@@ -100,32 +112,31 @@ async def exchange(
     method: str,
     timeout: float,
     done: asyncio.Future[bool],
-) -> list[http1.Reply] | None:
+) -> list[http1.Reply | None] | None:
     """Each request's reply, read on the running loop over connections `pool` keeps
-    alive; None when that cannot be done without waiting for more than the replies (see
-    the module's docstring), or not within `timeout` seconds. Setting `done` (a result
+    alive, or None for each one not read whole (see the module's docstring: the first
+    that cannot be ends them all) within `timeout` seconds; None for all when the pool has
+    not a kept-alive connection for each (nothing is sent then). Setting `done` (a result
     or an exception) from outside ends the wait: its exception is raised here. Each
     connection goes back to the pool if its reply left it fit for another, else is closed."""
-    loop = asyncio.get_running_loop()
-    exchanges: list[_Exchange] = []
-    watched: list[int] = []
-    timer = None
     conns = [pool.take() for _ in requests]
     if any(conn is None for conn in conns):  # nothing sent: they go back as they were
         for conn in conns:
             if conn is not None:
                 pool.give(conn)
         return None
+    exchanges = [_Exchange(conn) for conn in conns if conn is not None]
+    loop = asyncio.get_running_loop()
+    watched: list[int] = []
+    timer = None
     try:
-        for conn, data in zip(conns, requests, strict=True):
-            assert conn is not None
-            exchanges.append(_Exchange(conn))
-            conn.sock.setblocking(False)
+        for each, data in zip(exchanges, requests, strict=True):
+            each.sock.setblocking(False)
             try:
-                if conn.sock.send(data) != len(data):
-                    return None
+                if each.sock.send(data) != len(data):
+                    return [None] * len(exchanges)
             except (OSError, ValueError):  # closed while idle, or a TLS write that would wait
-                return None
+                return [None] * len(exchanges)
         waiting = len(exchanges)
 
         def readable(each: _Exchange, fd: int) -> None:
@@ -147,9 +158,8 @@ async def exchange(
             loop.add_reader(fd, readable, each, fd)
             watched.append(fd)
         timer = loop.call_later(max(timeout, 0.0), _end, done)
-        if not await done:
-            return None
-        return [each.reply for each in exchanges if each.reply is not None]
+        await done
+        return [each.reply for each in exchanges]
     finally:
         if timer is not None:
             timer.cancel()

@@ -432,7 +432,7 @@ class Mounter:
             return None
         key = self._hmac_keys.peek()  # None also when it must be fetched: a thread does that
         token = self._tokens.peek(plan.identity) if key is not None and key == last.key else None
-        if token is None or any(self._kept_key(plan.lease_keys.get(request)) for request in plan.distinct):
+        if token is None or any(self._kept_key(plan.lease_keys.get(r), wait=False) for r in plan.distinct):
             return None
         answers = await self._vault.send_reads_on_loop(
             plan.endpoint,
@@ -443,14 +443,14 @@ class Mounter:
         )
         if answers is None:
             return None
-        self._token_counts[True].inc()
         replies: dict[SecretRequest, Reply] = {}
         for request, answer in zip(plan.distinct, answers, strict=True):
             if answer is not None and answer.status != 403:  # as _prefetch: a new login may help
                 replies[request] = answer
-            else:
+            else:  # as _prefetch: it goes the usual way, and a lone one keeps to it until that succeeds
                 plan.unkept.discard(request)
         if len(replies) == len(plan.distinct) and last.answers(replies, plan, key):
+            self._token_counts[True].inc()  # else counted where the Mount goes on
             return MountResult(config=plan.config, files=last.files)
         return replies
 
@@ -608,8 +608,8 @@ class Mounter:
         then it is not read ahead, which for dynamic secrets would issue credentials."""
         return self._kept_key(identity.lease_key(request))
 
-    def _kept_key(self, key: LeaseKey | None) -> bool:
-        return key is not None and self._leases is not None and self._leases.holds(key)
+    def _kept_key(self, key: LeaseKey | None, *, wait: bool = True) -> bool:
+        return key is not None and self._leases is not None and self._leases.holds(key, wait=wait)
 
     def _fetch_outcome(
         self,

@@ -228,16 +228,16 @@ class Pools:
         with self._lock:
             return len(self._pools)
 
+    def find(self, target: Target, tls: TLSConfig) -> Pool | None:
+        """The pool for target and tls if there is one; never makes one (loading a CA store
+        takes tens of milliseconds: not on the event loop)."""
+        key = _pool_key(target, tls)
+        with self._lock:
+            return self._pools.get(key)
+
     def get(self, target: Target, tls: TLSConfig) -> Pool:
         """The pool for target and tls; raises TLSFailed when the TLS files cannot be loaded."""
-        # TLS settings matter only to https; an http pool is one pool whatever the class set.
-        key = _PoolKey(
-            target.scheme,
-            target.host,
-            target.port,
-            target.socket_path,
-            tls if target.scheme == "https" else _NO_TLS,
-        )
+        key = _pool_key(target, tls)
         with self._lock:
             pool = self._pools.get(key)
             if pool is not None:
@@ -265,6 +265,13 @@ class Pools:
             self._pools.clear()
         for pool in pools:
             pool.close()
+
+
+def _pool_key(target: Target, tls: TLSConfig) -> _PoolKey:
+    # TLS settings matter only to https; an http pool is one pool whatever the class set.
+    return _PoolKey(
+        target.scheme, target.host, target.port, target.socket_path, tls if target.scheme == "https" else _NO_TLS
+    )
 
 
 class Transport:

@@ -287,26 +287,22 @@ class VaultClient:
     async def send_reads_on_loop(
         self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float, done: asyncio.Future[bool]
     ) -> list[Reply | None] | None:
-        """send_reads on the running event loop, without waiting for anything but the
-        replies (provider.loopio): None when that cannot be done (no kept-alive connection
-        for each read, a reply slow, large or cut), and a thread should send them; else each
-        read's answer as send_reads gives it. `done` set from outside ends the wait."""
+        """send_reads on the running event loop, waiting for nothing but the replies
+        (provider.loopio): each read's answer as send_reads gives it, None for one not read
+        whole there (slow, large, cut: a thread sends it again); None for all when nothing
+        was sent (no pool or kept-alive connection for each read yet: a thread makes them).
+        `done` set from outside ends the wait."""
         if self._breaker(endpoint).refusal() is not None:
             return None
         timeout = min(self._timeout, deadline - time.monotonic())
-        if timeout <= MIN_ATTEMPT_SECONDS:
+        method = reads[0].method
+        pool = self._transport.pools.find(endpoint.target, endpoint.tls)
+        if timeout <= MIN_ATTEMPT_SECONDS or pool is None or any(read.method != method for read in reads):
             return None
         target = endpoint.target
-        try:
-            pool = self._transport.pools.get(target, endpoint.tls)
-        except TransportError:
-            return None  # the TLS files cannot be loaded: the usual way says so
         headers = _headers(endpoint, token)
         if target.authorization:
             headers["Authorization"] = target.authorization
-        method = reads[0].method
-        if any(read.method != method for read in reads):
-            return None
         try:
             requests = [http1.request(method, target.prefix + read.url, pool.host, headers, None) for read in reads]
         except ValueError:
@@ -317,11 +313,13 @@ class VaultClient:
             return None
         elapsed = time.monotonic() - started
         answers: list[Reply | None] = []
-        for reply in map(Reply.of, replies):
-            self._count("read", str(reply.status), elapsed)
-            settled = not (reply.status < 200 or reply.status in RETRY_STATUSES or _redirect(reply))
+        for read in replies:
+            reply = Reply.of(read) if read is not None else None
+            self._count("read", str(reply.status) if reply is not None else "error", elapsed)
+            settled = reply is not None and not (reply.status in RETRY_STATUSES or _redirect(reply))
             answers.append(reply if settled else None)
-        self._breaker(endpoint).record_success()
+        if any(reply is not None for reply in replies):
+            self._breaker(endpoint).record_success()
         return answers
 
     def answer(self, read: Read, reply: Reply) -> Secret | VaultError:

@@ -195,17 +195,30 @@ def test_without_a_kept_alive_connection_for_each_request_nothing_is_sent(
         replying(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),  # cut short, then silent
         closing,  # closed while idle: the stale connection of a restarted Vault
         replying(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),  # framing refused
+        # An interim reply, the final one after it: the connection must not go back to the
+        # pool with a reply still coming (the next user, maybe another pod, would read it).
+        replying(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", REPLY, pause=0.05),
     ],
-    ids=["dribbled", "too-large", "to-the-close", "cut-short", "closed", "bad-framing"],
+    ids=["dribbled", "too-large", "to-the-close", "cut-short", "closed", "bad-framing", "interim"],
 )
 def test_a_reply_that_cannot_be_read_whole_at_once_ends_the_exchange_without_stalling_the_loop(
     serve: Callable[..., ScriptedServer], script: Script
 ) -> None:
     pool = pooled(serve(script))
     outcome = exchange(pool, timeout=0.5)
-    assert outcome.replies is None
+    assert outcome.replies == [None]
     assert outcome.longest_stall < 0.1
     assert pool.take() is None  # its connection closed
+
+
+def test_a_reply_read_whole_is_kept_when_another_is_not(serve: Callable[..., ScriptedServer]) -> None:
+    answered = iter([replying(REPLY), replying(REPLY[:30])])
+    pool = pooled(serve(lambda conn: next(answered)(conn)), count=2)
+    outcome = exchange(pool, count=2, timeout=0.3)
+    assert outcome.replies is not None and sorted(reply is None for reply in outcome.replies) == [False, True]
+    kept = pool.take()
+    assert kept is not None and pool.take() is None  # the whole one's connection, not the cut one's
+    kept.close()
 
 
 def test_a_dribbled_reply_is_given_up_after_a_few_receives_not_at_the_deadline(
@@ -213,13 +226,13 @@ def test_a_dribbled_reply_is_given_up_after_a_few_receives_not_at_the_deadline(
 ) -> None:
     pool = pooled(serve(replying(*[bytes([byte]) for byte in REPLY], pause=0.01)))
     outcome = exchange(pool, timeout=5)
-    assert outcome.replies is None and outcome.seconds < 1
+    assert outcome.replies == [None] and outcome.seconds < 1
 
 
 def test_the_timeout_ends_the_wait(serve: Callable[..., ScriptedServer]) -> None:
     pool = pooled(serve(replying(REPLY, pause=2)))
     outcome = exchange(pool, timeout=0.2)
-    assert outcome.replies is None and 0.15 < outcome.seconds < 1
+    assert outcome.replies == [None] and 0.15 < outcome.seconds < 1
     assert pool.take() is None
 
 
@@ -261,4 +274,68 @@ def test_tls_replies_are_read_on_the_loop_too(serve: Callable[..., ScriptedServe
         assert outcome.replies is not None and [r.body for r in outcome.replies] == [body, body]
     # A TLS server that goes silent is cut by the timeout like any other.
     server.script = replying(reply, pause=2)
-    assert exchange(pool, timeout=0.2).replies is None
+    assert exchange(pool, timeout=0.2).replies == [None]
+
+
+class DrippingForwarder:
+    """Forwards to a server, and once `drip` is set, sends what the server answers one
+    byte per TCP segment: TLS records arriving in pieces."""
+
+    def __init__(self, port: int) -> None:
+        self.drip = False
+        self._upstream = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self._upstream))
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._open += [client, server]
+                threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if answers and self.drip:
+                    for byte in data:
+                        sink.sendall(bytes([byte]))
+                        time.sleep(0.001)
+                else:
+                    sink.sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._open:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_tls_records_dripped_segment_by_segment_are_given_up_after_a_few_wakeups(
+    serve: Callable[..., ScriptedServer], tmp_path: Path
+) -> None:
+    ca = _certificate(tmp_path, "ca")
+    _certificate(tmp_path, "server", issuer=ca)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server-key.pem")
+    body = b'{"data":{"k":"%s"}}' % (b"v" * 1500)
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    forwarder = DrippingForwarder(serve(replying(reply), context).port)
+    try:
+        pool = _opened(
+            Pool(Target.parse(f"https://127.0.0.1:{forwarder.port}"), TLSConfig(ca_cert=str(tmp_path / "ca.pem")))
+        )
+        conn = pool.connect(5, lambda sock: None)
+        conn.send(request())  # a first exchange takes the session tickets
+        assert conn.read_reply("GET", 1 << 20).body == body
+        pool.give(conn)
+        forwarder.drip = True
+        outcome = exchange(pool, timeout=5)
+        assert outcome.replies == [None] and outcome.seconds < 1  # dripped whole, it would take 2 s
+    finally:
+        forwarder.close()
