@@ -5,6 +5,7 @@ what the loop read, and a slow or hostile Vault on the loop holds no other Mount
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
+from provider.config import TLSConfig
+from provider.vault import Endpoint, Read, VaultClient
 from tests.conftest import ProviderClient, VaultWorld, files_of
 from tests.fault_proxy import FaultProxy, Rule
 
@@ -37,11 +40,19 @@ class ThreadJobs:
         return self.count - before
 
 
-def reads(client: ProviderClient) -> float:
+def reads(client: ProviderClient, *statuses: str) -> float:
+    """Reads counted in the metrics, by these statuses (200 alone by default)."""
     registry = client.app.metrics.registry
-    return (
-        registry.get_sample_value("vault_csi_provider_vault_requests_total", {"operation": "read", "status": "200"})
+    return sum(
+        registry.get_sample_value("vault_csi_provider_vault_requests_total", {"operation": "read", "status": status})
         or 0.0
+        for status in statuses or ("200",)
+    )
+
+
+def token_hits(client: ProviderClient) -> float:
+    return (
+        client.app.metrics.registry.get_sample_value("vault_csi_provider_token_cache_total", {"result": "hit"}) or 0.0
     )
 
 
@@ -81,6 +92,9 @@ def test_a_remembered_mount_is_answered_on_the_loop_and_still_reads_vault_each_t
         assert jobs.during(lambda: answered.append(mount())) == 0
     assert {files_of(response)["k"] for response in answered} == {b"one"}
     assert reads(provider) - before == 5  # each Mount read Vault, with the pod's token
+    hits = token_hits(provider)
+    mount()
+    assert token_hits(provider) - hits == 1
     # A changed secret: the loop read it once, a thread makes the new files from that reply.
     world.bao.api("POST", f"kv1/{unique}", {"k": "two"})
     before = reads(provider)
@@ -138,8 +152,11 @@ def test_what_the_loop_cannot_finish_at_once_a_thread_does(
     proxy.add(fault)
     started = time.monotonic()
     answered: list[Any] = []
+    counted, hits = reads(client, "200", "502", "error"), token_hits(client)
     assert jobs.during(lambda: answered.append(mount())) == 1
     assert files_of(answered[0]) == {"k": b"v"} and fault.hits == 1
+    # Both attempts in the metrics (the loop's, the thread's), the token looked up once.
+    assert reads(client, "200", "502", "error") - counted == 2 and token_hits(client) - hits == 1
     assert time.monotonic() - started < 3  # a dribbled reply is given up after a few bytes
     warm(mount, jobs)  # and back on the loop
 
@@ -192,3 +209,23 @@ def test_a_cancelled_mount_waiting_on_the_loop_gives_its_place_back(
     while admission.running and time.monotonic() < deadline + 2:
         time.sleep(0.01)
     assert admission.running == 0
+
+
+def test_no_pool_is_made_on_the_loop(world: VaultWorld) -> None:
+    """Loading a pool's CA store takes tens of milliseconds: a Mount whose pool is gone
+    (evicted by other classes' pools) goes to a thread, which makes it."""
+    client = VaultClient()
+    endpoint = Endpoint(address=world.bao.url, tls=TLSConfig())
+    read = Read("GET", "kv1/x", None)
+
+    async def on_loop() -> object:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        return await client.send_reads_on_loop(
+            endpoint, token="t", reads=[read], deadline=time.monotonic() + 5, done=done
+        )
+
+    try:
+        assert asyncio.run(on_loop()) is None
+        assert len(client._transport.pools) == 0
+    finally:
+        client.close()

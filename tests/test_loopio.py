@@ -252,26 +252,41 @@ def test_bytes_after_the_reply_close_its_connection(serve: Callable[..., Scripte
     assert pool.take() is None  # not trusted with another request
 
 
-def test_tls_replies_are_read_on_the_loop_too(serve: Callable[..., ScriptedServer], tmp_path: Path) -> None:
-    ca = _certificate(tmp_path, "ca")
-    _certificate(tmp_path, "server", issuer=ca)
+def tls_context(directory: Path) -> ssl.SSLContext:
+    """A server context whose certificate, for 127.0.0.1, directory/ca.pem signed."""
+    _certificate(directory, "server", issuer=_certificate(directory, "ca"))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server-key.pem")
-    # A large reply in many TLS records, sent in pieces: decrypted bytes the socket no
-    # longer signals are taken at once.
-    body = b'{"data":{"k":"%s"}}' % (b"v" * 12000)
-    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    server = serve(replying(reply[:5000], reply[5000:], pause=0.02), context)
-    pool = _opened(Pool(Target.parse(f"https://127.0.0.1:{server.port}"), TLSConfig(ca_cert=str(tmp_path / "ca.pem"))))
-    for conn in [pool.connect(5, lambda sock: None) for _ in range(2)]:
-        # A first exchange, as on a thread: TLS 1.3 session tickets arrive after the
-        # handshake, and a connection with unread bytes is not taken from the pool.
+    context.load_cert_chain(directory / "server.pem", directory / "server-key.pem")
+    return context
+
+
+def kv_reply(size: int) -> tuple[bytes, bytes]:
+    """A body of about `size` bytes, and a whole reply carrying it."""
+    body = b'{"data":{"k":"%s"}}' % (b"v" * size)
+    return body, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def tls_pool(port: int, directory: Path, body: bytes, count: int) -> Pool:
+    """A pool of `count` TLS connections, each past a first exchange, as on a thread: TLS
+    1.3 session tickets arrive after the handshake, and a connection with unread bytes is
+    not taken from the pool."""
+    pool = _opened(Pool(Target.parse(f"https://127.0.0.1:{port}"), TLSConfig(ca_cert=str(directory / "ca.pem"))))
+    for conn in [pool.connect(5, lambda sock: None) for _ in range(count)]:
         conn.send(request())
         assert conn.read_reply("GET", 1 << 20).body == body
         pool.give(conn)
+    return pool
+
+
+def test_tls_replies_are_read_on_the_loop_too(serve: Callable[..., ScriptedServer], tmp_path: Path) -> None:
+    # A large reply in many TLS records, sent in pieces: decrypted bytes the socket no
+    # longer signals are taken at once.
+    body, reply = kv_reply(12000)
+    server = serve(replying(reply[:5000], reply[5000:], pause=0.02), tls_context(tmp_path))
+    pool = tls_pool(server.port, tmp_path, body, count=2)
     for _ in range(3):
         outcome = exchange(pool, count=2)
-        assert outcome.replies is not None and [r.body for r in outcome.replies] == [body, body]
+        assert outcome.replies is not None and [r.body for r in outcome.replies if r is not None] == [body, body]
     # A TLS server that goes silent is cut by the timeout like any other.
     server.script = replying(reply, pause=2)
     assert exchange(pool, timeout=0.2).replies == [None]
@@ -319,21 +334,10 @@ class DrippingForwarder:
 def test_tls_records_dripped_segment_by_segment_are_given_up_after_a_few_wakeups(
     serve: Callable[..., ScriptedServer], tmp_path: Path
 ) -> None:
-    ca = _certificate(tmp_path, "ca")
-    _certificate(tmp_path, "server", issuer=ca)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server-key.pem")
-    body = b'{"data":{"k":"%s"}}' % (b"v" * 1500)
-    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    forwarder = DrippingForwarder(serve(replying(reply), context).port)
+    body, reply = kv_reply(1500)
+    forwarder = DrippingForwarder(serve(replying(reply), tls_context(tmp_path)).port)
     try:
-        pool = _opened(
-            Pool(Target.parse(f"https://127.0.0.1:{forwarder.port}"), TLSConfig(ca_cert=str(tmp_path / "ca.pem")))
-        )
-        conn = pool.connect(5, lambda sock: None)
-        conn.send(request())  # a first exchange takes the session tickets
-        assert conn.read_reply("GET", 1 << 20).body == body
-        pool.give(conn)
+        pool = tls_pool(forwarder.port, tmp_path, body, count=1)
         forwarder.drip = True
         outcome = exchange(pool, timeout=5)
         assert outcome.replies == [None] and outcome.seconds < 1  # dripped whole, it would take 2 s
