@@ -224,7 +224,7 @@ class MountDispatcher:
 
     async def _on_loop(
         self, plan: MountPlan, deadline: float, ticket: Ticket
-    ) -> MountResult | Mapping[SecretRequest, Reply] | None:
+    ) -> MountResult | Mapping[SecretRequest, Reply | None] | None:
         """The Mount answered on the loop if it can be (the ticket is then released), else
         the replies read there for the thread (None: none)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -274,7 +274,7 @@ class MountDispatcher:
         deadline: float,
         ticket: Ticket,
         probe: Breaker | None,
-        read_ahead: Mapping[SecretRequest, Reply] | None,
+        read_ahead: Mapping[SecretRequest, Reply | None] | None,
     ) -> MountResult:
         try:
             plan = dispatched.plan

@@ -35,6 +35,10 @@ LOOP_ARRIVALS = 8
 # Wake-ups a reply may take on the loop in all: over TLS, each piece of a record not yet
 # whole wakes the loop without giving data.
 LOOP_WAKEUPS = 4 * LOOP_ARRIVALS
+# CRLFs a chunked body read on the loop may hold: Go's server writes a reply past 2 KiB in
+# chunks of about 4 KiB, so a real one has a few; a thousand 1-byte chunks would cost the
+# loop milliseconds to parse.
+LOOP_CHUNK_LINES = 64
 
 
 class Incomplete(Exception):
@@ -58,7 +62,7 @@ class Received:
 class _Exchange:
     """One request on one kept-alive connection, its reply read as it arrives."""
 
-    __slots__ = ("arrivals", "conn", "received", "reply", "sock", "wakeups")
+    __slots__ = ("arrivals", "body_at", "conn", "length", "received", "reply", "sock", "wakeups")
 
     def __init__(self, conn: http1.Connection) -> None:
         self.conn = conn
@@ -66,6 +70,8 @@ class _Exchange:
         self.received = bytearray()
         self.arrivals = 0
         self.wakeups = 0
+        self.body_at = 0  # where the body starts, once the head is in
+        self.length: int | None = None  # the body's length; -1 when chunked
         self.reply: http1.Reply | None = None
 
     def receive(self, method: str) -> bool | None:
@@ -92,17 +98,48 @@ class _Exchange:
         self.received += chunk
         if len(self.received) > LOOP_REPLY_BYTES:
             return None
+        whole = self._whole(method)
+        if whole is False and self.arrivals >= LOOP_ARRIVALS:
+            return None
+        return whole
+
+    def _whole(self, method: str) -> bool | None:
+        """Whether the bytes received are the whole reply (None: not one to read here). The
+        whole reply is parsed only once its framing says it may be in: once per reply, but
+        for a chunked body that ends like a whole one too early."""
+        if self.length is None:
+            end = self.received.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            try:
+                head = _reading(self.received[: end + 4]).read_head(method)
+            except (Incomplete, http1.Closed, http1.ProtocolError, http1.TooLarge):
+                return None  # Incomplete: a 100 Continue before it
+            if head.status < 200 or (head.length is None and not head.chunked):
+                return None  # an interim reply (the final one still to come), or one running to the close
+            length = -1 if head.chunked or head.length is None else head.length
+            self.body_at, self.length = end + 4, length
+        else:
+            length = self.length
+        if length >= 0:
+            if len(self.received) < self.body_at + length:
+                return False
+        elif self.received.count(b"\r\n", self.body_at) > LOOP_CHUNK_LINES:
+            return None
+        elif not self.received.endswith(b"\r\n\r\n"):  # the last chunk, and the trailers' end
+            return False
         try:
-            reading = http1.Connection(cast(socket.socket, Received(bytes(self.received))))
-            reply = reading.read_reply(method, LOOP_REPLY_BYTES)
+            self.reply = _reading(self.received).read_reply(method, LOOP_REPLY_BYTES)
         except Incomplete:
-            return None if self.arrivals >= LOOP_ARRIVALS else False
+            return False
         except (http1.Closed, http1.ProtocolError, http1.TooLarge):
             return None
-        if reply.head.status < 200:  # an interim reply (103): the final one is still to come
-            return None
-        self.reply = reply
         return True
+
+
+def _reading(received: bytearray) -> http1.Connection:
+    """http1 reading from the bytes received so far."""
+    return http1.Connection(cast(socket.socket, Received(bytes(received))))
 
 
 async def exchange(

@@ -79,7 +79,9 @@ class Metrics:
             registry=r,
         )
         self.mount_threads = Gauge(
-            "vault_csi_provider_mount_threads_busy", "Threads doing Mount work now (bulkhead slots in use).", registry=r
+            "vault_csi_provider_mount_threads_busy",
+            "Bulkhead slots in use now: Mounts on a thread, or waiting on the event loop for Vault's replies.",
+            registry=r,
         )
         self.mounts_waiting = Gauge(
             "vault_csi_provider_mounts_waiting",

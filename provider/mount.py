@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
@@ -43,7 +43,7 @@ from provider.kube import KubeClient
 from provider.leases import LeaseCache, LeaseKey
 from provider.metrics import Metrics
 from provider.transport import Reply
-from provider.vault import Endpoint, Login, Read, Secret, VaultClient
+from provider.vault import Endpoint, Login, Read, Secret, VaultClient, settles
 from provider.versions import object_version
 
 logger = logging.getLogger(__name__)
@@ -407,25 +407,28 @@ class Mounter:
         *,
         deadline: float,
         lanes: Lanes | None = None,
-        read_ahead: Mapping[SecretRequest, Reply] | None = None,
+        read_ahead: Mapping[SecretRequest, Reply | None] | None = None,
     ) -> MountResult:
-        """`read_ahead`: replies mount_on_loop read for this Mount (not to be sent again)."""
+        """`read_ahead`: what mount_on_loop read for this Mount: replies not to be sent
+        again, and None for reads to send again (read ahead here)."""
         try:
-            return self._mount(plan, deadline=deadline, lanes=lanes, read_ahead=read_ahead)
+            return self._mount(plan, deadline=deadline, lanes=lanes, from_loop=read_ahead)
         except BaseException:
             plan.memory.last = None  # a revoked token or policy, a missing secret, a defect: forget its values
             raise
 
     async def mount_on_loop(
         self, plan: MountPlan, *, deadline: float, done: asyncio.Future[bool]
-    ) -> MountResult | dict[SecretRequest, Reply] | None:
+    ) -> MountResult | dict[SecretRequest, Reply | None] | None:
         """A warm Mount answered on the event loop, without a thread (provider.loopio),
         when its plan remembers its last Mount (every request a plain read of a KV secret)
         and nothing is missing that would have to be waited for: the pod's token and the
         HMAC key cached, a kept-alive connection for each read. The reads are sent with the
         pod's own token, as on a thread; when every reply is the remembered one, the
-        remembered files are the answer. Otherwise: the replies read (for mount_plan on a
-        thread to use, not read again), or None when none were (the thread reads them).
+        remembered files are the answer. Otherwise, for mount_plan on a thread: each reply
+        read (not sent again), None for each read the loop gave up on (read ahead again
+        there), no entry for one that did not settle (it goes the usual way); or None when
+        the loop read nothing (the thread does it all).
         `done` set from outside (shutdown) ends the wait with its exception."""
         last = plan.memory.last
         if last is None or plan.identity is None or len(plan.distinct) > LOOP_MAX_READS:
@@ -443,13 +446,16 @@ class Mounter:
         )
         if answers is None:
             return None
-        replies: dict[SecretRequest, Reply] = {}
+        if all(answer is None for answer in answers):
+            return None
+        replies: dict[SecretRequest, Reply | None] = {}
         for request, answer in zip(plan.distinct, answers, strict=True):
-            if answer is not None and answer.status != 403:  # as _prefetch: a new login may help
+            if answer is None or (settles(answer) and answer.status != 403):  # 403: a new login may help
                 replies[request] = answer
             else:  # as _prefetch: it goes the usual way, and a lone one keeps to it until that succeeds
                 plan.unkept.discard(request)
-        if len(replies) == len(plan.distinct) and last.answers(replies, plan, key):
+        whole = {request: reply for request, reply in replies.items() if reply is not None}
+        if len(whole) == len(plan.distinct) and last.answers(whole, plan, key):
             self._token_counts[True].inc()  # else counted where the Mount goes on
             return MountResult(config=plan.config, files=last.files)
         return replies
@@ -460,13 +466,12 @@ class Mounter:
         *,
         deadline: float,
         lanes: Lanes | None,
-        read_ahead: Mapping[SecretRequest, Reply] | None = None,
+        from_loop: Mapping[SecretRequest, Reply | None] | None = None,
     ) -> MountResult:
         config, endpoint = plan.config, plan.endpoint
         identity = _Identity(self, plan, deadline)
         identity.token()  # a refused login fails the whole Mount, not each object
-        if read_ahead is None:
-            read_ahead = self._prefetch(identity, plan, deadline)
+        read_ahead = self._read_ahead(identity, plan, deadline, from_loop)
         last = plan.memory.last
         if last is not None and len(read_ahead) == len(plan.distinct):
             key = self._hmac_keys.get(deadline=deadline)
@@ -568,15 +573,36 @@ class Mounter:
                 replies[request] = VaultUnreachable("the request did not finish before the Mount's deadline")
         return replies, plain
 
-    def _prefetch(self, identity: _Identity, plan: MountPlan, deadline: float) -> dict[SecretRequest, Reply]:
+    def _read_ahead(
+        self,
+        identity: _Identity,
+        plan: MountPlan,
+        deadline: float,
+        from_loop: Mapping[SecretRequest, Reply | None] | None,
+    ) -> dict[SecretRequest, Reply]:
+        """The plain reads' replies: read ahead here, or what the loop read (what it gave up
+        on read ahead again, together)."""
+        if from_loop is None:
+            return self._prefetch(identity, plan, deadline)
+        replies = {request: reply for request, reply in from_loop.items() if reply is not None}
+        again = [request for request, reply in from_loop.items() if reply is None]
+        return replies | self._prefetch(identity, plan, deadline, only=again) if again else replies
+
+    def _prefetch(
+        self, identity: _Identity, plan: MountPlan, deadline: float, *, only: Collection[SecretRequest] | None = None
+    ) -> dict[SecretRequest, Reply]:
         """Replies to the Mount's plain reads (GET or LIST, no body, nothing kept for
         this pod), sent together in batches; a read that attempt did not settle is left
         out, and goes the usual way (retries, a new login after a 403, redirects). A
         reply the lease cache would not keep (a KV secret) then skips its bookkeeping.
         A lone read goes this way too once its last reply was not kept: its one attempt
         costs less than the usual way's, which alone makes a pod's concurrent first Mounts
-        share one call (one set of credentials, not one each)."""
-        reads = [(request, read) for request, read in plan.reads.items() if not self._kept(identity, request)]
+        share one call (one set of credentials, not one each). `only`: these reads alone."""
+        reads = [
+            (request, read)
+            for request, read in plan.reads.items()
+            if (only is None or request in only) and not self._kept(identity, request)
+        ]
         if not reads or (len(reads) == 1 and reads[0][0] not in plan.unkept):
             return {}
         try:

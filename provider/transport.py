@@ -233,7 +233,10 @@ class Pools:
         takes tens of milliseconds: not on the event loop)."""
         key = _pool_key(target, tls)
         with self._lock:
-            return self._pools.get(key)
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)  # in use: not the least recently used
+            return pool
 
     def get(self, target: Target, tls: TLSConfig) -> Pool:
         """The pool for target and tls; raises TLSFailed when the TLS files cannot be loaded."""

@@ -272,7 +272,7 @@ class VaultClient:
             label = str(outcome.status)
             labels[label] = labels.get(label, 0) + 1
             answered = True
-            if outcome.status in RETRY_STATUSES or _redirect(outcome):
+            if not settles(outcome):
                 replies.append(None)
             else:
                 replies.append(outcome)
@@ -287,11 +287,11 @@ class VaultClient:
     async def send_reads_on_loop(
         self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float, done: asyncio.Future[bool]
     ) -> list[Reply | None] | None:
-        """send_reads on the running event loop, waiting for nothing but the replies
-        (provider.loopio): each read's answer as send_reads gives it, None for one not read
-        whole there (slow, large, cut: a thread sends it again); None for all when nothing
-        was sent (no pool or kept-alive connection for each read yet: a thread makes them).
-        `done` set from outside ends the wait."""
+        """The reads sent on the running event loop, waiting for nothing but the replies
+        (provider.loopio): each one's reply (whatever its status: see settles()), or None
+        for one not read whole there (slow, large, cut: a thread sends it again); None for
+        all when nothing was sent (no pool or kept-alive connection for each read yet: a
+        thread makes them). `done` set from outside ends the wait."""
         if self._breaker(endpoint).refusal() is not None:
             return None
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -312,13 +312,10 @@ class VaultClient:
         if replies is None:
             return None
         elapsed = time.monotonic() - started
-        answers: list[Reply | None] = []
-        for read in replies:
-            reply = Reply.of(read) if read is not None else None
-            self._count("read", str(reply.status) if reply is not None else "error", elapsed)
-            settled = reply is not None and not (reply.status in RETRY_STATUSES or _redirect(reply))
-            answers.append(reply if settled else None)
-        if any(reply is not None for reply in replies):
+        answers = [Reply.of(read) if read is not None else None for read in replies]
+        for answer in answers:
+            self._count("read", str(answer.status) if answer is not None else "error", elapsed)
+        if any(answer is not None for answer in answers):
             self._breaker(endpoint).record_success()
         return answers
 
@@ -651,6 +648,12 @@ def _secret(method: str, path: str, status: int, body: Any, operation: str) -> S
     if not isinstance(body, dict):
         raise VaultBadResponse(f"{method} {path}: Vault returned an empty response (HTTP {status})", status=status)
     return Secret(body=_enveloped(body))
+
+
+def settles(reply: Reply) -> bool:
+    """Whether a reply is Vault's answer to its request: not a status worth retrying, nor
+    a redirect to another node."""
+    return not (reply.status in RETRY_STATUSES or _redirect(reply))
 
 
 def _redirect(reply: Reply) -> bool:

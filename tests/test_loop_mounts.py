@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from provider._proto import service_pb2
 from provider.config import TLSConfig
 from provider.vault import Endpoint, Read, VaultClient
 from tests.conftest import ProviderClient, VaultWorld, files_of
@@ -142,7 +143,7 @@ def settled(outcomes: list[tuple[grpc.StatusCode, str]], count: int, within: flo
     ids=["closed", "dribbled", "retry-status"],
 )
 def test_what_the_loop_cannot_finish_at_once_a_thread_does(
-    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, fault: Rule
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, fault: Rule, request: Any
 ) -> None:
     client, jobs = proxied, ThreadJobs(proxied)
     pod, objects = world.kv_pod(unique)
@@ -158,7 +159,10 @@ def test_what_the_loop_cannot_finish_at_once_a_thread_does(
     # Both attempts in the metrics (the loop's, the thread's), the token looked up once.
     assert reads(client, "200", "502", "error") - counted == 2 and token_hits(client) - hits == 1
     assert time.monotonic() - started < 3  # a dribbled reply is given up after a few bytes
-    warm(mount, jobs)  # and back on the loop
+    if "retry-status" in request.node.name:
+        warm(mount, jobs)  # it went the usual way (retries): remembered again after a read ahead
+    else:  # the thread read it ahead again: remembered, the next Mount is on the loop
+        assert jobs.during(mount) == 0
 
 
 def test_a_slow_vault_on_the_loop_holds_no_other_mount(
@@ -229,3 +233,48 @@ def test_no_pool_is_made_on_the_loop(world: VaultWorld) -> None:
         assert len(client._transport.pools) == 0
     finally:
         client.close()
+
+
+def test_a_busy_lease_cache_lock_is_not_waited_for_on_the_loop(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """The lease cache's purge holds its lock a few milliseconds: a Mount on the loop asks
+    without waiting (a thread then does the Mount), so the loop answers everyone meanwhile."""
+    mount = warmed(provider, world, unique)
+    leases = provider.app.dispatcher.mounter._leases
+    assert leases is not None
+    with leases._lock:
+        outcomes = in_background(mount)
+        time.sleep(0.2)
+        started = time.monotonic()
+        provider.stub.Version(service_pb2.VersionRequest(version="v1alpha1"), timeout=2)
+        assert time.monotonic() - started < 0.5
+    settled(outcomes, 1, within=10)
+    assert outcomes[0][0] == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("remembered", [True, False], ids=["on-the-loop", "on-a-thread"])
+def test_a_mount_admitted_as_shutdown_begins_is_answered_at_once(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, remembered: bool
+) -> None:
+    if remembered:
+        mount = warmed(proxied, world, unique)
+    else:
+        pod, objects = world.kv_pod(unique)
+        mount = remounter(proxied, pod, objects, unique)
+    proxy.add(Rule("*", "", delay_seconds=5))
+    dispatcher = proxied.app.dispatcher
+    admission = dispatcher._admission
+    enter = admission.enter
+
+    async def enter_then_stop(*args: Any, **kwargs: Any) -> Any:
+        ticket = await enter(*args, **kwargs)
+        dispatcher.stop_answering()  # shutdown begins just as this Mount is admitted
+        return ticket
+
+    admission.enter = enter_then_stop  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as stopped:
+        mount(timeout=25)
+    assert "restarting; the driver retries the Mount" in (stopped.value.details() or "")
+    assert time.monotonic() - started < 2 and admission.running == 0

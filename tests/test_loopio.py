@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from provider import http1, loopio
 from provider.address import Target
 from provider.config import TLSConfig
-from provider.transport import Pool
+from provider.transport import Pool, Pools
 from tests.test_tls import _certificate
 
 Script = Callable[[socket.socket], None]
@@ -211,6 +212,47 @@ def test_a_reply_that_cannot_be_read_whole_at_once_ends_the_exchange_without_sta
     assert pool.take() is None  # its connection closed
 
 
+def test_a_chunked_reply_is_read_once_it_has_ended(serve: Callable[..., ScriptedServer]) -> None:
+    """Go's server sends a reply past 2 KiB in chunks; each piece here ends like the whole."""
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (BODY[:5], BODY[5:12], BODY[12:]))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pool = pooled(serve(replying(head + chunked[:9], chunked[9:] + b"0\r\n\r\n", pause=0.02)))
+    outcome = exchange(pool)
+    assert outcome.replies is not None and outcome.replies[0] is not None and outcome.replies[0].body == BODY
+
+
+def test_a_chunked_reply_of_many_tiny_chunks_is_not_parsed_on_the_loop(serve: Callable[..., ScriptedServer]) -> None:
+    """Parsing a thousand 1-byte chunks costs milliseconds of the loop: a thread reads it."""
+    chunks = b"1\r\nx\r\n" * 1500 + b"0\r\n\r\n"
+    pool = pooled(serve(replying(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)))
+    assert exchange(pool).replies == [None]  # whole and valid: parsed, it would be read
+
+
+def test_a_failed_send_closes_every_connection_taken(serve: Callable[..., ScriptedServer]) -> None:
+    pool = pooled(serve(replying(REPLY)), count=2)
+    taken = [pool.take(), pool.take()]
+    assert taken[0] is not None and taken[1] is not None
+    real = taken[1].sock
+    taken[1].sock = cast(socket.socket, _RefusingSend(real))
+    for conn in taken:
+        pool.give(conn)
+    assert exchange(pool, count=2).replies == [None, None]
+    assert pool.take() is None and real.fileno() == -1  # both closed, none kept
+
+
+class _RefusingSend:
+    """A socket whose send fails (a server that closed it between the pool's check and the send)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def send(self, data: bytes) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
 def test_a_reply_read_whole_is_kept_when_another_is_not(serve: Callable[..., ScriptedServer]) -> None:
     answered = iter([replying(REPLY), replying(REPLY[:30])])
     pool = pooled(serve(lambda conn: next(answered)(conn)), count=2)
@@ -343,3 +385,18 @@ def test_tls_records_dripped_segment_by_segment_are_given_up_after_a_few_wakeups
         assert outcome.replies == [None] and outcome.seconds < 1  # dripped whole, it would take 2 s
     finally:
         forwarder.close()
+
+
+def test_a_pool_found_for_the_loop_counts_as_used(serve: Callable[..., ScriptedServer]) -> None:
+    """Pools are kept least recently used first out; one the loop alone uses must not look idle."""
+    pools = Pools(max_pools=2)
+    targets = [Target.parse(f"http://127.0.0.1:{port}") for port in (1, 2, 3)]
+    try:
+        pools.get(targets[0], TLSConfig())
+        pools.get(targets[1], TLSConfig())
+        assert pools.find(targets[0], TLSConfig()) is not None
+        pools.get(targets[2], TLSConfig())  # one must go: the least recently used
+        assert pools.find(targets[0], TLSConfig()) is not None
+        assert pools.find(targets[1], TLSConfig()) is None
+    finally:
+        pools.close()
