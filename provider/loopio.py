@@ -104,37 +104,43 @@ class _Exchange:
         return whole
 
     def _whole(self, method: str) -> bool | None:
-        """Whether the bytes received are the whole reply (None: not one to read here). The
-        whole reply is parsed only once its framing says it may be in: once per reply, but
-        for a chunked body that ends like a whole one too early."""
+        """Whether the bytes received are the whole reply (None: not one to read here). A
+        reply is parsed whole when its head first arrives (most arrive whole at once); if
+        it is not whole yet, its head says when to parse again: once its Content-Length is
+        in, or once a chunked body ends like a whole one."""
         if self.length is None:
             end = self.received.find(b"\r\n\r\n")
             if end < 0:
                 return False
-            try:
-                head = _reading(self.received[: end + 4]).read_head(method)
-            except (Incomplete, http1.Closed, http1.ProtocolError, http1.TooLarge):
-                return None  # Incomplete: a 100 Continue before it
-            if head.status < 200 or (head.length is None and not head.chunked):
-                return None  # an interim reply (the final one still to come), or one running to the close
-            length = -1 if head.chunked or head.length is None else head.length
-            self.body_at, self.length = end + 4, length
-        else:
-            length = self.length
-        if length >= 0:
-            if len(self.received) < self.body_at + length:
+            self.body_at = end + 4
+        elif self.length >= 0:
+            if len(self.received) < self.body_at + self.length:
                 return False
-        elif self.received.count(b"\r\n", self.body_at) > LOOP_CHUNK_LINES:
-            return None
         elif not self.received.endswith(b"\r\n\r\n"):  # the last chunk, and the trailers' end
             return False
+        if self.received.count(b"\r\n", self.body_at) > LOOP_CHUNK_LINES:
+            return None
         try:
-            self.reply = _reading(self.received).read_reply(method, LOOP_REPLY_BYTES)
+            reply = _reading(self.received).read_reply(method, LOOP_REPLY_BYTES)
         except Incomplete:
-            return False
+            return self._framing(method) if self.length is None else False
         except (http1.Closed, http1.ProtocolError, http1.TooLarge):
             return None
+        if reply.head.status < 200:  # an interim reply (103): the final one is still to come
+            return None
+        self.reply = reply
         return True
+
+    def _framing(self, method: str) -> bool | None:
+        """Learn from the head how the body ends (False: wait for it; None: not here)."""
+        try:
+            head = _reading(self.received[: self.body_at]).read_head(method)
+        except (Incomplete, http1.Closed, http1.ProtocolError, http1.TooLarge):
+            return None  # Incomplete: a 100 Continue before it
+        if head.status < 200 or (head.length is None and not head.chunked):
+            return None  # an interim reply, or one running to the close
+        self.length = -1 if head.chunked or head.length is None else head.length
+        return False
 
 
 def _reading(received: bytearray) -> http1.Connection:
