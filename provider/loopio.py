@@ -163,7 +163,7 @@ async def exchange(
     or an exception) from outside ends the wait: its exception is raised here. Each
     connection goes back to the pool if its reply left it fit for another, else is closed."""
     conns = [pool.take() for _ in requests]
-    if any(conn is None for conn in conns):  # nothing sent: they go back as they were
+    if None in conns:  # nothing sent: they go back as they were
         for conn in conns:
             if conn is not None:
                 pool.give(conn)

@@ -435,8 +435,11 @@ class Mounter:
             return None
         key = self._hmac_keys.peek()  # None also when it must be fetched: a thread does that
         token = self._tokens.peek(plan.identity) if key is not None and key == last.key else None
-        if token is None or any(self._kept_key(plan.lease_keys.get(r), wait=False) for r in plan.distinct):
+        if token is None:
             return None
+        for request in plan.distinct:
+            if self._kept_key(plan.lease_keys.get(request), wait=False):
+                return None
         answers = await self._vault.send_reads_on_loop(
             plan.endpoint,
             token=token,
@@ -446,7 +449,7 @@ class Mounter:
         )
         if answers is None:
             return None
-        if all(answer is None for answer in answers):
+        if answers.count(None) == len(answers):
             return None
         replies: dict[SecretRequest, Reply | None] = {}
         for request, answer in zip(plan.distinct, answers, strict=True):

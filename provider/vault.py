@@ -297,7 +297,7 @@ class VaultClient:
         timeout = min(self._timeout, deadline - time.monotonic())
         method = reads[0].method
         pool = self._transport.pools.find(endpoint.target, endpoint.tls)
-        if timeout <= MIN_ATTEMPT_SECONDS or pool is None or any(read.method != method for read in reads):
+        if timeout <= MIN_ATTEMPT_SECONDS or pool is None or len({read.method for read in reads}) > 1:
             return None
         target = endpoint.target
         headers = _headers(endpoint, token)
@@ -315,7 +315,7 @@ class VaultClient:
         answers = [Reply.of(read) if read is not None else None for read in replies]
         for answer in answers:
             self._count("read", str(answer.status) if answer is not None else "error", elapsed)
-        if any(answer is not None for answer in answers):
+        if answers.count(None) < len(answers):
             self._breaker(endpoint).record_success()
         return answers
 
