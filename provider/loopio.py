@@ -112,6 +112,8 @@ class _Exchange:
             end = self.received.find(b"\r\n\r\n")
             if end < 0:
                 return False
+            if self.received.count(b"\n", 0, end) != self.received.count(b"\r\n", 0, end):
+                return None  # a line ending in a bare LF: the head's end, and the body's lines, not where they seem
             self.body_at = end + 4
         elif self.length >= 0:
             if len(self.received) < self.body_at + self.length:

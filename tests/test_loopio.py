@@ -228,6 +228,15 @@ def test_a_chunked_reply_of_many_tiny_chunks_is_not_parsed_on_the_loop(serve: Ca
     assert exchange(pool).replies == [None]  # whole and valid: parsed, it would be read
 
 
+def test_a_head_with_bare_line_feeds_is_not_read_on_the_loop(serve: Callable[..., ScriptedServer]) -> None:
+    """http1 reads such a head, but its first CRLF CRLF may then sit at the end of a body of
+    thousands of chunks, which the count of chunk lines would not see."""
+    chunks = b"1\nx\r\n" * 2000 + b"0\r\n\r\n"  # its first CRLF CRLF: the very end
+    pool = pooled(serve(replying(b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n" + chunks)))
+    outcome = exchange(pool)
+    assert outcome.replies == [None] and outcome.seconds < 1  # whole and valid: parsed, it would be read
+
+
 def test_a_failed_send_closes_every_connection_taken(serve: Callable[..., ScriptedServer]) -> None:
     pool = pooled(serve(replying(REPLY)), count=2)
     taken = [pool.take(), pool.take()]
