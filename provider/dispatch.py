@@ -191,13 +191,13 @@ class MountDispatcher:
             if isinstance(on_loop, MountResult):
                 return on_loop
             read_ahead = on_loop
+        if self._stopping:  # stop_answering ran while this Mount was admitted or on the loop
+            ticket.release()
+            raise MountRejected(STOPPING)
         # The caller waits on a future of its own, answered by the thread when it is done
         # or by the backstop timer: the job goes on when the caller stops waiting
         # (deadline, shutdown) and frees its thread when its own deadline ends. One
         # future and one timer: each further hop between thread and loop costs CPU.
-        if self._stopping:  # stop_answering ran while this Mount was admitted or on the loop
-            ticket.release()
-            raise MountRejected(STOPPING)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[MountResult] = loop.create_future()
         job = functools.partial(

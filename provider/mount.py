@@ -447,9 +447,7 @@ class Mounter:
             deadline=deadline,
             done=done,
         )
-        if answers is None:
-            return None
-        if answers.count(None) == len(answers):
+        if answers is None or answers.count(None) == len(answers):  # nothing read: a thread reads it all
             return None
         replies: dict[SecretRequest, Reply | None] = {}
         for request, answer in zip(plan.distinct, answers, strict=True):
@@ -589,7 +587,7 @@ class Mounter:
             return self._prefetch(identity, plan, deadline)
         replies = {request: reply for request, reply in from_loop.items() if reply is not None}
         again = [request for request, reply in from_loop.items() if reply is None]
-        return replies | self._prefetch(identity, plan, deadline, only=again) if again else replies
+        return (replies | self._prefetch(identity, plan, deadline, only=again)) if again else replies
 
     def _prefetch(
         self, identity: _Identity, plan: MountPlan, deadline: float, *, only: Collection[SecretRequest] | None = None

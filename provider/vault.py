@@ -248,9 +248,7 @@ class VaultClient:
         if timeout <= MIN_ATTEMPT_SECONDS:
             return [None] * len(reads)
         target, tls = endpoint.target, endpoint.tls
-        headers = _headers(endpoint, token)  # one dict for the batch: nothing changes it
-        if target.authorization:  # the address's user info, as _roundtrip sends it
-            headers["Authorization"] = target.authorization
+        headers = _read_headers(endpoint, token)  # one dict for the batch: nothing changes it
         requests = [
             Request(target, tls, read.method, target.prefix + read.url, None, headers, timeout, True) for read in reads
         ]
@@ -300,9 +298,7 @@ class VaultClient:
         if timeout <= MIN_ATTEMPT_SECONDS or pool is None or len({read.method for read in reads}) > 1:
             return None
         target = endpoint.target
-        headers = _headers(endpoint, token)
-        if target.authorization:
-            headers["Authorization"] = target.authorization
+        headers = _read_headers(endpoint, token)
         try:
             requests = [http1.request(method, target.prefix + read.url, pool.host, headers, None) for read in reads]
         except ValueError:
@@ -629,6 +625,14 @@ def _headers(endpoint: Endpoint, token: str) -> dict[str, str]:
         headers["X-Vault-Token"] = _header_value(token, "token")
     if endpoint.namespace:
         headers["X-Vault-Namespace"] = _header_value(endpoint.namespace, "namespace")
+    return headers
+
+
+def _read_headers(endpoint: Endpoint, token: str) -> dict[str, str]:
+    """A batch of reads' headers: Vault's, and the address's user info as _roundtrip sends it."""
+    headers = _headers(endpoint, token)
+    if endpoint.target.authorization:
+        headers["Authorization"] = endpoint.target.authorization
     return headers
 
 
