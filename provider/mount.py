@@ -43,7 +43,7 @@ from provider.kube import KubeClient
 from provider.leases import LeaseCache, LeaseKey
 from provider.metrics import Metrics
 from provider.transport import Reply
-from provider.vault import Endpoint, Login, Read, Secret, VaultClient, settles
+from provider.vault import AroundToken, Endpoint, Login, Read, Secret, VaultClient, settles
 from provider.versions import object_version
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,14 @@ MAX_FETCH_PER_MOUNT = 8
 # A Mount waits this long past its deadline for a thread it borrowed, at most.
 HELPER_GRACE_SECONDS = 1.0
 # Bytes of memory a plan's remembered last Mount may hold (MountPlan.memory): ten KV
-# secrets and their files take about 7 KiB. The parse cache keeps at most 512 plans a
-# socket (dispatch.PARSED_ENTRIES): 4 MiB at worst.
-REMEMBERED_BYTES = 8 * 1024
+# secrets, their files and the reply encoded from them take about 7.5 KiB. The parse
+# cache keeps at most 512 plans a socket (dispatch.PARSED_ENTRIES): 5 MiB at worst.
+REMEMBERED_BYTES = 10 * 1024
 # What each remembered reply holds beside its bytes: its record and the tuple slot.
 REPLY_OVERHEAD_BYTES = 120
+# What each file adds to the encoded reply beside its path, contents and version (the
+# field tags and lengths of its File and ObjectVersion: at most 32 bytes).
+ENCODED_OVERHEAD_BYTES = 32
 
 
 class Lanes(Protocol):
@@ -112,6 +115,9 @@ class MountedFile:
 class MountResult:
     config: MountConfig
     files: tuple[MountedFile, ...]
+    # The reply's bytes, kept by the server (at most one entry) when it first answers a
+    # result that is answered again: a plan's remembered Mount (_LastMount.result).
+    encoded: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -191,6 +197,8 @@ class MountPlan:
     unkept: set[SecretRequest] = field(default_factory=set)
     # The last Mount's replies and files, when every reply was a plain read (Mounter.mount_plan).
     memory: _Memory = field(default_factory=lambda: _Memory())
+    # The plain reads' requests around the pod's token, by Host (VaultClient.send_reads_on_loop).
+    around_token: dict[str, AroundToken] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: MountConfig) -> MountPlan:
@@ -254,15 +262,16 @@ class _Reply(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class _LastMount:
     """What a plan's last Mount answered, kept when every reply was a plain read (a KV
-    secret) and all is small: each reply as _Reply, the HMAC key, the files. A warm Mount
-    whose replies are the same answers the same files without decoding, rendering or
-    hashing them again. The pod's own reads are still sent each time, with its own token
-    (a revoked token, a changed policy or secret all show at once); a plan is one pod's
-    parse. Nothing here is printed: its replies and files hold secret values."""
+    secret) and all is small: each reply as _Reply, the HMAC key, the result (its files,
+    and the reply the server encoded from them). A warm Mount whose replies are the same
+    answers the same result without decoding, rendering, hashing or encoding it again.
+    The pod's own reads are still sent each time, with its own token (a revoked token, a
+    changed policy or secret all show at once); a plan is one pod's parse. Nothing here is
+    printed: its replies and files hold secret values."""
 
     replies: tuple[_Reply, ...] = field(repr=False)
     key: bytes | None = field(repr=False)
-    files: tuple[MountedFile, ...] = field(repr=False)
+    result: MountResult = field(repr=False)  # the one answered each time, and its encoding with it
 
     def answers(self, replies: Mapping[SecretRequest, Reply], plan: MountPlan, key: bytes | None) -> bool:
         """Whether these replies (every one of the plan's requests') are the remembered ones."""
@@ -299,11 +308,12 @@ def _remembered(
     replies: Mapping[SecretRequest, Reply],
     secrets: Mapping[SecretRequest, Secret | ProviderError],
     key: bytes | None,
-    files: tuple[MountedFile, ...],
+    result: MountResult,
 ) -> _LastMount | None:
     """The plan's last Mount as kept; None when what it holds in memory (the replies, the
-    files and their paths and versions, as Python objects) is over REMEMBERED_BYTES: ten
-    thousand empty files of an expandKeys object are megabytes of objects for no bytes."""
+    files and their paths and versions, as Python objects, and the reply encoded from them)
+    is over REMEMBERED_BYTES: ten thousand empty files of an expandKeys object are
+    megabytes of objects for no bytes."""
     size = 0
     for request in plan.distinct:  # sized before anything is copied: a reply may be megabytes
         size += len(replies[request].body) + REPLY_OVERHEAD_BYTES
@@ -311,11 +321,12 @@ def _remembered(
             return None
     kept = tuple(_remembered_reply(replies[request], json=_decoded_json(secrets[request])) for request in plan.distinct)
     size = sum(sys.getsizeof(reply.rest) + REPLY_OVERHEAD_BYTES for reply in kept)
-    for file in files:
+    for file in result.files:
         size += sum(map(sys.getsizeof, (file, file.path, file.contents, file.version)))
+        size += len(file.path) + len(file.contents) + len(file.version) + ENCODED_OVERHEAD_BYTES
         if size > REMEMBERED_BYTES:
             return None
-    return _LastMount(replies=kept, key=key, files=files) if size <= REMEMBERED_BYTES else None
+    return _LastMount(replies=kept, key=key, result=result) if size <= REMEMBERED_BYTES else None
 
 
 def _decoded_json(outcome: Secret | ProviderError) -> bool:
@@ -446,6 +457,7 @@ class Mounter:
             reads=[plan.reads[request] for request in plan.distinct],
             deadline=deadline,
             done=done,
+            made=plan.around_token,
         )
         if answers is None or answers.count(None) == len(answers):  # nothing read: a thread reads it all
             return None
@@ -458,7 +470,7 @@ class Mounter:
         whole = {request: reply for request, reply in replies.items() if reply is not None}
         if len(whole) == len(plan.distinct) and last.answers(whole, plan, key):
             self._token_counts[True].inc()  # else counted where the Mount goes on
-            return MountResult(config=plan.config, files=last.files)
+            return last.result
         return replies
 
     def _mount(
@@ -477,7 +489,7 @@ class Mounter:
         if last is not None and len(read_ahead) == len(plan.distinct):
             key = self._hmac_keys.get(deadline=deadline)
             if last.answers(read_ahead, plan, key):
-                return MountResult(config=config, files=last.files)
+                return last.result
         # Objects that share a request share its one reply: a username and its password, a
         # certificate and its key, and any template over them are cut from the same call.
         outcomes, plain = self._fetch_all(identity, plan, deadline, lanes or NoLanes(), read_ahead)
@@ -514,11 +526,11 @@ class Mounter:
             )
             for file in rendered
         ]
-        answered = tuple(files)
         self._check_size(files)
+        result = MountResult(config=config, files=tuple(files))
         if plan.rememberable:
-            plan.memory.last = _remembered(plan, read_ahead, outcomes, key, answered) if plain else None
-        return MountResult(config=config, files=answered)
+            plan.memory.last = _remembered(plan, read_ahead, outcomes, key, result) if plain else None
+        return result
 
     def _fetch_all(
         self,

@@ -37,7 +37,7 @@ from provider.errors import (
     VaultUnreachable,
 )
 from provider.metrics import Metrics
-from provider.mount import MountRequest
+from provider.mount import MountRequest, MountResult
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
 
     async def Mount(
         self, request: service_pb2.MountRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> service_pb2.MountResponse:
+    ) -> bytes:
+        """The MountResponse, encoded (the handler's serializer passes bytes on as they are)."""
         started = time.monotonic()
         if isinstance(request, Undecodable):
             self._finish(started, "error", grpc.StatusCode.INVALID_ARGUMENT, "-", None, "undecodable request")
@@ -128,10 +129,7 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
         self._finish(
             started, "ok", grpc.StatusCode.OK, f"{who} objects={len(result.config.objects)}", len(result.files), ""
         )
-        return service_pb2.MountResponse(
-            files=[service_pb2.File(path=f.path, mode=f.mode, contents=f.contents) for f in result.files],
-            object_version=[service_pb2.ObjectVersion(id=f.path, version=f.version) for f in result.files],
-        )
+        return encoded(result)
 
     def _finish(
         self, started: float, outcome: str, code: grpc.StatusCode, pod: str, files: int | None, error: str
@@ -155,6 +153,20 @@ class ProviderServicer(service_pb2_grpc.CSIDriverProviderServicer):
                 elapsed * 1000,
                 error,
             )
+
+
+def encoded(result: MountResult) -> bytes:
+    """The result's MountResponse, encoded once per result: a plan's remembered result is
+    answered again and again (mount._LastMount, which counts these bytes in its size)."""
+    if result.encoded:
+        return result.encoded[0]
+    response = service_pb2.MountResponse(
+        files=[service_pb2.File(path=f.path, mode=f.mode, contents=f.contents) for f in result.files],
+        object_version=[service_pb2.ObjectVersion(id=f.path, version=f.version) for f in result.files],
+    )
+    data = response.SerializeToString()
+    result.encoded.append(data)  # on the event loop only: no other Mount encodes it meanwhile
+    return data
 
 
 def _wire_text(text: str) -> str:
@@ -207,7 +219,7 @@ def create_server(
         "Mount": grpc.unary_unary_rpc_method_handler(
             servicer.Mount,
             request_deserializer=_decode_mount_request,
-            response_serializer=service_pb2.MountResponse.SerializeToString,
+            response_serializer=None,  # Mount answers bytes, encoded once per result (encoded())
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

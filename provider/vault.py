@@ -18,8 +18,9 @@ import asyncio
 import functools
 import logging
 import random
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
@@ -283,13 +284,22 @@ class VaultClient:
         return replies
 
     async def send_reads_on_loop(
-        self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float, done: asyncio.Future[bool]
+        self,
+        endpoint: Endpoint,
+        *,
+        token: str,
+        reads: Sequence[Read],
+        deadline: float,
+        done: asyncio.Future[bool],
+        made: dict[str, AroundToken],
     ) -> list[Reply | None] | None:
         """The reads sent on the running event loop, waiting for nothing but the replies
         (provider.loopio): each one's reply (whatever its status: see settles()), or None
         for one not read whole there (slow, large, cut: a thread sends it again); None for
         all when nothing was sent (no pool or kept-alive connection for each read yet: a
-        thread makes them). `done` set from outside ends the wait."""
+        thread makes them). `done` set from outside ends the wait. `made`: the reads'
+        requests around the token, by Host, kept by the caller for its next batch of the
+        same reads (mount.MountPlan.around_token)."""
         if self._breaker(endpoint).refusal() is not None:
             return None
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -297,11 +307,11 @@ class VaultClient:
         pool = self._transport.pools.find(endpoint.target, endpoint.tls)
         if timeout <= MIN_ATTEMPT_SECONDS or pool is None or len({read.method for read in reads}) > 1:
             return None
-        target = endpoint.target
-        headers = _read_headers(endpoint, token)
-        try:
-            requests = [http1.request(method, target.prefix + read.url, pool.host, headers, None) for read in reads]
-        except ValueError:
+        around = made.get(pool.host)
+        if around is None:
+            around = made[pool.host] = AroundToken.of(endpoint, reads, pool.host)
+        requests = around.with_token(token)
+        if requests is None:
             return None
         started = time.monotonic()
         replies = await loopio.exchange(pool, requests, method=method, timeout=timeout, done=done)
@@ -599,6 +609,41 @@ class Read:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", _url_after_prefix(self.path, self.params))
+
+
+# Stands for the token in requests made once for many Mounts (AroundToken): random, so
+# that no path or header a class writes can hold it.
+_TOKEN_MARK = "token-" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class AroundToken:
+    """A batch of reads' request bytes before and after the token, made once for every
+    batch of the same reads (a kept plan's warm Mounts): each batch only puts its token in
+    between. Holds no token. `parts` is None for requests that could not be made (a path
+    HTTP cannot carry): with_token then says so as http1.request would."""
+
+    parts: tuple[tuple[bytes, bytes], ...] | None
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, reads: Sequence[Read], host: str) -> AroundToken:
+        mark = _TOKEN_MARK.encode("ascii")
+        try:
+            headers = _read_headers(endpoint, _TOKEN_MARK)
+            made = [
+                http1.request(read.method, endpoint.target.prefix + read.url, host, headers, None) for read in reads
+            ]
+        except (ValueError, VaultBadResponse):  # the namespace, a path: what the thread's requests say
+            return cls(parts=None)
+        split = [request.split(mark) for request in made]
+        return cls(parts=tuple((parts[0], parts[1]) for parts in split) if all(len(p) == 2 for p in split) else None)
+
+    def with_token(self, token: str) -> list[bytes] | None:
+        """The requests with this token; None when they cannot be sent."""
+        if self.parts is None or not token or not (token.isascii() and token.isprintable()):
+            return None  # as _header_value refuses it
+        value = token.encode("ascii")
+        return [before + value + after for before, after in self.parts]
 
 
 def _request_parts(

@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import pytest
 
+from provider import http1, vault
 from provider._proto import service_pb2
 from provider.config import TLSConfig
-from provider.vault import Endpoint, Read, VaultClient
+from provider.vault import AroundToken, Endpoint, Read, VaultClient
 from tests.conftest import ProviderClient, VaultWorld, files_of
 from tests.fault_proxy import FaultProxy, Rule
 
@@ -225,7 +226,7 @@ def test_no_pool_is_made_on_the_loop(world: VaultWorld) -> None:
     async def on_loop() -> object:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         return await client.send_reads_on_loop(
-            endpoint, token="t", reads=[read], deadline=time.monotonic() + 5, done=done
+            endpoint, token="t", reads=[read], deadline=time.monotonic() + 5, done=done, made={}
         )
 
     try:
@@ -233,6 +234,22 @@ def test_no_pool_is_made_on_the_loop(world: VaultWorld) -> None:
         assert len(client._transport.pools) == 0
     finally:
         client.close()
+
+
+def test_requests_made_around_the_token_are_the_ones_a_thread_sends() -> None:
+    """A kept plan's loop requests are made once around the token (vault.AroundToken): the
+    bytes are those http1 writes for the same reads, headers and token; a token HTTP cannot
+    carry, or a path holding the stand-in for the token, sends nothing from the loop."""
+    endpoint = Endpoint(address="https://user:pw@vault.example:8200/prefix", tls=TLSConfig(), namespace="team/a")
+    reads = [Read("GET", "kv/a b", None), Read("GET", "kv/list", {"version": ["2"]})]
+    around = AroundToken.of(endpoint, reads, "vault.example:8200")
+    headers = vault._read_headers(endpoint, "s.token")
+    assert around.with_token("s.token") == [
+        http1.request("GET", endpoint.target.prefix + read.url, "vault.example:8200", headers, None) for read in reads
+    ]
+    assert around.with_token("s.tok\r\nX-Evil: 1") is None and around.with_token("") is None
+    marked = AroundToken.of(endpoint, [Read("GET", f"kv/{vault._TOKEN_MARK}", None)], "vault.example:8200")
+    assert marked.parts is None and marked.with_token("s.token") is None
 
 
 def test_a_busy_lease_cache_lock_is_not_waited_for_on_the_loop(

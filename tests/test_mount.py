@@ -342,7 +342,8 @@ def test_kept_parses_are_bounded_by_count_and_weight() -> None:
     # hundred characters whose template parses to a large tree is not kept (that tree would
     # be kept once per pod here, where the objects cache keeps it once per class at most).
     # 397 characters, 697 bytes each, and a plan of one request: two fit, not three.
-    by_weight = ParsedMounts(entries=10, total_bytes=2 * (697 + PLAN_BYTES_PER_REQUEST) + 200, max_bytes=1500)
+    max_bytes = 697 + PLAN_BYTES_PER_REQUEST + 100
+    by_weight = ParsedMounts(entries=10, total_bytes=2 * (697 + PLAN_BYTES_PER_REQUEST) + 200, max_bytes=max_bytes)
     wide = [_parsed(kv, pad=f"{i}" + "é" * 300) for i in range(3)]
     for request, config in wide:
         by_weight.put(request, dispatched, config)
@@ -350,12 +351,12 @@ def test_kept_parses_are_bounded_by_count_and_weight() -> None:
     by_weight.put(wide[2][0], dispatched, wide[2][1])  # the same request again
     assert by_weight.get(wide[1][0]) is not None and by_weight.get(wide[2][0]) is not None  # counted once
     templated = _parsed([*kv, {"objectName": "t", "template": "{{ .Objects.k.Secrets.k }}" * 3}])
-    assert len(templated[0].attributes) < 1000 and template_weight(templated[1].config.objects) > 1500
+    assert len(templated[0].attributes) < 1000 and template_weight(templated[1].config.objects) > max_bytes
     by_weight.put(templated[0], dispatched, templated[1])
     assert by_weight.get(templated[0]) is None
     # And with its plan's requests: each holds a read and a lease key for this pod alone.
     many = _parsed([{"objectName": f"k{i}", "secretPath": f"kv/{i}", "secretKey": "k"} for i in range(4)])
-    assert len(many[0].attributes) < 400 and len(many[1].distinct) * PLAN_BYTES_PER_REQUEST > 1500
+    assert len(many[0].attributes) < 400 and len(many[1].distinct) * PLAN_BYTES_PER_REQUEST > max_bytes
     by_weight.put(many[0], dispatched, many[1])
     assert by_weight.get(many[0]) is None
 

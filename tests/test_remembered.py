@@ -13,7 +13,8 @@ from typing import Any
 import grpc
 import pytest
 
-from provider.mount import _LastMount
+from provider import server
+from provider.mount import REMEMBERED_BYTES, _LastMount
 from provider.vault import Secret, VaultError
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.fault_proxy import FaultProxy, Rule
@@ -88,6 +89,24 @@ def test_unchanged_replies_are_not_decoded_again_and_changes_show_at_once(
     kv2(world, unique, user="admin", password="two")
     assert decodes.during(mount) == 1
     assert mount() == changed and decodes.during(mount) == 0
+
+
+def test_a_remembered_result_is_encoded_once(
+    provider: ProviderClient, world: VaultWorld, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server keeps the reply's bytes with the remembered result: Mounts answered from
+    memory send them as they are, without making and encoding the MountResponse again."""
+    pod, objects = world.kv_pod(unique)
+    mount = remounter(provider, pod, objects, unique)
+    for _ in range(3):
+        first = mount()
+    made: list[object] = []
+    response = server.service_pb2.MountResponse
+    monkeypatch.setattr(server.service_pb2, "MountResponse", lambda **fields: made.append(fields) or response(**fields))
+    assert [mount() for _ in range(3)] == [first] * 3
+    assert made == []
+    [plan] = kept_plans(provider)
+    assert plan.memory.last.result.encoded == [first.SerializeToString()]
 
 
 def test_a_policy_taken_away_fails_the_next_mount(
@@ -231,7 +250,7 @@ def test_only_the_same_status_bytes_and_content_type_are_answered_from_memory(
     answering(proxy, path, reply("w"))
     assert files_of(mount()) == {"k": b"w"}
     # A reply too large to remember is decoded on every Mount.
-    answering(proxy, path, reply("big", pad=9000))
+    answering(proxy, path, reply("big", pad=REMEMBERED_BYTES))
     mount()
     assert decodes.during(mount) == 1
 
