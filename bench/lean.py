@@ -165,10 +165,13 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
         loop_one = bare_loop.mounter(paths[:1], token)
         aio_one, aio_ten = bare_aio.mounter(paths[:1], token), bare_aio.mounter(paths, token)
         lean_one, lean_ten = bare_lean.mounter(paths[:1], token), bare_lean.mounter(paths, token)
+        # Made before the timed logins, as the driver hands the provider a token it has: signing
+        # one (RS256, in the fake Kubernetes) costs 0.3 ms, which would flatter the cold ratio.
+        logins = iter([jwts() for _ in range(COLD_ROUNDS)])
         return {
             "read": p50_ms(lambda: raw.read(paths[0], token), ROUNDS),
             "noop": p50_ms(noop, ROUNDS),
-            "login": p50_ms(lambda: raw.login("bench", jwts()), COLD_ROUNDS),
+            "login": p50_ms(lambda: raw.login("bench", next(logins)), COLD_ROUNDS),
             "ten_reads": p50_ms(parallel, ROUNDS // 2),
             "warm": p50_ms(warm_one, ROUNDS),
             "warm_ten": p50_ms(warm_ten, ROUNDS // 2),
