@@ -14,7 +14,8 @@ measures it like the provider: the gap between the two is what Python and grpcio
 for a Mount's shape, the gap to the provider what the provider's own work costs.
 
 Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop|lean|aio
-Mount attributes: {"paths": [...], "token": ...}.
+Mount attributes: {"paths": [...], "token": ...}; with `lean`, {"paths": [...], "jwt": ...}
+is the bare cold Mount: a kubernetes login with the pod's token first, then the reads.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
         parsed = json.loads(attributes)
         paths: list[str] = parsed["paths"]
         if self._mode == "lean":
-            return self._read_lean(paths, parsed["token"])
+            token = self._login_lean(parsed["jwt"]) if "jwt" in parsed else parsed["token"]
+            return self._read_lean(paths, token)
         connections: list[http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", [])
         while len(connections) < len(paths):
             connections.append(http.client.HTTPConnection("127.0.0.1", self._port, timeout=30))
@@ -66,6 +68,20 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
         for connection, path in zip(used, paths, strict=True):
             connection.send(http1.request("GET", f"/v1/{path}", host, {"X-Vault-Token": token}, None))
         return [connection.read_reply("GET", 1 << 20).body for connection in used]
+
+    def _login_lean(self, jwt: str) -> str:
+        """A cold Mount's login (the bench role, kubernetes auth) with provider.http1: the
+        bare cold Mount logs in with the pod's token, then reads."""
+        connections: list[http1.Connection] = self._local.__dict__.setdefault("lean", [])
+        if not connections:
+            connections.append(http1.Connection(socket.create_connection(("127.0.0.1", self._port), timeout=30)))
+        body = json.dumps({"role": "bench", "jwt": jwt}).encode()
+        headers = {"Content-Type": "application/json"}
+        connections[0].send(
+            http1.request("POST", "/v1/auth/kubernetes/login", f"127.0.0.1:{self._port}", headers, body)
+        )
+        reply = json.loads(connections[0].read_reply("POST", 1 << 20).body)
+        return str(reply["auth"]["client_token"])
 
     async def _read_aio(self, attributes: str) -> list[bytes]:
         """The reads on the loop: all sent, then each reply received as it arrives (a
