@@ -75,9 +75,11 @@ HELPER_GRACE_SECONDS = 1.0
 REMEMBERED_BYTES = 10 * 1024
 # What each remembered reply holds beside its bytes: its record and the tuple slot.
 REPLY_OVERHEAD_BYTES = 120
-# What each file adds to the encoded reply beside its path, contents and version (the
-# field tags and lengths of its File and ObjectVersion: at most 32 bytes).
-ENCODED_OVERHEAD_BYTES = 32
+# What each file adds to the encoded reply beside its path (twice: File.path and
+# ObjectVersion.id), contents and version: the tags and lengths of its File and
+# ObjectVersion, at most 42 bytes; and what the encoding's bytes object and list hold.
+ENCODED_FILE_OVERHEAD_BYTES = 48
+ENCODED_OVERHEAD_BYTES = 160
 
 
 class Lanes(Protocol):
@@ -197,8 +199,9 @@ class MountPlan:
     unkept: set[SecretRequest] = field(default_factory=set)
     # The last Mount's replies and files, when every reply was a plain read (Mounter.mount_plan).
     memory: _Memory = field(default_factory=lambda: _Memory())
-    # The plain reads' requests around the pod's token, by Host (VaultClient.send_reads_on_loop).
-    around_token: dict[str, AroundToken] = field(default_factory=dict)
+    # Its reads' requests made around the pod's token, for its warm Mounts on the loop
+    # (Mounter.mount_on_loop); None when they cannot go there (too many, not plain reads).
+    around_token: AroundToken | None = None
 
     @classmethod
     def of(cls, config: MountConfig) -> MountPlan:
@@ -221,6 +224,12 @@ class MountPlan:
         )
         requests = {obj: SecretRequest.of(obj) for obj in config.objects if obj.fetches}
         distinct = tuple(dict.fromkeys(requests.values()))
+        reads = {
+            request: Read(request.method, request.path, request.params() or None)
+            for request in distinct
+            if request.method in ("GET", "LIST") and request.body is None
+        }
+        on_loop = [reads[request] for request in distinct if request in reads]
         return cls(
             config=config,
             endpoint=endpoint,
@@ -228,11 +237,12 @@ class MountPlan:
             requests=requests,
             distinct=distinct,
             rememberable=not any(render.writes_whole_reply(obj) for obj in requests),
-            reads={
-                request: Read(request.method, request.path, request.params() or None)
-                for request in distinct
-                if request.method in ("GET", "LIST") and request.body is None
-            },
+            reads=reads,
+            around_token=AroundToken.of(endpoint, on_loop)
+            if identity is not None
+            and 0 < len(on_loop) == len(distinct) <= LOOP_MAX_READS
+            and len({read.method for read in on_loop}) == 1
+            else None,
             lease_keys={
                 request: LeaseKey(
                     pod_uid=identity.pod_uid,
@@ -320,13 +330,20 @@ def _remembered(
         if size > REMEMBERED_BYTES:
             return None
     kept = tuple(_remembered_reply(replies[request], json=_decoded_json(secrets[request])) for request in plan.distinct)
-    size = sum(sys.getsizeof(reply.rest) + REPLY_OVERHEAD_BYTES for reply in kept)
+    size = sum(sys.getsizeof(reply.rest) + REPLY_OVERHEAD_BYTES for reply in kept) + ENCODED_OVERHEAD_BYTES
     for file in result.files:
-        size += sum(map(sys.getsizeof, (file, file.path, file.contents, file.version)))
-        size += len(file.path) + len(file.contents) + len(file.version) + ENCODED_OVERHEAD_BYTES
+        size += sum(map(sys.getsizeof, (file, file.path, file.contents, file.version))) + encoded_size(file)
         if size > REMEMBERED_BYTES:
             return None
     return _LastMount(replies=kept, key=key, result=result) if size <= REMEMBERED_BYTES else None
+
+
+def encoded_size(file: MountedFile) -> int:
+    """At least the bytes a file adds to the encoded MountResponse (server.encoded)."""
+    path = len(file.path.encode("utf-8", "surrogatepass"))
+    return (
+        2 * path + len(file.contents) + len(file.version.encode("utf-8", "surrogatepass")) + ENCODED_FILE_OVERHEAD_BYTES
+    )
 
 
 def _decoded_json(outcome: Secret | ProviderError) -> bool:
@@ -441,8 +458,8 @@ class Mounter:
         there), no entry for one that did not settle (it goes the usual way); or None when
         the loop read nothing (the thread does it all).
         `done` set from outside (shutdown) ends the wait with its exception."""
-        last = plan.memory.last
-        if last is None or plan.identity is None or len(plan.distinct) > LOOP_MAX_READS:
+        last, around = plan.memory.last, plan.around_token
+        if last is None or around is None or plan.identity is None:
             return None
         key = self._hmac_keys.peek()  # None also when it must be fetched: a thread does that
         token = self._tokens.peek(plan.identity) if key is not None and key == last.key else None
@@ -457,7 +474,7 @@ class Mounter:
             reads=[plan.reads[request] for request in plan.distinct],
             deadline=deadline,
             done=done,
-            made=plan.around_token,
+            around=around,
         )
         if answers is None or answers.count(None) == len(answers):  # nothing read: a thread reads it all
             return None

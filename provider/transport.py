@@ -124,8 +124,7 @@ class Pool:
         self._target = target
         self._tls = tls
         self._context = _context(tls) if target.scheme == "https" else None
-        # The Host header: "localhost" for a unix socket, as http.client and Go send it.
-        self.host = http1.host_header(target.host, target.port, _DEFAULT_PORTS.get(target.scheme, 0))
+        self.host = host_of(target)
         self._idle: list[http1.Connection] = []
         self._size = size
         self._lock = threading.Lock()
@@ -186,6 +185,12 @@ class Pool:
             sock.close()
             raise
         return http1.Connection(sock)
+
+
+def host_of(target: Target) -> str:
+    """The Host header of requests to target: "localhost" for a unix socket, as http.client
+    and Go send it."""
+    return http1.host_header(target.host, target.port, _DEFAULT_PORTS.get(target.scheme, 0))
 
 
 def _usable(conn: http1.Connection) -> bool:

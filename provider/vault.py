@@ -19,6 +19,7 @@ import functools
 import logging
 import random
 import secrets
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from provider.transport import (
     TooLarge,
     Transport,
     TransportError,
+    host_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -291,15 +293,14 @@ class VaultClient:
         reads: Sequence[Read],
         deadline: float,
         done: asyncio.Future[bool],
-        made: dict[str, AroundToken],
+        around: AroundToken,
     ) -> list[Reply | None] | None:
         """The reads sent on the running event loop, waiting for nothing but the replies
         (provider.loopio): each one's reply (whatever its status: see settles()), or None
         for one not read whole there (slow, large, cut: a thread sends it again); None for
         all when nothing was sent (no pool or kept-alive connection for each read yet: a
-        thread makes them). `done` set from outside ends the wait. `made`: the reads'
-        requests around the token, by Host, kept by the caller for its next batch of the
-        same reads (mount.MountPlan.around_token)."""
+        thread makes them). `done` set from outside ends the wait. `around`: these reads'
+        requests made around the token (mount.MountPlan.around_token)."""
         if self._breaker(endpoint).refusal() is not None:
             return None
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -307,9 +308,6 @@ class VaultClient:
         pool = self._transport.pools.find(endpoint.target, endpoint.tls)
         if timeout <= MIN_ATTEMPT_SECONDS or pool is None or len({read.method for read in reads}) > 1:
             return None
-        around = made.get(pool.host)
-        if around is None:
-            around = made[pool.host] = AroundToken.of(endpoint, reads, pool.host)
         requests = around.with_token(token)
         if requests is None:
             return None
@@ -618,25 +616,33 @@ _TOKEN_MARK = "token-" + secrets.token_hex(16)
 
 @dataclass(frozen=True)
 class AroundToken:
-    """A batch of reads' request bytes before and after the token, made once for every
-    batch of the same reads (a kept plan's warm Mounts): each batch only puts its token in
-    between. Holds no token. `parts` is None for requests that could not be made (a path
-    HTTP cannot carry): with_token then says so as http1.request would."""
+    """A batch of reads' request bytes before and after the token, made once with a kept
+    plan (mount.MountPlan) for every batch of the same reads its warm Mounts send on the
+    loop: each batch only puts its token in between. Holds no token. `parts` is None for
+    requests that could not be made (a namespace or path HTTP cannot carry): with_token
+    then sends nothing, and a thread's requests say what is wrong."""
 
     parts: tuple[tuple[bytes, bytes], ...] | None
 
     @classmethod
-    def of(cls, endpoint: Endpoint, reads: Sequence[Read], host: str) -> AroundToken:
+    def of(cls, endpoint: Endpoint, reads: Sequence[Read]) -> AroundToken:
         mark = _TOKEN_MARK.encode("ascii")
         try:
+            target = endpoint.target
             headers = _read_headers(endpoint, _TOKEN_MARK)
-            made = [
-                http1.request(read.method, endpoint.target.prefix + read.url, host, headers, None) for read in reads
-            ]
-        except (ValueError, VaultBadResponse):  # the namespace, a path: what the thread's requests say
+            host = host_of(target)
+            made = [http1.request(read.method, target.prefix + read.url, host, headers, None) for read in reads]
+        except (ValueError, VaultBadResponse):
             return cls(parts=None)
         split = [request.split(mark) for request in made]
         return cls(parts=tuple((parts[0], parts[1]) for parts in split) if all(len(p) == 2 for p in split) else None)
+
+    def size(self) -> int:
+        """Bytes it holds in memory (a kept plan's weight counts them)."""
+        held = sys.getsizeof(self) + sys.getsizeof(self.parts)
+        for pair in self.parts or ():
+            held += sys.getsizeof(pair) + sys.getsizeof(pair[0]) + sys.getsizeof(pair[1])
+        return held
 
     def with_token(self, token: str) -> list[bytes] | None:
         """The requests with this token; None when they cannot be sent."""

@@ -226,7 +226,12 @@ def test_no_pool_is_made_on_the_loop(world: VaultWorld) -> None:
     async def on_loop() -> object:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         return await client.send_reads_on_loop(
-            endpoint, token="t", reads=[read], deadline=time.monotonic() + 5, done=done, made={}
+            endpoint,
+            token="t",
+            reads=[read],
+            deadline=time.monotonic() + 5,
+            done=done,
+            around=AroundToken.of(endpoint, [read]),
         )
 
     try:
@@ -242,13 +247,13 @@ def test_requests_made_around_the_token_are_the_ones_a_thread_sends() -> None:
     carry, or a path holding the stand-in for the token, sends nothing from the loop."""
     endpoint = Endpoint(address="https://user:pw@vault.example:8200/prefix", tls=TLSConfig(), namespace="team/a")
     reads = [Read("GET", "kv/a b", None), Read("GET", "kv/list", {"version": ["2"]})]
-    around = AroundToken.of(endpoint, reads, "vault.example:8200")
+    around = AroundToken.of(endpoint, reads)
     headers = vault._read_headers(endpoint, "s.token")
     assert around.with_token("s.token") == [
         http1.request("GET", endpoint.target.prefix + read.url, "vault.example:8200", headers, None) for read in reads
     ]
     assert around.with_token("s.tok\r\nX-Evil: 1") is None and around.with_token("") is None
-    marked = AroundToken.of(endpoint, [Read("GET", f"kv/{vault._TOKEN_MARK}", None)], "vault.example:8200")
+    marked = AroundToken.of(endpoint, [Read("GET", f"kv/{vault._TOKEN_MARK}", None)])
     assert marked.parts is None and marked.with_token("s.token") is None
 
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
 from provider.config import Route, VaultSettings, parse_mount, template_weight
-from provider.dispatch import PLAN_BYTES_PER_REQUEST, Dispatched, ParsedMounts
-from provider.mount import MountPlan, MountRequest
+from provider.dispatch import PARSED_MAX_BYTES, PLAN_BYTES_PER_REQUEST, Dispatched, ParsedMounts, weight_of
+from provider.mount import ENCODED_OVERHEAD_BYTES, MountedFile, MountPlan, MountRequest, MountResult, encoded_size
+from provider.server import encoded
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.proxy import Forwarder
 
@@ -317,9 +321,13 @@ def test_a_repeated_request_is_parsed_once_and_its_parse_serves_only_that_reques
     assert len(parsed) == 5
 
 
-def _parsed(objects: list[dict[str, Any]], pad: str = "") -> tuple[MountRequest, MountPlan]:
-    """A Mount request and its real parse, as kept."""
-    attributes = json.dumps({"roleName": "r", "objects": yaml.safe_dump(objects), "pad": pad}, ensure_ascii=False)
+def _parsed(objects: list[dict[str, Any]], pad: str = "", *, pod: bool = False) -> tuple[MountRequest, MountPlan]:
+    """A Mount request and its real parse, as kept; with a pod's uid when `pod`."""
+    fields = {"roleName": "r", "objects": yaml.safe_dump(objects), "pad": pad}
+    if pod:
+        fields |= {"csi.storage.k8s.io/pod.uid": "uid-1", "csi.storage.k8s.io/pod.name": "p"}
+        fields |= {"csi.storage.k8s.io/pod.namespace": "ns", "csi.storage.k8s.io/serviceAccount.name": "sa"}
+    attributes = json.dumps(fields, ensure_ascii=False)
     request = MountRequest(attributes=attributes, target_path="/t", permission="420")
     defaults = VaultSettings(address="http://127.0.0.1:8200")
     return request, MountPlan.of(
@@ -359,6 +367,52 @@ def test_kept_parses_are_bounded_by_count_and_weight() -> None:
     assert len(many[0].attributes) < 400 and len(many[1].distinct) * PLAN_BYTES_PER_REQUEST > max_bytes
     by_weight.put(many[0], dispatched, many[1])
     assert by_weight.get(many[0]) is None
+
+
+def test_a_plans_requests_on_the_loop_are_made_once_and_weighed_as_they_are() -> None:
+    """A pod's plan of at most LOOP_MAX_READS plain reads makes their requests around the
+    token once (vault.AroundToken), and its weight counts them and the escaped URLs byte
+    for byte; a plan of more reads makes none and is not weighed for them."""
+    route = Route(pod="ns/p", role="r", vault_address="http://v", vault_namespace="", tenant=("ns", 1), decoded={})
+    dispatched = Dispatched(route=route, endpoint=EndpointKey(address="http://v"))
+    request, plan = _parsed([{"objectName": "k", "secretPath": "kv/x", "secretKey": "k"}], pod=True)
+    assert plan.around_token is not None and plan.around_token.parts is not None
+    assert weight_of(request, plan) == (
+        len(request.attributes) + PLAN_BYTES_PER_REQUEST + len("/v1/kv/x") + plan.around_token.size()
+    )
+    assert _parsed([{"objectName": "k", "secretPath": "kv/x", "secretKey": "k"}])[1].around_token is None  # no pod
+    # Many reads: none on the loop, and kept as before (36 reads weigh far below the limit).
+    many = _parsed([{"objectName": f"k{i}", "secretPath": f"kv/{i}", "secretKey": "k"} for i in range(36)], pod=True)
+    assert many[1].around_token is None
+    kept = ParsedMounts()
+    kept.put(many[0], dispatched, many[1])
+    assert kept.get(many[0]) is not None
+    # A path of % signs is three times longer escaped, once in its read and once in its
+    # request: 8 KiB of attributes that would hold about 50 KiB are not kept.
+    heavy = _parsed([{"objectName": "k", "secretPath": "kv/" + "%" * 8000, "secretKey": "k"}], pod=True)
+    assert len(heavy[0].attributes) < PARSED_MAX_BYTES < weight_of(*heavy)
+    kept.put(heavy[0], dispatched, heavy[1])
+    assert kept.get(heavy[0]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@example([("€" * 300, 0o644, b"", "")])  # the path is held twice, three bytes a character
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=300),
+            st.integers(min_value=0, max_value=0o777),
+            st.binary(max_size=3000),
+            st.text(max_size=100),
+        ),
+        max_size=8,
+    )
+)
+def test_a_remembered_results_encoding_is_never_larger_than_counted(files: list[tuple[str, int, bytes, str]]) -> None:
+    """_remembered counts what the encoded reply will hold (mount.encoded_size): never less."""
+    mounted = tuple(MountedFile(path=p, mode=m, contents=c, version=v) for p, m, c, v in files)
+    result = MountResult(config=cast(Any, None), files=mounted)
+    assert len(encoded(result)) + sys.getsizeof(b"") <= ENCODED_OVERHEAD_BYTES + sum(map(encoded_size, mounted))
 
 
 def test_cache_size_zero_logs_in_every_time(tmp_path: Path, world: VaultWorld, unique: str) -> None:
