@@ -1,4 +1,4 @@
-"""The gRPC servicer: proto in, one call into the domain, proto out.
+"""The gRPC servicer: proto in, one call into the domain, proto out (encoded once per result).
 
 It also holds the one table from the provider's errors to gRPC status codes. The status
 message is shown verbatim in the pod's FailedMount event, so it is the error's own
