@@ -469,12 +469,7 @@ class Mounter:
             if self._kept_key(plan.lease_keys.get(request), wait=False):
                 return None
         answers = await self._vault.send_reads_on_loop(
-            plan.endpoint,
-            token=token,
-            reads=[plan.reads[request] for request in plan.distinct],
-            deadline=deadline,
-            done=done,
-            around=around,
+            plan.endpoint, token=token, around=around, deadline=deadline, done=done
         )
         if answers is None or answers.count(None) == len(answers):  # nothing read: a thread reads it all
             return None

@@ -286,28 +286,21 @@ class VaultClient:
         return replies
 
     async def send_reads_on_loop(
-        self,
-        endpoint: Endpoint,
-        *,
-        token: str,
-        reads: Sequence[Read],
-        deadline: float,
-        done: asyncio.Future[bool],
-        around: AroundToken,
+        self, endpoint: Endpoint, *, token: str, around: AroundToken, deadline: float, done: asyncio.Future[bool]
     ) -> list[Reply | None] | None:
-        """The reads sent on the running event loop, waiting for nothing but the replies
+        """The reads `around` was made for (mount.MountPlan.around_token), sent with this
+        token on the running event loop, waiting for nothing but the replies
         (provider.loopio): each one's reply (whatever its status: see settles()), or None
         for one not read whole there (slow, large, cut: a thread sends it again); None for
         all when nothing was sent (no pool or kept-alive connection for each read yet: a
-        thread makes them). `done` set from outside ends the wait. `around`: these reads'
-        requests made around the token (mount.MountPlan.around_token)."""
+        thread makes them). `done` set from outside ends the wait."""
         if self._breaker(endpoint).refusal() is not None:
             return None
         timeout = min(self._timeout, deadline - time.monotonic())
-        method = reads[0].method
         pool = self._transport.pools.find(endpoint.target, endpoint.tls)
-        if timeout <= MIN_ATTEMPT_SECONDS or pool is None or len({read.method for read in reads}) > 1:
+        if timeout <= MIN_ATTEMPT_SECONDS or pool is None:
             return None
+        method = around.method
         requests = around.with_token(token)
         if requests is None:
             return None
@@ -620,22 +613,30 @@ class AroundToken:
     plan (mount.MountPlan) for every batch of the same reads its warm Mounts send on the
     loop: each batch only puts its token in between. Holds no token. `parts` is None for
     requests that could not be made (a namespace or path HTTP cannot carry): with_token
-    then sends nothing, and a thread's requests say what is wrong."""
+    then sends nothing, and a thread's requests say what is wrong. The reads share one
+    method (GET or LIST), which reading their replies needs."""
 
+    method: str
     parts: tuple[tuple[bytes, bytes], ...] | None
 
     @classmethod
     def of(cls, endpoint: Endpoint, reads: Sequence[Read]) -> AroundToken:
+        """ValueError for reads that do not share one method."""
+        methods = {read.method for read in reads}
+        if len(methods) != 1:
+            raise ValueError("the reads sent together on the loop share one method")
+        method = methods.pop()
         mark = _TOKEN_MARK.encode("ascii")
         try:
             target = endpoint.target
             headers = _read_headers(endpoint, _TOKEN_MARK)
             host = host_of(target)
-            made = [http1.request(read.method, target.prefix + read.url, host, headers, None) for read in reads]
+            made = [http1.request(method, target.prefix + read.url, host, headers, None) for read in reads]
         except (ValueError, VaultBadResponse):
-            return cls(parts=None)
+            return cls(method=method, parts=None)
         split = [request.split(mark) for request in made]
-        return cls(parts=tuple((parts[0], parts[1]) for parts in split) if all(len(p) == 2 for p in split) else None)
+        parts = tuple((pair[0], pair[1]) for pair in split) if all(len(pair) == 2 for pair in split) else None
+        return cls(method=method, parts=parts)
 
     def size(self) -> int:
         """Bytes it holds in memory (a kept plan's weight counts them)."""

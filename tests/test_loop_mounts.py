@@ -226,12 +226,7 @@ def test_no_pool_is_made_on_the_loop(world: VaultWorld) -> None:
     async def on_loop() -> object:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         return await client.send_reads_on_loop(
-            endpoint,
-            token="t",
-            reads=[read],
-            deadline=time.monotonic() + 5,
-            done=done,
-            around=AroundToken.of(endpoint, [read]),
+            endpoint, token="t", around=AroundToken.of(endpoint, [read]), deadline=time.monotonic() + 5, done=done
         )
 
     try:
@@ -255,6 +250,8 @@ def test_requests_made_around_the_token_are_the_ones_a_thread_sends() -> None:
     assert around.with_token("s.tok\r\nX-Evil: 1") is None and around.with_token("") is None
     marked = AroundToken.of(endpoint, [Read("GET", f"kv/{vault._TOKEN_MARK}", None)])
     assert marked.parts is None and marked.with_token("s.token") is None
+    with pytest.raises(ValueError, match="share one method"):  # a reply is read by its request's method
+        AroundToken.of(endpoint, [Read("GET", "kv/a", None), Read("LIST", "kv/", None)])
 
 
 def test_a_busy_lease_cache_lock_is_not_waited_for_on_the_loop(
