@@ -36,6 +36,8 @@ class ScriptedServer:
         self.port = self._listener.getsockname()[1]
         self._context = context
         self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -49,22 +51,31 @@ class ScriptedServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
+        """Each connection is closed by the thread serving it, also when close() came
+        first: none is left for the garbage collector (a ResourceWarning in another test)."""
+        with contextlib.suppress(OSError), conn:
             if self._context is not None:
                 conn = self._context.wrap_socket(conn, server_side=True)
-            self._open.append(conn)
-            while True:
-                received = b""
-                while b"\r\n\r\n" not in received:
-                    chunk = conn.recv(65536)
-                    if not chunk:
+            with conn:
+                with self._lock:
+                    if self._closed:
                         return
-                    received += chunk
-                self.script(conn)
+                    self._open.append(conn)
+                while True:
+                    received = b""
+                    while b"\r\n\r\n" not in received:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        received += chunk
+                    self.script(conn)
 
     def close(self) -> None:
         self._listener.close()
-        for conn in self._open:
+        with self._lock:
+            self._closed = True
+            opened = list(self._open)
+        for conn in opened:
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -353,15 +364,26 @@ class DrippingForwarder:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self._listener.accept()
+                with self._lock:  # none opened after close() is left open
+                    self._open.append(client)
+                    if self._closed:
+                        client.close()
+                        return
                 server = socket.create_connection(("127.0.0.1", self._upstream))
+                with self._lock:
+                    self._open.append(server)
+                    if self._closed:
+                        server.close()
+                        return
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._open += [client, server]
                 threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
                 threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
@@ -377,7 +399,10 @@ class DrippingForwarder:
 
     def close(self) -> None:
         self._listener.close()
-        for sock in self._open:
+        with self._lock:
+            self._closed = True
+            opened = list(self._open)
+        for sock in opened:
             with contextlib.suppress(OSError):
                 sock.close()
 
