@@ -9,10 +9,12 @@ process, its request handed to the servicer as grpcio would, against a real Open
 runs outside valgrind).
 
 The script runs itself under callgrind, and zeroes and dumps the counters around each
-measured loop (callgrind_control), for a 1-object and a 10-object KV class; and the same
+measured loop (callgrind_control), for a 1-object and a 10-object KV class, and for cold
+1-object Mounts (each by a new pod: the request parsed, a login, the read); and the same
 for the lean bare Mount (bench/bare_provider.py reading with provider.http1: a grpc.aio
-Mount that hands its reads to a thread and answers the bodies, nothing else), the floor
-in the same unit. Needs valgrind (Debian's package). Takes about a minute.
+Mount that hands its reads to a thread and answers the bodies, nothing else; cold, it
+logs in with the pod's token first), the floor in the same unit. Needs valgrind
+(Debian's package). Takes about a minute.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 OBJECT_COUNTS = (1, 10)
 WARMUP_ROUNDS = 5
+COLD = "cold"
 
 
 def main() -> int:
@@ -62,28 +65,31 @@ def main() -> int:
         )
         counted = _dumps(Path(out))
     first, last = OBJECT_COUNTS[0], OBJECT_COUNTS[-1]
-    print("instructions per warm Mount (callgrind; the servicer, its hand-off and the Mount thread, in process)")
+    print("instructions per Mount (callgrind; the servicer, its hand-off and the Mount thread, in process)")
     print(f"{'':34}{'provider':>10}{'lean bare':>11}{'ratio':>8}")
     for label, numbers in (
-        ("1-object Mount", lambda who: counted[(who, first)]),
-        ("each extra object", lambda who: (counted[(who, last)] - counted[(who, first)]) / (last - first)),
+        ("warm 1-object Mount", lambda who: counted[(who, str(first))]),
+        ("each extra object", lambda who: (counted[(who, str(last))] - counted[(who, str(first))]) / (last - first)),
+        ("cold 1-object Mount (login, read)", lambda who: counted[(who, COLD)]),
     ):
         ours, bare = numbers("provider") / args.rounds, numbers("bare") / args.rounds
         print(f"  {label:32}{ours / 1000:9.0f}k{bare / 1000:10.0f}k{ours / bare:7.2f}x")
     return 0
 
 
-def _dumps(out: Path) -> dict[tuple[str, int], int]:
-    """Instructions counted by each dump named WHO-N (N objects), summed over threads."""
-    counted: dict[tuple[str, int], int] = {}
+def _dumps(out: Path) -> dict[tuple[str, str], int]:
+    """Instructions counted by each dump named WHO-N (warm, N objects) or WHO-cold, summed
+    over threads."""
+    counted: dict[tuple[str, str], int] = {}
     for dump in out.glob("cg.*"):
         text = dump.read_text(errors="replace")
-        trigger = re.search(r"^desc: Trigger: .*?(provider|bare)-(\d+)", text, re.M)
+        trigger = re.search(r"^desc: Trigger: .*?(provider|bare)-(\d+|cold)", text, re.M)
         total = re.search(r"^summary: (\d+)", text, re.M) or re.search(r"^totals: (\d+)", text, re.M)
         if trigger and total:
-            key = (trigger.group(1), int(trigger.group(2)))
+            key = (trigger.group(1), trigger.group(2))
             counted[key] = counted.get(key, 0) + int(total.group(1))
-    missing = {(who, count) for who in ("provider", "bare") for count in OBJECT_COUNTS} - set(counted)
+    labels = [str(count) for count in OBJECT_COUNTS] + [COLD]
+    missing = {(who, label) for who in ("provider", "bare") for label in labels} - set(counted)
     if missing:
         raise SystemExit(f"callgrind wrote no count for {sorted(missing)}")
     return counted
@@ -131,9 +137,8 @@ def _measure(rounds: int) -> int:
             app = App(settings, kube_config=KubeConfig.from_dict(kube.kubeconfig("kube-system")))
             servicer = ProviderServicer(app.dispatchers["vault"], app.metrics)
             bare = BareProvider(bao.port, "lean")
-            token = kube.pod_token(pod)
             raw = RawVault(bao.port)
-            vault_token = raw.login("bench", token)
+            vault_token = raw.login("bench", kube.pod_token(pod))
             raw.close()
 
             async def counting(label: str, mount: Any) -> None:
@@ -144,21 +149,22 @@ def _measure(rounds: int) -> int:
                     _encode(await mount())
                 callgrind("--dump", label)
 
+            def request_for(pod: Any, objects: int) -> service_pb2.MountRequest:
+                attributes: dict[str, Any] = {
+                    "roleName": "bench",
+                    "objects": yaml.safe_dump(kv_objects(objects)),
+                    "csi.storage.k8s.io/pod.name": pod.name,
+                    "csi.storage.k8s.io/pod.namespace": pod.namespace,
+                    "csi.storage.k8s.io/pod.uid": pod.uid,
+                    "csi.storage.k8s.io/serviceAccount.name": pod.service_account,
+                    "csi.storage.k8s.io/serviceAccount.tokens": json.dumps({"vault": {"token": kube.pod_token(pod)}}),
+                }
+                return service_pb2.MountRequest(attributes=json.dumps(attributes), target_path="/t", permission="420")
+
             async def mounts() -> None:
                 app.admission.bind(asyncio.get_running_loop())
                 for objects in OBJECT_COUNTS:
-                    attributes: dict[str, Any] = {
-                        "roleName": "bench",
-                        "objects": yaml.safe_dump(kv_objects(objects)),
-                        "csi.storage.k8s.io/pod.name": pod.name,
-                        "csi.storage.k8s.io/pod.namespace": pod.namespace,
-                        "csi.storage.k8s.io/pod.uid": pod.uid,
-                        "csi.storage.k8s.io/serviceAccount.name": pod.service_account,
-                        "csi.storage.k8s.io/serviceAccount.tokens": json.dumps({"vault": {"token": token}}),
-                    }
-                    request = service_pb2.MountRequest(
-                        attributes=json.dumps(attributes), target_path="/t", permission="420"
-                    )
+                    request = request_for(pod, objects)
                     await counting(f"provider-{objects}", lambda request=request: servicer.Mount(request, Context()))
                     paths = [obj["secretPath"] for obj in kv_objects(objects)]
                     bare_request = service_pb2.MountRequest(
@@ -167,6 +173,23 @@ def _measure(rounds: int) -> int:
                         permission="420",
                     )
                     await counting(f"bare-{objects}", lambda request=bare_request: bare.Mount(request, Context()))
+                # Cold: each Mount by a new pod, its request (and token) made beforehand, as
+                # the driver sends a ready one.
+                new_pods = [kube.add_pod("bench", f"cold-{i}", "bench") for i in range(WARMUP_ROUNDS + rounds)]
+                cold = iter([request_for(new_pod, 1) for new_pod in new_pods])
+                await counting(f"provider-{COLD}", lambda: servicer.Mount(next(cold), Context()))
+                paths = [obj["secretPath"] for obj in kv_objects(1)]
+                bare_cold = iter(
+                    [
+                        service_pb2.MountRequest(
+                            attributes=json.dumps({"paths": paths, "jwt": kube.pod_token(new_pod)}),
+                            target_path="/t",
+                            permission="420",
+                        )
+                        for new_pod in new_pods
+                    ]
+                )
+                await counting(f"bare-{COLD}", lambda: bare.Mount(next(bare_cold), Context()))
 
             asyncio.run(mounts())
         finally:

@@ -49,6 +49,9 @@ MAX_SECRET_ARGS_VALUES = 10_000
 # its text in memory, so this bounds the cache to a few tens of MiB at worst).
 OBJECTS_CACHE_SIZE = 1024
 OBJECTS_CACHE_BYTES = 4 * 1024 * 1024
+# What one objects list may keep beside it (keep_shared), at most: one per endpoint, and a
+# class names one; the same objects text under other addresses works out the rest again.
+SHARED_PER_OBJECTS = 4
 # The largest file mode a File may carry (0777).
 MAX_MODE = 0o777
 ENCODINGS = ("utf-8", "base64", "hex")
@@ -334,6 +337,16 @@ class Route:
     # Mount (None when they did not decode: the parse then says why).
     decoded: Any = field(default=None, repr=False, compare=False)
 
+    def undecoded(self) -> Route:
+        """The same route without its decoded attributes (a kept one holds none)."""
+        return Route(
+            pod=self.pod,
+            role=self.role,
+            vault_address=self.vault_address,
+            vault_namespace=self.vault_namespace,
+            tenant=self.tenant,
+        )
+
 
 def peek_route(attributes: str, defaults: VaultSettings, flavour: Flavour = VAULT) -> Route:
     """The Route of a Mount request, read cheaply; a request too broken to read gets an
@@ -380,7 +393,10 @@ def check_attributes_cost(attributes: str) -> None:
 
 
 def _parse_attributes(attributes: str, decoded: Any = None) -> dict[str, str]:
-    if len(attributes.encode("utf-8", "surrogatepass")) > MAX_ATTRIBUTES_BYTES:
+    # ASCII without a \u escape (as the driver writes them, mostly): one byte per
+    # character, and no value can hold a lone surrogate; else each is checked.
+    plain = attributes.isascii() and "\\u" not in attributes
+    if (len(attributes) if plain else len(attributes.encode("utf-8", "surrogatepass"))) > MAX_ATTRIBUTES_BYTES:
         raise ConfigError(f"attributes are larger than {MAX_ATTRIBUTES_BYTES} bytes")
     if decoded is not None:  # already decoded by peek_route, after check_attributes_cost
         params = decoded
@@ -393,7 +409,7 @@ def _parse_attributes(attributes: str, decoded: Any = None) -> dict[str, str]:
     if not isinstance(params, dict):
         raise ConfigError("attributes must be a JSON object of strings")
     wrong = sorted(k for k, v in params.items() if not isinstance(v, str))
-    unencodable = sorted(k for k, v in params.items() if isinstance(v, str) and not _is_utf8(k + v))
+    unencodable = [] if plain else sorted(k for k, v in params.items() if isinstance(v, str) and not _is_utf8(k + v))
     if unencodable:
         raise ConfigError(
             "attributes must be valid UTF-8; invalid escapes (lone surrogates) in: "
@@ -464,7 +480,7 @@ def _merge_tls(base: TLSConfig, params: Mapping[str, str], name: Callable[[str],
         overrides["skip_verify"] = parse_bool(
             f"{name('vaultSkipTLSVerify')!r} in SecretProviderClass parameters", params["vaultSkipTLSVerify"]
         )
-    return replace(base, **overrides)
+    return replace(base, **overrides) if overrides else base
 
 
 def _token_for_audience(tokens_json: str, audience: str) -> str:
@@ -505,7 +521,7 @@ def parse_objects(
     if cached is None:
         with gate() if gate is not None else contextlib.nullcontext():
             try:
-                cached = _parse_objects(text, len(encoded))
+                cached = ObjectList(_parse_objects(text, len(encoded)), digest)
             except ConfigError as e:
                 cached = e
         _PARSED.put(digest, cached, 0 if isinstance(cached, ConfigError) else len(encoded) + template_weight(cached))
@@ -558,6 +574,30 @@ def _parse_objects(text: str, size: int) -> tuple[SecretObject, ...]:
         if obj.parsed_template is not None:
             check_template_references(obj, objects)
     return objects
+
+
+class ObjectList(tuple[SecretObject, ...]):
+    """A parsed objects list, which every Mount of its class shares (parse_objects keeps
+    it), with what those Mounts work out from the objects alone (keep_shared)."""
+
+    shared: dict[object, Any]
+    digest: bytes  # its key in the objects cache
+
+    def __new__(cls, objects: tuple[SecretObject, ...], digest: bytes) -> ObjectList:
+        made = super().__new__(cls, objects)
+        made.shared = {}
+        made.digest = digest
+        return made
+
+
+def keep_shared(objects: tuple[SecretObject, ...], key: object, value: object, weight: int) -> None:
+    """Keep with a cached objects list, under key (an endpoint, say), what Mounts work out
+    from the list alone (mount.MountPlan), for as long as the list is kept: weighed with it
+    in the objects cache, so what a class makes us keep stays within that cache's bound."""
+    if not isinstance(objects, ObjectList) or len(objects.shared) >= SHARED_PER_OBJECTS:
+        return
+    if _PARSED.add_weight(objects.digest, weight):
+        objects.shared[key] = value
 
 
 # What a template's root holds: .Objects always; the rest with a secretPath of its own.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -97,8 +96,9 @@ class ParsedMounts:
             return
         weight = weight_of(request, plan)
         # The decoded attributes were only the parse's input: not kept.
-        route = dataclasses.replace(dispatched.route, decoded=None)
-        self._kept.put(request, Dispatched(route=route, endpoint=dispatched.endpoint, plan=plan), weight)
+        self._kept.put(
+            request, Dispatched(route=dispatched.route.undecoded(), endpoint=dispatched.endpoint, plan=plan), weight
+        )
 
     def pods(self) -> set[tuple[str, str, str]]:
         """(uid, namespace, name) of each pod with a kept parse (the revocation sweep's)."""

@@ -27,6 +27,7 @@ _GO_EXTRA_ESCAPES = {
     "\u2029": "\\u2029",
 }
 _ESCAPE_TABLE = str.maketrans(_GO_EXTRA_ESCAPES)
+_GO_EXTRA = re.compile("[" + "".join(_GO_EXTRA_ESCAPES) + "]")
 
 
 INT64_MAX = 2**63 - 1
@@ -230,7 +231,9 @@ def _encode(value: Any, out: list[str]) -> None:
 
 def encode_string(text: str) -> str:
     """A JSON string literal the way Go writes it."""
-    return json.dumps(text, ensure_ascii=False).translate(_ESCAPE_TABLE)
+    encoded = json.dumps(text, ensure_ascii=False)
+    # Translating is per character: only for a string that holds one of those characters.
+    return encoded.translate(_ESCAPE_TABLE) if _GO_EXTRA.search(encoded) else encoded
 
 
 def format_float(value: float) -> str:

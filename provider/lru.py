@@ -48,6 +48,21 @@ class WeightedLRU(Generic[K, V]):
             while len(self._kept) > self._entries or self._weight > self._total_weight:
                 self._weight -= self._kept.popitem(last=False)[1][1]
 
+    def add_weight(self, key: K, extra: int) -> bool:
+        """Weigh key's entry `extra` more (what was added to its value since), the least
+        recently used others dropped to make room; False, nothing changed, when key is not
+        kept or would weigh too much."""
+        with self._lock:
+            found = self._kept.get(key)
+            if found is None or found[1] + extra > self._max_weight:
+                return False
+            self._kept[key] = (found[0], found[1] + extra)
+            self._kept.move_to_end(key)
+            self._weight += extra
+            while len(self._kept) > self._entries or self._weight > self._total_weight:
+                self._weight -= self._kept.popitem(last=False)[1][1]
+            return key in self._kept
+
     def values(self) -> list[V]:
         with self._lock:
             return [value for value, _ in self._kept.values()]
@@ -59,6 +74,11 @@ class WeightedLRU(Generic[K, V]):
             for key in dropped:
                 self._weight -= self._kept.pop(key)[1]
         return len(dropped)
+
+    def total(self) -> int:
+        """What the kept entries weigh in all."""
+        with self._lock:
+            return self._weight
 
     def __len__(self) -> int:
         with self._lock:

@@ -21,12 +21,22 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from provider import render
 from provider.cache import HmacKeySource, TokenCache, TokenGrant
-from provider.config import MountConfig, SecretObject, Settings, TLSConfig, VaultSettings, parse_mount
+from provider.config import (
+    MountConfig,
+    ObjectList,
+    SecretObject,
+    Settings,
+    TLSConfig,
+    VaultSettings,
+    keep_shared,
+    parse_mount,
+)
 from provider.errors import (
     ConfigError,
     KubernetesError,
@@ -64,6 +74,9 @@ MAX_PREFETCH_PER_BATCH = 16
 # it saves a warm Mount the thread hand-off, but each reply waited for on the loop costs
 # more CPU than a thread's blocking receive of it.
 LOOP_MAX_READS = 2
+# What a class plan (_ClassPlan) holds per distinct request beside its URL: the Read, the
+# entries of its maps (about 220 bytes beside the URL, measured), rounded up.
+CLASS_PLAN_BYTES_PER_REQUEST = 400
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
@@ -206,6 +219,7 @@ class MountPlan:
     @classmethod
     def of(cls, config: MountConfig) -> MountPlan:
         endpoint = endpoint_of(config)
+        shared = _ClassPlan.of(config.objects, endpoint)
         pod = config.pod
         identity = (
             IdentityKey(
@@ -222,27 +236,15 @@ class MountPlan:
             if pod.uid
             else None
         )
-        requests = {obj: SecretRequest.of(obj) for obj in config.objects if obj.fetches}
-        distinct = tuple(dict.fromkeys(requests.values()))
-        reads = {
-            request: Read(request.method, request.path, request.params() or None)
-            for request in distinct
-            if request.method in ("GET", "LIST") and request.body is None
-        }
-        on_loop = [reads[request] for request in distinct if request in reads]
         return cls(
             config=config,
             endpoint=endpoint,
             identity=identity,
-            requests=requests,
-            distinct=distinct,
-            rememberable=not any(render.writes_whole_reply(obj) for obj in requests),
-            reads=reads,
-            around_token=AroundToken.of(endpoint, on_loop)
-            if identity is not None
-            and 0 < len(on_loop) == len(distinct) <= LOOP_MAX_READS
-            and len({read.method for read in on_loop}) == 1
-            else None,
+            requests=shared.requests,
+            distinct=shared.distinct,
+            rememberable=shared.rememberable,
+            reads=shared.reads,
+            around_token=shared.around_token if identity is not None else None,
             lease_keys={
                 request: LeaseKey(
                     pod_uid=identity.pod_uid,
@@ -252,10 +254,61 @@ class MountPlan:
                     identity=identity,
                     request=request,
                 )
-                for request in distinct
+                for request in shared.distinct
             }
             if identity is not None
             else {},
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ClassPlan:
+    """What a plan works out from its class's objects and endpoint alone, the same for
+    every pod: made once per parsed objects list and endpoint (config.ObjectList keeps
+    it), so a new pod's first Mount does not make it again. Request shapes only: no
+    token, no reply. Its maps are read-only, shared by many pods' plans."""
+
+    requests: Mapping[SecretObject, SecretRequest]
+    distinct: tuple[SecretRequest, ...]
+    reads: Mapping[SecretRequest, Read]
+    rememberable: bool
+    around_token: AroundToken | None  # for a pod's plan (one with an identity) only
+
+    @classmethod
+    def of(cls, objects: tuple[SecretObject, ...], endpoint: Endpoint) -> _ClassPlan:
+        made = objects.shared.get(endpoint) if isinstance(objects, ObjectList) else None
+        if isinstance(made, _ClassPlan):
+            return made
+        made = cls._of(objects, endpoint)
+        keep_shared(objects, endpoint, made, made.weight())
+        return made
+
+    def weight(self) -> int:
+        """What keeping it costs, in bytes (as dispatch.weight_of counts a plan's requests)."""
+        return (
+            len(self.distinct) * CLASS_PLAN_BYTES_PER_REQUEST
+            + sum(len(read.url) for read in self.reads.values())
+            + (self.around_token.size() if self.around_token is not None else 0)
+        )
+
+    @classmethod
+    def _of(cls, objects: tuple[SecretObject, ...], endpoint: Endpoint) -> _ClassPlan:
+        requests = {obj: SecretRequest.of(obj) for obj in objects if obj.fetches}
+        distinct = tuple(dict.fromkeys(requests.values()))
+        reads = {
+            request: Read(request.method, request.path, request.params() or None)
+            for request in distinct
+            if request.method in ("GET", "LIST") and request.body is None
+        }
+        on_loop = [reads[request] for request in distinct if request in reads]
+        return cls(
+            requests=MappingProxyType(requests),
+            distinct=distinct,
+            reads=MappingProxyType(reads),
+            rememberable=not any(render.writes_whole_reply(obj) for obj in requests),
+            around_token=AroundToken.of(endpoint, on_loop)
+            if 0 < len(on_loop) == len(distinct) <= LOOP_MAX_READS and len({read.method for read in on_loop}) == 1
+            else None,
         )
 
 

@@ -18,9 +18,20 @@ from hypothesis import strategies as st
 
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
-from provider.config import Route, VaultSettings, parse_mount, template_weight
+from provider import config as config_module
+from provider.config import Route, TLSConfig, VaultSettings, parse_mount, template_weight
 from provider.dispatch import PARSED_MAX_BYTES, PLAN_BYTES_PER_REQUEST, Dispatched, ParsedMounts, weight_of
-from provider.mount import ENCODED_OVERHEAD_BYTES, MountedFile, MountPlan, MountRequest, MountResult, encoded_size
+from provider.lru import WeightedLRU
+from provider.mount import (
+    ENCODED_OVERHEAD_BYTES,
+    MountedFile,
+    MountPlan,
+    MountRequest,
+    MountResult,
+    _ClassPlan,
+    _endpoint,
+    encoded_size,
+)
 from provider.server import encoded
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.proxy import Forwarder
@@ -321,12 +332,16 @@ def test_a_repeated_request_is_parsed_once_and_its_parse_serves_only_that_reques
     assert len(parsed) == 5
 
 
-def _parsed(objects: list[dict[str, Any]], pad: str = "", *, pod: bool = False) -> tuple[MountRequest, MountPlan]:
+def _parsed(
+    objects: list[dict[str, Any]], pad: str = "", *, pod: bool = False, uid: str = "uid-1", address: str = ""
+) -> tuple[MountRequest, MountPlan]:
     """A Mount request and its real parse, as kept; with a pod's uid when `pod`."""
     fields = {"roleName": "r", "objects": yaml.safe_dump(objects), "pad": pad}
     if pod:
-        fields |= {"csi.storage.k8s.io/pod.uid": "uid-1", "csi.storage.k8s.io/pod.name": "p"}
+        fields |= {"csi.storage.k8s.io/pod.uid": uid, "csi.storage.k8s.io/pod.name": "p"}
         fields |= {"csi.storage.k8s.io/pod.namespace": "ns", "csi.storage.k8s.io/serviceAccount.name": "sa"}
+    if address:
+        fields["vaultAddress"] = address
     attributes = json.dumps(fields, ensure_ascii=False)
     request = MountRequest(attributes=attributes, target_path="/t", permission="420")
     defaults = VaultSettings(address="http://127.0.0.1:8200")
@@ -393,6 +408,52 @@ def test_a_plans_requests_on_the_loop_are_made_once_and_weighed_as_they_are() ->
     assert len(heavy[0].attributes) < PARSED_MAX_BYTES < weight_of(*heavy)
     kept.put(heavy[0], dispatched, heavy[1])
     assert kept.get(heavy[0]) is None
+
+
+def test_a_classs_requests_are_made_once_for_all_its_pods_and_weighed_in_the_objects_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a plan works out from the class alone (its requests, reads, and those made
+    around the token) is made by the first pod's parse and shared by the next pods' plans,
+    per endpoint, while the objects list is cached, and weighed there: a class whose
+    requests would make that entry too heavy has them made per plan instead."""
+    cache: WeightedLRU[bytes, Any] = WeightedLRU(entries=8, total_weight=64 * 1024, max_weight=4096)
+    monkeypatch.setattr(config_module, "_PARSED", cache)
+    kv = [{"objectName": "k", "secretPath": "kv/shared", "secretKey": "k"}]
+    first, second = _parsed(kv, pod=True, uid="a")[1], _parsed(kv, pod=True, uid="b")[1]
+    assert first.identity != second.identity and first.lease_keys != second.lease_keys  # each pod's own
+    assert second.reads is first.reads and second.around_token is first.around_token is not None
+    assert second.requests is first.requests and second.distinct is first.distinct
+    assert (
+        len(cache) == 1
+        and cache.total() == len(yaml.safe_dump(kv)) + _ClassPlan.of(first.config.objects, first.endpoint).weight()
+    )
+    # Another address for the same objects: requests of its own (another Host), made once too.
+    elsewhere = _parsed(kv, pod=True, uid="c", address="http://vault.example:8200")[1]
+    assert elsewhere.around_token is not first.around_token and elsewhere.around_token is not None
+    assert elsewhere.around_token.parts != first.around_token.parts
+    assert b"Host: vault.example:8200" in (elsewhere.around_token.with_token("t") or [b""])[0]
+    assert _parsed(kv, pod=True, uid="d", address="http://vault.example:8200")[1].reads is elsewhere.reads
+    # Requests too heavy for the entry (long escaped paths) are made by each plan.
+    heavy = [{"objectName": "k", "secretPath": "kv/" + "%" * 1200, "secretKey": "k"}]
+    one, other = _parsed(heavy, pod=True, uid="a")[1], _parsed(heavy, pod=True, uid="b")[1]
+    assert one.reads == other.reads and one.reads is not other.reads
+    # An objects list no longer cached (evicted meanwhile) keeps nothing more beside it.
+    cache.drop_where(lambda _: True)
+    dropped, before = first.config.objects, dict(getattr(first.config.objects, "shared", {}))
+    third = _endpoint("http://third.example:8200", TLSConfig(), "")
+    assert _ClassPlan.of(dropped, third) is not _ClassPlan.of(dropped, third) and len(before) == 2
+    assert getattr(dropped, "shared", None) == before
+
+
+def test_an_entry_weighed_more_later_makes_room_or_is_not_weighed() -> None:
+    cache: WeightedLRU[str, int] = WeightedLRU(entries=10, total_weight=100, max_weight=60)
+    for key in "abc":
+        cache.put(key, 0, 30)
+    assert not cache.add_weight("missing", 1) and cache.total() == 90
+    assert not cache.add_weight("a", 31) and cache.total() == 90  # 61 would be over the most one may weigh
+    assert cache.add_weight("a", 30) and cache.total() == 90  # b, least recently used, made room
+    assert cache.get("b") is None and cache.get("a") == 0 and cache.get("c") == 0
 
 
 @settings(max_examples=200, deadline=None)
