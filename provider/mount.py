@@ -208,8 +208,12 @@ class MountPlan:
     # holds the request_id Vault makes anew for every request.
     rememberable: bool = True
     # Requests whose last reply the lease cache did not keep (a KV secret): a lone one is
-    # read ahead (Mounter._prefetch). Set and cleared by Mounts of this parse.
+    # read ahead (Mounter._prefetch). Set and cleared by Mounts of this parse; at first,
+    # those the class's other pods found so (`plain`).
     unkept: set[SecretRequest] = field(default_factory=set)
+    # The class's requests whose last reply, to any of its pods, was not kept (its
+    # _ClassPlan's, shared): what the engine at the path answers, not what a pod read.
+    plain: set[SecretRequest] = field(default_factory=set)
     # The last Mount's replies and files, when every reply was a plain read (Mounter.mount_plan).
     memory: _Memory = field(default_factory=lambda: _Memory())
     # Its reads' requests made around the pod's token, for its warm Mounts on the loop
@@ -244,6 +248,8 @@ class MountPlan:
             distinct=shared.distinct,
             rememberable=shared.rememberable,
             reads=shared.reads,
+            unkept=set(shared.plain),
+            plain=shared.plain,
             around_token=shared.around_token if identity is not None else None,
             lease_keys={
                 request: LeaseKey(
@@ -273,6 +279,9 @@ class _ClassPlan:
     reads: Mapping[SecretRequest, Read]
     rememberable: bool
     around_token: AroundToken | None  # for a pod's plan (one with an identity) only
+    # Its requests whose last reply, to any pod of the class, was not kept (a KV secret):
+    # a new pod's first Mount reads those ahead, as its later Mounts would (MountPlan.plain).
+    plain: set[SecretRequest] = field(default_factory=set)
 
     @classmethod
     def of(cls, objects: tuple[SecretObject, ...], endpoint: Endpoint) -> _ClassPlan:
@@ -757,8 +766,10 @@ class Mounter:
             )
             if secret.lease_id or self._leases.would_keep(secret):
                 identity.plan.unkept.discard(request)
+                identity.plan.plain.discard(request)
             else:
                 identity.plan.unkept.add(request)
+                identity.plan.plain.add(request)
             return secret
         finally:
             if not issued and isinstance(prefetched, Secret) and prefetched.lease_id:

@@ -111,6 +111,25 @@ def test_a_remembered_mount_is_answered_on_the_loop_and_still_reads_vault_each_t
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_new_pod_of_a_class_reads_its_kv_secret_ahead_from_its_first_mount(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """The class's first pod finds its request plain (a KV secret) the usual way, so that
+    pod's next Mount reads it ahead and remembers it, and only the one after is answered on
+    the loop. A new pod of the class reads it ahead from its first Mount, as the class's
+    pods found it, so its second is answered on the loop."""
+    jobs = ThreadJobs(provider)
+    pod, objects = world.kv_pod(unique, "v")
+    first = remounter(provider, pod, objects, unique)
+    assert [jobs.during(first) for _ in range(3)] == [1, 1, 0]
+    sibling = world.kube.add_pod(pod.namespace, f"sibling-{unique}", pod.service_account)
+    second = remounter(provider, sibling, objects, unique)
+    before = reads(provider)
+    assert [jobs.during(second) for _ in range(2)] == [1, 0]
+    assert reads(provider) - before == 2  # each with its own login and token: read every time
+    assert files_of(second()) == {"k": b"v"}
+
+
 def in_background(call: Callable[[], object], count: int = 1) -> list[tuple[grpc.StatusCode, str]]:
     """Start `count` threads making the call; the list fills with each one's code and details."""
     outcomes: list[tuple[grpc.StatusCode, str]] = []

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from provider import config as config_module
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
-from provider import config as config_module
 from provider.config import Route, TLSConfig, VaultSettings, parse_mount, template_weight
 from provider.dispatch import PARSED_MAX_BYTES, PLAN_BYTES_PER_REQUEST, Dispatched, ParsedMounts, weight_of
 from provider.lru import WeightedLRU
