@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from json.encoder import encode_basestring as _encode_basestring
 from typing import Any
 
 # Characters Go's encoder escapes although JSON does not require it (HTML safety, and
@@ -231,7 +232,7 @@ def _encode(value: Any, out: list[str]) -> None:
 
 def encode_string(text: str) -> str:
     """A JSON string literal the way Go writes it."""
-    encoded = json.dumps(text, ensure_ascii=False)
+    encoded = _encode_basestring(text)  # what json.dumps(text, ensure_ascii=False) calls
     # Translating is per character: only for a string that holds one of those characters.
     return encoded.translate(_ESCAPE_TABLE) if _GO_EXTRA.search(encoded) else encoded
 

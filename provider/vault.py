@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import random
 import secrets
@@ -183,7 +184,8 @@ class VaultClient:
             "POST",
             path,
             token="",
-            json_body={"role": role, "jwt": jwt},
+            # Encoded here, in C: a request body needs no Go-shaped JSON (gojson.dumps).
+            json_body=json.dumps({"role": role, "jwt": jwt}, separators=(",", ":")).encode(),
             deadline=deadline,
             operation="login",
             repeatable=True,
