@@ -252,7 +252,9 @@ def main() -> int:
             pki = [pki_object("6s")]
 
             # The table first: lean floors, medians of several runs, then ~1 ms of network.
-            lean_pods = [kube.add_pod("bench", f"lean-{i}", "bench") for i in range(lean.RUNS * lean.COLD_ROUNDS + 2)]
+            lean_pods = [
+                kube.add_pod("bench", f"lean-{i}", "bench") for i in range(2 * lean.RUNS * lean.COLD_ROUNDS + 2)
+            ]
             for pod in lean_pods:
                 provider._tokens[pod.uid] = kube.pod_token(pod)
             lean_token = lean.RawVault(bao.port).login("bench", kube.pod_token(lean_pods[-1]))
