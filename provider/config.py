@@ -274,11 +274,11 @@ def parse_mount(
         token=_token_for_audience(params.get(SERVICE_ACCOUNT_TOKENS, ""), audience or flavour.default_audience),
     )
     vault_address, vault_namespace = vault_target(params, defaults)
-    flag = f"-{flavour.name}-addr"
-    source = f"{name('vaultAddress')!r} in SecretProviderClass parameters" if params.get("vaultAddress") else flag
     try:
         Target.parse(vault_address)
     except ValueError as e:
+        flag = f"-{flavour.name}-addr"
+        source = f"{name('vaultAddress')!r} in SecretProviderClass parameters" if params.get("vaultAddress") else flag
         raise ConfigError(f"{source} is not a valid {flavour.product} address: {e}") from None
     if len(vault_namespace) > MAX_NAMESPACE_LENGTH:
         raise ConfigError(f"{name('vaultNamespace')!r} is longer than {MAX_NAMESPACE_LENGTH} characters")
@@ -436,10 +436,14 @@ def _printable(text: str) -> str:
 
 
 def _parse_permission(permission: str) -> int:
-    try:
-        mode = json.loads(permission)
-    except ValueError:
-        mode = None
+    plain_digits = len(permission) <= 3 and permission.isascii() and permission.isdigit()
+    if plain_digits and permission[0] != "0":  # what JSON reads them as, read quicker
+        mode: Any = int(permission)
+    else:
+        try:
+            mode = json.loads(permission)
+        except ValueError:
+            mode = None
     if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= MAX_MODE:
         raise ConfigError(
             f"permission must be a decimal file mode from 0 to {MAX_MODE} (0777), got {truncate(permission, 40)!r}"

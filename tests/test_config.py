@@ -6,11 +6,14 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from provider.config import (
     ConfigError,
     TLSConfig,
     VaultSettings,
+    _parse_permission,
     parse_mount,
     parse_objects,
 )
@@ -263,3 +266,25 @@ def test_anchors_used_a_few_times_still_work() -> None:
     )
     assert [o.object_name for o in objects] == ["a", "b"]
     assert objects[1].secret_args == {"ttl": "1h"}
+
+
+@settings(max_examples=500, deadline=None)
+@example("0")
+@example("0420")
+@example("012")
+@example("00")
+@example("٤٢٠")
+@example("9" * 5000)
+@given(st.one_of(st.text(max_size=6), st.integers(min_value=-10, max_value=1000).map(str)))
+def test_a_permission_is_read_as_json_reads_it(permission: str) -> None:
+    """The driver's permission is a JSON number: read as json.loads reads it (a quicker path
+    for plain digits must agree), a file mode from 0 to 0777 or a ConfigError."""
+    try:
+        value: Any = json.loads(permission)
+    except ValueError:
+        value = None
+    wanted = value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777 else None
+    try:
+        assert _parse_permission(permission) == wanted
+    except ConfigError:
+        assert wanted is None
