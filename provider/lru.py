@@ -3,7 +3,7 @@
 The parse caches (config's objects lists, dispatch's Mount requests) keep what costs
 memory in proportion to what a class wrote: each entry weighs what keeping it costs, and
 one too heavy is not kept at all, so no class can make either cache hold more than its
-bound.
+bound; an owner told of what is dropped lets go of what it kept beside it.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ class WeightedLRU(Generic[K, V]):
     """At most `entries` values weighing at most `total_weight` in all, none weighing more
     than `max_weight`; the least recently used go first. Thread-safe."""
 
-    def __init__(self, *, entries: int, total_weight: int, max_weight: int) -> None:
+    def __init__(
+        self, *, entries: int, total_weight: int, max_weight: int, on_drop: Callable[[V], None] | None = None
+    ) -> None:
+        """`on_drop` is told of each value dropped to make room (after the lock is let go)."""
         self._entries, self._total_weight, self._max_weight = entries, total_weight, max_weight
         self._kept: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._weight = 0
         self._lock = threading.Lock()
+        self._on_drop = on_drop
 
     def get(self, key: K) -> V | None:
         with self._lock:
@@ -45,23 +49,38 @@ class WeightedLRU(Generic[K, V]):
                 return
             self._kept[key] = (value, weight)
             self._weight += weight
-            while len(self._kept) > self._entries or self._weight > self._total_weight:
-                self._weight -= self._kept.popitem(last=False)[1][1]
+            dropped = self._make_room()
+        self._dropped(dropped)
 
-    def add_weight(self, key: K, extra: int) -> bool:
+    def add_weight(self, key: K, extra: int, *, value: V) -> bool:
         """Weigh key's entry `extra` more (what was added to its value since), the least
         recently used others dropped to make room; False, nothing changed, when key is not
-        kept or would weigh too much."""
+        kept with this very value (another parse of it may be) or would weigh too much."""
         with self._lock:
             found = self._kept.get(key)
-            if found is None or found[1] + extra > self._max_weight:
+            if found is None or found[0] is not value or found[1] + extra > self._max_weight:
                 return False
-            self._kept[key] = (found[0], found[1] + extra)
+            self._kept[key] = (value, found[1] + extra)
             self._kept.move_to_end(key)
             self._weight += extra
-            while len(self._kept) > self._entries or self._weight > self._total_weight:
-                self._weight -= self._kept.popitem(last=False)[1][1]
-            return key in self._kept
+            dropped = self._make_room()
+            kept = key in self._kept
+        self._dropped(dropped)
+        return kept
+
+    def _make_room(self) -> list[V]:
+        """Drop the least recently used until within bounds (the lock held); what went."""
+        dropped = []
+        while len(self._kept) > self._entries or self._weight > self._total_weight:
+            value, weight = self._kept.popitem(last=False)[1]
+            self._weight -= weight
+            dropped.append(value)
+        return dropped
+
+    def _dropped(self, values: list[V]) -> None:
+        if self._on_drop is not None:
+            for value in values:
+                self._on_drop(value)
 
     def values(self) -> list[V]:
         with self._lock:
@@ -70,9 +89,13 @@ class WeightedLRU(Generic[K, V]):
     def drop_where(self, matches: Callable[[V], bool]) -> int:
         """Drop every value that `matches`; how many were dropped."""
         with self._lock:
-            dropped = [key for key, (value, _) in self._kept.items() if matches(value)]
-            for key in dropped:
-                self._weight -= self._kept.pop(key)[1]
+            keys = [key for key, (value, _) in self._kept.items() if matches(value)]
+            dropped = []
+            for key in keys:
+                value, weight = self._kept.pop(key)
+                self._weight -= weight
+                dropped.append(value)
+        self._dropped(dropped)
         return len(dropped)
 
     def total(self) -> int:

@@ -74,9 +74,15 @@ MAX_PREFETCH_PER_BATCH = 16
 # it saves a warm Mount the thread hand-off, but each reply waited for on the loop costs
 # more CPU than a thread's blocking receive of it.
 LOOP_MAX_READS = 2
-# What a class plan (_ClassPlan) holds per distinct request beside its URL: the Read, the
-# entries of its maps (about 220 bytes beside the URL, measured), rounded up.
-CLASS_PLAN_BYTES_PER_REQUEST = 400
+# What a class plan (_ClassPlan) holds per distinct request beside its URL and query: the
+# request and its path, its Read, the entries of its maps (about 510 bytes, measured),
+# rounded up.
+CLASS_PLAN_BYTES_PER_REQUEST = 640
+# Per object (its entry in the map of requests: about 110 bytes, measured), and per query
+# value, held as a pair in its request and again in its read's parameters (about 300 bytes
+# for the two, measured with a key and a value of their own), rounded up.
+CLASS_PLAN_BYTES_PER_OBJECT = 128
+CLASS_PLAN_BYTES_PER_QUERY_VALUE = 160
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
@@ -293,16 +299,29 @@ class _ClassPlan:
         return made
 
     def weight(self) -> int:
-        """What keeping it costs, in bytes (as dispatch.weight_of counts a plan's requests)."""
+        """What keeping it costs, in bytes (as dispatch.weight_of counts a plan's requests):
+        per object and per request, each path and URL, each query value twice (in its request
+        and its read), the requests made around the token."""
         return (
-            len(self.distinct) * CLASS_PLAN_BYTES_PER_REQUEST
+            len(self.requests) * CLASS_PLAN_BYTES_PER_OBJECT
+            + len(self.distinct) * CLASS_PLAN_BYTES_PER_REQUEST
+            + sum(sys.getsizeof(request.path) for request in self.distinct)
             + sum(len(read.url) for read in self.reads.values())
+            + sum(len(request.query) for request in self.distinct) * 2 * CLASS_PLAN_BYTES_PER_QUERY_VALUE
             + (self.around_token.size() if self.around_token is not None else 0)
         )
 
     @classmethod
     def _of(cls, objects: tuple[SecretObject, ...], endpoint: Endpoint) -> _ClassPlan:
-        requests = {obj: SecretRequest.of(obj) for obj in objects if obj.fetches}
+        requests: dict[SecretObject, SecretRequest] = {}
+        shapes: dict[tuple[str, str, bytes | None], SecretRequest] = {}
+        for obj in objects:
+            if obj.fetches:  # objects of one shape (aliases of one path, say) share one request
+                shape = (obj.http_method, obj.secret_path, obj.request_body)
+                made = shapes.get(shape)
+                if made is None:
+                    made = shapes[shape] = SecretRequest.of(obj)
+                requests[obj] = made
         distinct = tuple(dict.fromkeys(requests.values()))
         reads = {
             request: Read(request.method, request.path, request.params() or None)
@@ -707,7 +726,10 @@ class Mounter:
                 plan.unkept.difference_update(request for request, _ in batch)
                 return settled
             for (request, _), answer in zip(batch, answers, strict=True):
-                if answer is not None and answer.status != 403:  # permission denied: a new login may help
+                if isinstance(answer, VaultUnreachable):  # cut at the deadline: the usual way says so
+                    identity.cut[request] = answer
+                    plan.unkept.discard(request)
+                elif answer is not None and answer.status != 403:  # permission denied: a new login may help
                     settled[request] = answer
                 else:  # it goes the usual way, and a lone one keeps to it until that succeeds
                     plan.unkept.discard(request)
@@ -796,6 +818,9 @@ class Mounter:
                 return prefetched
             if prefetched is not None:
                 raise prefetched
+            cut = identity.cut.get(request)
+            if cut is not None:  # read ahead, Vault did not answer, and no time is left to ask again
+                raise cut
             return self._read(identity.endpoint, token, request, deadline)
         except VaultPermissionDenied:
             fresh = identity.refresh(token)
@@ -936,6 +961,9 @@ class _Identity:
         self._lock = threading.Lock()
         self._grant: TokenGrant | None = None
         self._refreshed = False
+        # Reads this Mount read ahead that Vault did not answer before too little time was
+        # left to ask again (Mounter._prefetch): their error is the Mount's.
+        self.cut: dict[SecretRequest, VaultUnreachable] = {}
 
     def describe(self) -> str:
         return f"pod {self._config.pod.describe()} (role {quote(self._config.role_name)})"

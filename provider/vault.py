@@ -240,13 +240,17 @@ class VaultClient:
         )
         return _secret(method, path, status, body, operation)
 
-    def send_reads(self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float) -> list[Reply | None]:
+    def send_reads(
+        self, endpoint: Endpoint, *, token: str, reads: list[Read], deadline: float
+    ) -> list[Reply | VaultUnreachable | None]:
         """One attempt at each read (GET or LIST), all sent before any reply is read, so
         a Mount's reads from one thread take about one round trip, with no thread
         hand-offs. Each answer is Vault's reply, not yet decoded (answer() decodes it: a
         caller that has seen the same bytes before may skip that), or None when that
         attempt settled nothing (no connection, a status worth retrying, a redirect): send
-        that one again with read(), which retries and follows."""
+        that one again with read(), which retries and follows. A read that found no
+        connection, or no answer, before the deadline left time for another attempt is that
+        error: what the Mount reports, where read() would only say no time was left."""
         if self._breaker(endpoint).refusal() is not None:
             return [None] * len(reads)
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -260,17 +264,28 @@ class VaultClient:
         started = time.monotonic()
         outcomes = self._transport.send_many(requests)
         elapsed = time.monotonic() - started
-        replies: list[Reply | None] = []
+        no_time_left = deadline - time.monotonic() <= MIN_ATTEMPT_SECONDS
+        replies: list[Reply | VaultUnreachable | None] = []
         # The batch is one look at Vault: it tells the breaker once, not once per read.
         unreachable: NotConnected | None = None
         answered = False
         labels: dict[str, int] = {}
-        for outcome in outcomes:
+        for read, outcome in zip(reads, outcomes, strict=True):
             if isinstance(outcome, TransportError):
                 labels["error"] = labels.get("error", 0) + 1
                 if isinstance(outcome, NotConnected):
                     unreachable = unreachable or outcome
-                replies.append(None)
+                if no_time_left and isinstance(outcome, TimedOut):
+                    replies.append(
+                        VaultUnreachable(
+                            f"{read.method} {read.path}: Vault at {target.describe()} did not answer within "
+                            f"{timeout:.1f}s"
+                        )
+                    )
+                elif no_time_left and isinstance(outcome, NotConnected):
+                    replies.append(VaultUnreachable(f"{read.method} {read.path}: {_cannot_reach(target, outcome)}"))
+                else:
+                    replies.append(None)
                 continue
             label = str(outcome.status)
             labels[label] = labels.get(label, 0) + 1

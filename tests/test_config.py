@@ -6,10 +6,12 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from provider.config import (
+    MAX_QUERY_VALUES,
     ConfigError,
     TLSConfig,
     VaultSettings,
@@ -288,3 +290,23 @@ def test_a_permission_is_read_as_json_reads_it(permission: str) -> None:
         assert _parse_permission(permission) == wanted
     except ConfigError:
         assert wanted is None
+
+
+def test_a_classs_query_values_are_bounded_in_all_aliases_expanded() -> None:
+    """Each query value becomes objects in every request made from it: a class holds at most
+    MAX_QUERY_VALUES in all its secretPath queries, counted per object (an alias repeats
+    them), and is told how many it holds."""
+    query = "&".join(f"v{i}" for i in range(MAX_QUERY_VALUES // 10))
+    fits = (
+        "- {objectName: o0, secretPath: &p "
+        + f"kv/x?{query}"
+        + "}\n"
+        + "".join(f"- {{objectName: o{i}, secretPath: *p}}\n" for i in range(1, 10))
+    )
+    assert len(parse_objects(fits)) == 10
+    with pytest.raises(ConfigError, match=f"hold {MAX_QUERY_VALUES + MAX_QUERY_VALUES // 10} parameters in all"):
+        parse_objects(fits + "- {objectName: o10, secretPath: *p}\n")
+    with pytest.raises(ConfigError, match=f"at most {MAX_QUERY_VALUES} are allowed"):
+        parse_objects(
+            yaml.safe_dump([{"objectName": "o", "secretPath": "kv/x?" + "&" * MAX_QUERY_VALUES}], width=10**9)
+        )

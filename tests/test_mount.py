@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from provider import config as config_module
 from provider._proto import service_pb2
 from provider.breaker import EndpointKey
-from provider.config import Route, TLSConfig, VaultSettings, parse_mount, template_weight
+from provider.config import Route, TLSConfig, VaultSettings, parse_mount, parse_objects, template_weight
 from provider.dispatch import PARSED_MAX_BYTES, PLAN_BYTES_PER_REQUEST, Dispatched, ParsedMounts, weight_of
 from provider.lru import WeightedLRU
 from provider.mount import (
@@ -417,7 +419,9 @@ def test_a_classs_requests_are_made_once_for_all_its_pods_and_weighed_in_the_obj
     around the token) is made by the first pod's parse and shared by the next pods' plans,
     per endpoint, while the objects list is cached, and weighed there: a class whose
     requests would make that entry too heavy has them made per plan instead."""
-    cache: WeightedLRU[bytes, Any] = WeightedLRU(entries=8, total_weight=64 * 1024, max_weight=4096)
+    cache: WeightedLRU[bytes, Any] = WeightedLRU(
+        entries=8, total_weight=64 * 1024, max_weight=4096, on_drop=config_module._forget_shared
+    )
     monkeypatch.setattr(config_module, "_PARSED", cache)
     kv = [{"objectName": "k", "secretPath": "kv/shared", "secretKey": "k"}]
     first, second = _parsed(kv, pod=True, uid="a")[1], _parsed(kv, pod=True, uid="b")[1]
@@ -438,22 +442,76 @@ def test_a_classs_requests_are_made_once_for_all_its_pods_and_weighed_in_the_obj
     heavy = [{"objectName": "k", "secretPath": "kv/" + "%" * 1200, "secretKey": "k"}]
     one, other = _parsed(heavy, pod=True, uid="a")[1], _parsed(heavy, pod=True, uid="b")[1]
     assert one.reads == other.reads and one.reads is not other.reads
-    # An objects list no longer cached (evicted meanwhile) keeps nothing more beside it.
+    # An objects list the cache drops lets go of what it kept (kept parses still hold the
+    # list), and keeps nothing more; nor is a parse of the same text the cache no longer
+    # holds charged to the entry of the one it holds.
+    dropped = first.config.objects
+    assert len(getattr(dropped, "shared", {})) == 2
     cache.drop_where(lambda _: True)
-    dropped, before = first.config.objects, dict(getattr(first.config.objects, "shared", {}))
     third = _endpoint("http://third.example:8200", TLSConfig(), "")
-    assert _ClassPlan.of(dropped, third) is not _ClassPlan.of(dropped, third) and len(before) == 2
-    assert getattr(dropped, "shared", None) == before
+    assert getattr(dropped, "shared", None) == {}
+    assert _ClassPlan.of(dropped, third) is not _ClassPlan.of(dropped, third) and dropped.shared == {}  # type: ignore[attr-defined]
+    again = _parsed(kv, pod=True, uid="e")[1]  # parsed anew, and cached anew
+    weight = cache.total()
+    _ClassPlan.of(dropped, first.endpoint)
+    assert cache.total() == weight and again.config.objects is not dropped
+    # Filling the cache with other classes drops the list, and what it kept, too.
+    for i in range(8):
+        _parsed([{"objectName": "k", "secretPath": f"kv/other-{i}", "secretKey": "k"}], pod=True)
+    assert getattr(again.config.objects, "shared", None) == {}
+
+
+def test_a_classs_requests_are_weighed_at_least_at_what_they_hold() -> None:
+    """A class plan's weight (what the objects cache counts for it) is no less than the
+    memory it holds, whatever the shape: many objects over one path, many query values,
+    long escaped paths, aliases of one path."""
+    endpoint = _endpoint("http://127.0.0.1:8200", TLSConfig(), "")
+    shapes = {
+        "objects over one path": [{"objectName": f"o{i}", "secretPath": "kv/x", "secretKey": "k"} for i in range(500)],
+        "distinct paths": [{"objectName": f"o{i}", "secretPath": f"kv/{i}", "secretKey": "k"} for i in range(500)],
+        "query values": [
+            {"objectName": "o", "secretPath": "kv/x?" + "&".join(f"key{i}=value{i}" for i in range(5000))}
+        ],
+        "escaped paths": [{"objectName": f"o{i}", "secretPath": f"kv/{i}" + "%" * 2000} for i in range(2)],
+    }
+    texts = {name: yaml.safe_dump(objects, width=10**9) for name, objects in shapes.items()}
+    texts["aliases of one path"] = (
+        "- {objectName: o0, secretPath: &p kv/"
+        + "x" * 50_000
+        + "}\n"
+        + "".join(f"- {{objectName: o{i}, secretPath: *p}}\n" for i in range(1, 60))
+    )
+    for name, text in texts.items():
+        objects = parse_objects(text)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            plan = _ClassPlan._of(objects, endpoint)
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert held <= plan.weight(), (name, held, plan.weight())
+    aliased = _ClassPlan._of(parse_objects(texts["aliases of one path"]), endpoint)
+    assert len(aliased.requests) == 60 and len({id(request) for request in aliased.requests.values()}) == 1
 
 
 def test_an_entry_weighed_more_later_makes_room_or_is_not_weighed() -> None:
-    cache: WeightedLRU[str, int] = WeightedLRU(entries=10, total_weight=100, max_weight=60)
-    for key in "abc":
-        cache.put(key, 0, 30)
-    assert not cache.add_weight("missing", 1) and cache.total() == 90
-    assert not cache.add_weight("a", 31) and cache.total() == 90  # 61 would be over the most one may weigh
-    assert cache.add_weight("a", 30) and cache.total() == 90  # b, least recently used, made room
-    assert cache.get("b") is None and cache.get("a") == 0 and cache.get("c") == 0
+    """add_weight weighs an entry more only while it holds that very value, drops the least
+    recently used others to make room, and tells the owner of each value dropped."""
+    told: list[object] = []
+    cache: WeightedLRU[str, object] = WeightedLRU(entries=10, total_weight=100, max_weight=60, on_drop=told.append)
+    values = {key: object() for key in "abc"}
+    for key, value in values.items():
+        cache.put(key, value, 30)
+    assert not cache.add_weight("missing", 1, value=values["a"]) and cache.total() == 90
+    assert not cache.add_weight("a", 1, value=values["b"]) and cache.total() == 90  # another value under a
+    assert not cache.add_weight("a", 31, value=values["a"]) and cache.total() == 90  # 61: over the most for one
+    assert cache.add_weight("a", 30, value=values["a"]) and cache.total() == 90  # b, least recently used, made room
+    assert cache.get("b") is None and cache.get("a") is values["a"] and cache.get("c") is values["c"]
+    assert told == [values["b"]]
+    cache.put("d", object(), 60)  # room for it: a goes (c was looked up since)
+    assert told == [values["b"], values["a"]] and cache.total() == 90
+    assert cache.drop_where(lambda value: True) == 2 and len(told) == 4 and cache.total() == 0
 
 
 @settings(max_examples=200, deadline=None)
