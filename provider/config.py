@@ -44,8 +44,12 @@ MAX_OBJECTS = 1000
 # Values (scalars, list items, map entries) in one object's secretArgs after aliases are
 # expanded: a request body for Vault, not a data set.
 MAX_SECRET_ARGS_VALUES = 10_000
-# Query parameters in all the objects' secretPath queries of one class (?version=2 is one).
+# What one class's objects may make their requests of, in all, aliases expanded: query
+# parameters in their secretPath queries (?version=2 is one), secretPath characters, and
+# the JSON bodies of their secretArgs.
 MAX_QUERY_VALUES = 10_000
+MAX_CLASS_PATH_CHARS = 256 * 1024
+MAX_CLASS_BODY_BYTES = 1024 * 1024
 # Distinct objects lists whose parse (or error) is kept: a node's classes, with room to
 # spare; and the total size of the texts whose parse is kept (a parse costs a few times
 # its text in memory, so this bounds the cache to a few tens of MiB at worst).
@@ -582,16 +586,44 @@ def _parse_objects(text: str, size: int) -> tuple[SecretObject, ...]:
     for obj in objects:
         if obj.parsed_template is not None:
             check_template_references(obj, objects)
-    # Each query parameter becomes objects of its own in every request made from it: bounded
-    # in all, aliases expanded (one aliased path of 200,000 parameters in ten objects held
-    # 124 MiB and 7 s of CPU with the GIL).
-    queries = sum(obj.secret_path.partition("?")[2].count("&") + 1 for obj in objects if "?" in obj.secret_path)
-    if queries > MAX_QUERY_VALUES:
-        raise ConfigError(
-            f"the objects' secretPath queries hold {queries} parameters in all; at most {MAX_QUERY_VALUES} are "
-            "allowed (a query selects what to read, as ?version=2 does)"
-        )
+    _check_requests_cost(objects)
     return objects
+
+
+def _check_requests_cost(objects: tuple[SecretObject, ...]) -> None:
+    """Refuse a class whose requests would cost far more than its text: each object makes
+    its own from its secretPath and secretArgs, and an alias repeats a large one in up to
+    64 objects (one aliased path of 200,000 query parameters in ten objects held 124 MiB
+    and 7 s of CPU with the GIL; an aliased megabyte of secretArgs, 65 MiB). Bounded in all,
+    aliases expanded, each error naming the object that holds the most."""
+    paths = {obj.object_name: len(obj.secret_path) for obj in objects}
+    if sum(paths.values()) > MAX_CLASS_PATH_CHARS:
+        raise ConfigError(
+            f"the objects' secretPath values hold {sum(paths.values())} characters in all (an alias repeats one); "
+            f"at most {MAX_CLASS_PATH_CHARS} are allowed: shorten the longest, in object {_largest(paths)}"
+        )
+    queries = {
+        obj.object_name: obj.secret_path.partition("?")[2].count("&") + 1 for obj in objects if "?" in obj.secret_path
+    }
+    if sum(queries.values()) > MAX_QUERY_VALUES:
+        raise ConfigError(
+            f"the objects' secretPath queries hold {sum(queries.values())} parameters in all; at most "
+            f"{MAX_QUERY_VALUES} are allowed (a query selects what to read, as ?version=2 does): the most are in "
+            f"object {_largest(queries)}"
+        )
+    left = MAX_CLASS_BODY_BYTES
+    for obj in objects:
+        if obj.secret_args is not None:
+            left -= gojson.encoded_size(obj.secret_args, left)  # stops counting once past what is left
+            if left < 0:
+                raise ConfigError(
+                    f"the objects' secretArgs make request bodies of more than {MAX_CLASS_BODY_BYTES} bytes in all "
+                    f"(an alias repeats one), past that at object {quote(obj.object_name)}"
+                )
+
+
+def _largest(sizes: dict[str, int]) -> str:
+    return quote(max(sizes, key=lambda name: sizes[name]))
 
 
 class ObjectList(tuple[SecretObject, ...]):
@@ -615,8 +647,8 @@ def keep_shared(objects: tuple[SecretObject, ...], key: object, value: object, w
     dropped with it (_forget_shared), though kept parses still hold the list."""
     if not isinstance(objects, ObjectList) or len(objects.shared) >= SHARED_PER_OBJECTS:
         return
-    if _PARSED.add_weight(objects.digest, weight, value=objects):
-        objects.shared[key] = value
+    # Kept under the cache's lock, as it is weighed: a list dropped meanwhile keeps nothing.
+    _PARSED.add_weight(objects.digest, weight, value=objects, then=lambda: objects.shared.__setitem__(key, value))
 
 
 def _forget_shared(dropped: tuple[SecretObject, ...] | ConfigError) -> None:

@@ -8,6 +8,7 @@ bound; an owner told of what is dropped lets go of what it kept beside it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -15,6 +16,8 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+logger = logging.getLogger(__name__)
 
 
 class WeightedLRU(Generic[K, V]):
@@ -52,14 +55,16 @@ class WeightedLRU(Generic[K, V]):
             dropped = self._make_room()
         self._dropped(dropped)
 
-    def add_weight(self, key: K, extra: int, *, value: V) -> bool:
-        """Weigh key's entry `extra` more (what was added to its value since), the least
-        recently used others dropped to make room; False, nothing changed, when key is not
-        kept with this very value (another parse of it may be) or would weigh too much."""
+    def add_weight(self, key: K, extra: int, *, value: V, then: Callable[[], None] = lambda: None) -> bool:
+        """Weigh key's entry `extra` more, for what `then` adds to its value (called under
+        the lock, so the value is not dropped in between), the least recently used others
+        dropped to make room; False, nothing changed or called, when key is not kept with
+        this very value (another parse of it may be) or would weigh too much."""
         with self._lock:
             found = self._kept.get(key)
             if found is None or found[0] is not value or found[1] + extra > self._max_weight:
                 return False
+            then()
             self._kept[key] = (value, found[1] + extra)
             self._kept.move_to_end(key)
             self._weight += extra
@@ -80,7 +85,10 @@ class WeightedLRU(Generic[K, V]):
     def _dropped(self, values: list[V]) -> None:
         if self._on_drop is not None:
             for value in values:
-                self._on_drop(value)
+                try:
+                    self._on_drop(value)
+                except Exception:  # a defect of the owner's: the cache and the other values go on
+                    logger.exception("a dropped cache entry's owner failed")
 
     def values(self) -> list[V]:
         with self._lock:

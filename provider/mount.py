@@ -79,10 +79,10 @@ LOOP_MAX_READS = 2
 # rounded up.
 CLASS_PLAN_BYTES_PER_REQUEST = 640
 # Per object (its entry in the map of requests: about 110 bytes, measured), and per query
-# value, held as a pair in its request and again in its read's parameters (about 300 bytes
-# for the two, measured with a key and a value of their own), rounded up.
+# value beside its name and value (the pair in its request, its place in its read's
+# parameters: about 140 bytes, measured), rounded up.
 CLASS_PLAN_BYTES_PER_OBJECT = 128
-CLASS_PLAN_BYTES_PER_QUERY_VALUE = 160
+CLASS_PLAN_BYTES_PER_QUERY_VALUE = 192
 # Concurrent Vault requests one Mount may have in flight: enough to hide round trips,
 # few enough that one pod with many objects cannot starve the others.
 MAX_FETCH_PER_MOUNT = 8
@@ -300,14 +300,18 @@ class _ClassPlan:
 
     def weight(self) -> int:
         """What keeping it costs, in bytes (as dispatch.weight_of counts a plan's requests):
-        per object and per request, each path and URL, each query value twice (in its request
-        and its read), the requests made around the token."""
+        per object and per request, each path and URL, each query value with its name and
+        value, the requests made around the token."""
         return (
             len(self.requests) * CLASS_PLAN_BYTES_PER_OBJECT
             + len(self.distinct) * CLASS_PLAN_BYTES_PER_REQUEST
             + sum(sys.getsizeof(request.path) for request in self.distinct)
             + sum(len(read.url) for read in self.reads.values())
-            + sum(len(request.query) for request in self.distinct) * 2 * CLASS_PLAN_BYTES_PER_QUERY_VALUE
+            + sum(
+                CLASS_PLAN_BYTES_PER_QUERY_VALUE + sys.getsizeof(name) + sys.getsizeof(value)
+                for request in self.distinct
+                for name, value in request.query
+            )
             + (self.around_token.size() if self.around_token is not None else 0)
         )
 

@@ -249,8 +249,8 @@ class VaultClient:
         caller that has seen the same bytes before may skip that), or None when that
         attempt settled nothing (no connection, a status worth retrying, a redirect): send
         that one again with read(), which retries and follows. A read that found no
-        connection, or no answer, before the deadline left time for another attempt is that
-        error: what the Mount reports, where read() would only say no time was left."""
+        connection, or no answer, before the deadline is that error: what the Mount reports,
+        where read() would only say no time was left."""
         if self._breaker(endpoint).refusal() is not None:
             return [None] * len(reads)
         timeout = min(self._timeout, deadline - time.monotonic())
@@ -264,7 +264,7 @@ class VaultClient:
         started = time.monotonic()
         outcomes = self._transport.send_many(requests)
         elapsed = time.monotonic() - started
-        no_time_left = deadline - time.monotonic() <= MIN_ATTEMPT_SECONDS
+        no_time_left = deadline <= time.monotonic()  # as read() would refuse to try again
         replies: list[Reply | VaultUnreachable | None] = []
         # The batch is one look at Vault: it tells the breaker once, not once per read.
         unreachable: NotConnected | None = None

@@ -11,6 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from provider.config import (
+    MAX_CLASS_BODY_BYTES,
+    MAX_CLASS_PATH_CHARS,
     MAX_QUERY_VALUES,
     ConfigError,
     TLSConfig,
@@ -310,3 +312,37 @@ def test_a_classs_query_values_are_bounded_in_all_aliases_expanded() -> None:
         parse_objects(
             yaml.safe_dump([{"objectName": "o", "secretPath": "kv/x?" + "&" * MAX_QUERY_VALUES}], width=10**9)
         )
+
+
+def test_what_a_classs_requests_are_made_of_is_bounded_in_all_aliases_expanded() -> None:
+    """An alias repeats a secretPath or secretArgs in up to 64 objects, each making its own
+    request: the class's paths and its requests' bodies are bounded in all, and the error
+    names the object to look at."""
+    long_path = "kv/" + "x" * (MAX_CLASS_PATH_CHARS // 8 - 3)
+    paths = (
+        "- {objectName: first, secretPath: &p "
+        + long_path
+        + "}\n"
+        + "".join(f"- {{objectName: o{i}, secretPath: *p}}\n" for i in range(1, 8))
+    )
+    assert len(parse_objects(paths)) == 8  # just within
+    with pytest.raises(ConfigError, match=r"secretPath values hold \d+ characters in all .* in object \"first\""):
+        parse_objects(paths + "- {objectName: o8, secretPath: *p}\n")
+    args = "{big: " + "y" * (MAX_CLASS_BODY_BYTES // 8) + "}"
+    bodies = (
+        "- {objectName: first, method: POST, secretPath: pki/issue/web, secretArgs: &a "
+        + args
+        + "}\n"
+        + "".join(
+            f"- {{objectName: o{i}, method: POST, secretPath: pki/issue/web, secretArgs: *a}}\n" for i in range(1, 7)
+        )
+    )
+    assert len(parse_objects(bodies)) == 7
+    with pytest.raises(ConfigError, match=r"request bodies of more than 1048576 bytes in all .* at object \"o7\""):
+        parse_objects(bodies + "- {objectName: o7, method: POST, secretPath: pki/issue/web, secretArgs: *a}\n")
+    queries = yaml.safe_dump(
+        [{"objectName": "few", "secretPath": "kv/a?x=1"}, {"objectName": "many", "secretPath": "kv/b?" + "&" * 10_000}],
+        width=10**9,
+    )
+    with pytest.raises(ConfigError, match=r"the most are in object \"many\""):
+        parse_objects(queries)

@@ -272,6 +272,29 @@ def test_reads_sent_together_share_one_deadline() -> None:
         server.close()
 
 
+def test_a_read_sent_ahead_is_cut_only_when_no_time_is_left() -> None:
+    """A read that Vault did not answer within the client's timeout, with time left before
+    the deadline, goes the usual way (None), which tries again; only past the deadline is it
+    the Mount's error."""
+    asked: list[str] = []
+
+    def answer(path: str, token: str) -> bytes | None:
+        asked.append(path)
+        return None if len(asked) == 1 else _json_reply({"data": {"k": "v"}})
+
+    server = _RawServer(answer)
+    client = VaultClient(timeout=0.4)  # -vault-timeout shorter than what is left of the Mount
+    endpoint = Endpoint(address=f"http://127.0.0.1:{server.port}", tls=TLSConfig())
+    try:
+        deadline = time.monotonic() + 0.6  # 0.2 s left after the attempt: little, but some
+        assert client.send_reads(endpoint, token="t", reads=[Read("GET", "kv/x", None)], deadline=deadline) == [None]
+        secret = client.read(endpoint, token="t", method="GET", path="kv/x", deadline=time.monotonic() + 5)
+        assert secret.data == {"k": "v"} and asked == ["/v1/kv/x", "/v1/kv/x"]
+    finally:
+        client.close()
+        server.close()
+
+
 def test_reads_sent_together_to_a_vault_that_refuses_count_once_for_the_breaker() -> None:
     """Ten reads of one Mount refused at once are one look at a down Vault, not ten: the
     breaker stays closed, and the reads then retried one by one count as before."""
