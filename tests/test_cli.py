@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -158,6 +159,7 @@ def test_daemon_replaces_a_stale_socket_serves_and_stops_cleanly(tmp_path: Path,
             process.kill()
         _, err = process.communicate(timeout=5)
     assert "removing stale socket" in err and "stopped" in err
+    assert re.search(r"set aside \d{4,} objects made at start-up", err), err  # not walked by full collections
 
 
 def http_get_safe(url: str) -> int:
