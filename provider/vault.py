@@ -786,10 +786,15 @@ class _NoBreaker:
 _NO_BREAKER = _NoBreaker()
 
 
+# The jitter's own generator: Mount threads retrying never move the random module's shared
+# state (which code in the same process, property tests among it, may rely on).
+_JITTER = random.Random()
+
+
 def _backoff(attempt: int, retry_after: float | None) -> float:
     """Exponential backoff with equal jitter; at least what Vault asked for (Retry-After)."""
     ceiling: float = min(MAX_BACKOFF_SECONDS, BASE_BACKOFF_SECONDS * 2.0 ** (attempt - 1))
-    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    delay = ceiling / 2 + _JITTER.uniform(0, ceiling / 2)
     return max(delay, retry_after) if retry_after is not None else delay
 
 
