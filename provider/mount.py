@@ -965,8 +965,8 @@ class _Identity:
         self._lock = threading.Lock()
         self._grant: TokenGrant | None = None
         self._refreshed = False
-        # Reads this Mount read ahead that Vault did not answer before too little time was
-        # left to ask again (Mounter._prefetch): their error is the Mount's.
+        # Reads this Mount read ahead that Vault did not answer (or connect) before the
+        # deadline (Mounter._prefetch): no time is left to ask again, their error is the Mount's.
         self.cut: dict[SecretRequest, VaultUnreachable] = {}
 
     def describe(self) -> str:

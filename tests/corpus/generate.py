@@ -459,6 +459,18 @@ def entries() -> list[dict[str, Any]]:
         ]
     ):
         add(f"yaml-syntax-{i}", attrs(text))
+    # Requests an alias repeats in many objects, each made anew: a query of many values, a
+    # long path, large secretArgs (bounded per class, aliases expanded).
+
+    def aliased(head: str, unit: str, times: int, tail: str, alias: str, count: int) -> dict[str, Any]:
+        """Object o0 (its large value `unit` * `times`, anchored), then o1.. naming `alias`."""
+        others = "".join(f"- {{objectName: o{i}, {alias}}}\n" for i in range(1, count))
+        return repeat(unit, times, "- {objectName: o0, " + head, tail + others)
+
+    add("aliased-query-values", attrs(aliased('secretPath: &p "kv/x?', "a&", 6_000, 'a"}\n', "secretPath: *p", 10)))
+    add("aliased-long-path", attrs(aliased("secretPath: &p kv/", "x", 40_000, "}\n", "secretPath: *p", 8)))
+    pki = "method: POST, secretPath: pki/issue/web, secretArgs: "
+    add("aliased-secret-args", attrs(aliased(pki + "&a {big: ", "y", 200_000, "}}\n", pki + "*a", 7)))
     return out
 
 
