@@ -14,8 +14,9 @@ measures it like the provider: the gap between the two is what Python and grpcio
 for a Mount's shape, the gap to the provider what the provider's own work costs.
 
 Run: python -m bench.bare_provider SOCKET VAULT_PORT thread|loop|lean|aio
-Mount attributes: {"paths": [...], "token": ...}; with `lean`, {"paths": [...], "jwt": ...}
-is the bare cold Mount: a kubernetes login with the pod's token first, then the reads.
+Mount attributes: {"paths": [...], "token": ...}; with `lean` or `aio`, {"paths": [...], "jwt": ...}
+is the bare cold Mount: a kubernetes login with the pod's token first, then the reads
+(with `aio`, on the loop: what a provider answering cold Mounts there could reach).
 """
 
 from __future__ import annotations
@@ -96,21 +97,16 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
             connections.append(connection)
         used = connections[: len(paths)]
         host = f"127.0.0.1:{self._port}"
+        token = parsed.get("token")
+        if "jwt" in parsed:  # the bare cold Mount on the loop: its login first, as with `lean`
+            body = json.dumps({"role": "bench", "jwt": parsed["jwt"]}).encode()
+            login = http1.request("POST", "/v1/auth/kubernetes/login", host, {"Content-Type": "application/json"}, body)
+            await loop.sock_sendall(used[0], login)
+            token = str(json.loads(await _reply_aio(loop, used[0], "POST"))["auth"]["client_token"])
         for connection, path in zip(used, paths, strict=True):
-            request = http1.request("GET", f"/v1/{path}", host, {"X-Vault-Token": parsed["token"]}, None)
+            request = http1.request("GET", f"/v1/{path}", host, {"X-Vault-Token": token}, None)
             await loop.sock_sendall(connection, request)
-        bodies = []
-        for connection in used:
-            received = b""
-            while True:
-                received += await loop.sock_recv(connection, 65536)
-                try:
-                    reader = http1.Connection(Received(received))  # type: ignore[arg-type]
-                    bodies.append(reader.read_reply("GET", 1 << 20).body)
-                    break
-                except Incomplete:
-                    continue
-        return bodies
+        return [await _reply_aio(loop, connection, "GET") for connection in used]
 
     async def Version(self, request: Any, context: Any) -> service_pb2.VersionResponse:
         return service_pb2.VersionResponse(version="v1alpha1", runtime_name="bare", runtime_version="0")
@@ -137,6 +133,17 @@ class BareProvider(service_pb2_grpc.CSIDriverProviderServicer):
             ],
             object_version=[service_pb2.ObjectVersion(id=name, version="0") for name in names],
         )
+
+
+async def _reply_aio(loop: asyncio.AbstractEventLoop, connection: socket.socket, method: str) -> bytes:
+    """A reply's body, received on the loop until it is whole."""
+    received = b""
+    while True:
+        received += await loop.sock_recv(connection, 65536)
+        try:
+            return http1.Connection(Received(received)).read_reply(method, 1 << 20).body  # type: ignore[arg-type]
+        except Incomplete:
+            continue
 
 
 async def serve(socket: str, vault_port: int, mode: str) -> None:

@@ -116,7 +116,7 @@ class Bare:
         return lambda: self.stub.Mount(request, timeout=30)
 
     def cold_mounter(self, paths: list[str], jwts: Iterator[str]) -> Callable[[], object]:
-        """Mounts that log in first, each with the next pod token (lean mode): its request
+        """Mounts that log in first, each with the next pod token (lean or aio mode): its request
         made before the call, as the driver sends a ready one."""
         requests = iter(
             [
@@ -186,6 +186,7 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
         # one (RS256, in the fake Kubernetes) costs 0.3 ms, which would flatter the cold ratio.
         logins = iter([jwts() for _ in range(COLD_ROUNDS)])
         lean_cold = bare_lean.cold_mounter(paths[:1], iter([jwts() for _ in range(COLD_ROUNDS)]))
+        aio_cold = bare_aio.cold_mounter(paths[:1], iter([jwts() for _ in range(COLD_ROUNDS)]))
         # The cold Mount and its floor taken in turn: one of each per round, so the machine's
         # drift between blocks (a run's floors move by 20%) is not read as the provider's.
         floor_logins = iter([jwts() for _ in range(COLD_ROUNDS)])
@@ -212,6 +213,7 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
             # Mount's own work, and a ratio's two sides are best measured close together.
             "cold": p50_ms(lambda: next(cold_mounts)(), COLD_ROUNDS),
             "lean_cold": p50_ms(lean_cold, COLD_ROUNDS),
+            "aio_cold": p50_ms(aio_cold, COLD_ROUNDS),
             "ten_reads": p50_ms(parallel, ROUNDS // 2),
             "warm": p50_ms(warm_one, ROUNDS),
             "warm_ten": p50_ms(warm_ten, ROUNDS // 2),
@@ -296,6 +298,12 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
     line("CPU per raw read with provider.http1 (the provider's client)", m["cpu_lean_read"], "ms", "")
     bare_lines("bare Mount reading with provider.http1", m, "lean", floor_one)
     bare_lines("bare Mount, non-blocking reads on the loop", m, "aio", floor_one)
+    line(
+        "bare cold Mount, login and read on the loop: / (no-op + raw read + raw login)",
+        m["aio_cold"] / (floor_one + m["login"]),
+        "x",
+        "",
+    )
 
 
 def bare_lines(name: str, m: dict[str, float], key: str, floor_one: float) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import threading
@@ -178,10 +179,11 @@ class Admission:
             self._take(lane)
 
         borrowed: Future[T] = Future()
+        context = contextvars.copy_context()  # what the Mount counts (replymemory) goes with its work
 
         def run() -> None:
             try:
-                borrowed.set_result(fn())
+                borrowed.set_result(context.run(fn))
             except BaseException as e:
                 borrowed.set_exception(e)
             finally:

@@ -41,6 +41,8 @@ MAX_NAMESPACE_LENGTH = 256
 MAX_NAME_LENGTH = 253
 # Far more objects than any real class mounts; bounds the work one request can cause.
 MAX_OBJECTS = 1000
+# The files of one Mount at most, in bytes (-max-response-bytes): the driver's gRPC limit.
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # Values (scalars, list items, map entries) in one object's secretArgs after aliases are
 # expanded: a request body for Vault, not a data set.
 MAX_SECRET_ARGS_VALUES = 10_000
@@ -111,7 +113,7 @@ class Settings:
     hmac_secret_name: str = "vault-csi-provider-hmac-key"
     hmac_key_ttl: float = 60.0
     cache_size: int = 1000
-    max_response_bytes: int = 4 * 1024 * 1024
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     lease_cache_size: int = 5000
     lease_cache_namespace_share: float = 0.25
     lease_renew_fraction: float = 2 / 3

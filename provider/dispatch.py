@@ -23,13 +23,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from provider import replymemory
 from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
-from provider.config import Route, VaultSettings, peek_route, template_weight
+from provider.config import DEFAULT_MAX_RESPONSE_BYTES, Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
 from provider.metrics import Metrics
 from provider.mount import Mounter, MountPlan, MountRequest, MountResult, SecretRequest
+from provider.replymemory import ReplyMemory
 from provider.threads import Closed
 from provider.transport import Reply
 from provider.vault import VaultClient
@@ -138,9 +140,14 @@ class MountDispatcher:
         metrics: Metrics,
         defaults: VaultSettings,
         parse_gate: ParseGate | None = None,
+        reply_memory: ReplyMemory | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`reply_memory` is the node's, shared by its dispatchers (one is made from
+        `max_response_bytes` when none is given)."""
         self._parse_gate = parse_gate or ParseGate()
+        self._reply_memory = reply_memory or ReplyMemory.for_responses(max_response_bytes)
         self.parsed = ParsedMounts()
         self._answers: set[asyncio.Future[Any]] = set()  # what stop_answering ends
         self._stopping = False
@@ -286,6 +293,8 @@ class MountDispatcher:
         probe: Breaker | None,
         read_ahead: Mapping[SecretRequest, Reply | None] | None,
     ) -> MountResult:
+        memory = self._reply_memory.mount(dispatched.route.tenant[0])
+        counting = replymemory.CURRENT.set(memory)
         try:
             plan = dispatched.plan
             if plan is None:
@@ -299,6 +308,8 @@ class MountDispatcher:
                 self._probe(plan, probe, deadline)
             return self._mounter.mount_plan(plan, deadline=deadline, lanes=ticket, read_ahead=read_ahead)
         finally:
+            replymemory.CURRENT.reset(counting)
+            memory.close()
             ticket.release()
 
     def _probe(self, plan: MountPlan, breaker: Breaker, deadline: float) -> None:

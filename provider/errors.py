@@ -22,6 +22,7 @@ leads with what to fix::
 from __future__ import annotations
 
 import json
+import re
 
 # Upstream bodies are truncated to this many characters in messages: enough for Vault's
 # error text, short enough to keep a pod event readable (kubelet trims events at 1 KiB).
@@ -33,10 +34,20 @@ def quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+# What upstream text may echo of a request and must not carry into a pod's events or the
+# log (a gateway answering 502 "upstream rejected token=s.…", or a login's body with its
+# JWT): a Vault or OpenBao token (hvs., hvb., hvr., s., b., r. and 20 or more token
+# characters) or a JWT (its base64url header starts with eyJ).
+_CREDENTIALS = re.compile(r"\b(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{20,}|\beyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}")
+REDACTED = "(redacted)"
+
+
 def truncate(text: str, limit: int = UPSTREAM_TEXT_MAX) -> str:
-    """Shorten upstream text for a message, saying that it was cut."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "…(truncated)"
+    """Shorten upstream text for a message, saying that it was cut, with any token or JWT
+    it holds redacted (before it is cut: a cut one would leave its start)."""
+    cut = len(text) > 4 * limit  # looked at no further: the text may be megabytes
+    text = _CREDENTIALS.sub(REDACTED, " ".join(text[: 4 * limit].split()))
+    return text if len(text) <= limit and not cut else text[:limit] + "…(truncated)"
 
 
 class ProviderError(Exception):

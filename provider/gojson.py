@@ -129,17 +129,17 @@ def count_values(raw: bytes, *, few_strings: int = 10_000) -> int:
     of memory per value whatever its size in the text, so a reply is bounded by this
     count before it is decoded, not only by its bytes.
 
-    With at most `few_strings` strings the text between them is counted in place; with
-    more, the strings are blanked in a copy (a pass in C), which costs the reply's size
-    again in memory but not a Python step per string."""
+    With at most `few_strings` strings the text between them is counted in place, exactly;
+    with more, separators and openers inside strings are counted too: a bound, not the
+    count, but one pass in C with no copy. (Blanking the strings with a regular expression
+    took 34 MiB for a 1 MB reply of 99,000 keys: a piece per string, then the join.)"""
     if raw.count(b'"') <= 2 * few_strings:
         total, start = 1, 0
         for string in _STRING.finditer(raw):
             total += _structure(raw, start, string.start())
             start = string.end()
         return total + _structure(raw, start, len(raw))
-    structure = _STRING.sub(b'""', raw)
-    return _structure(structure, 0, len(structure)) + 1
+    return _structure(raw, 0, len(raw)) + 1
 
 
 def _structure(raw: bytes, start: int, end: int) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import email.parser
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 # A reply's header block at most: http.client's own limits per line and in lines (the
@@ -53,6 +53,12 @@ _HEAD_BUDGET = (MAX_CONTINUES + 2) * (MAX_LINE + MAX_HEADER_BYTES)
 _RECV_BYTES = 65536
 # Read bytes kept in front of the unread ones, at most: past this they are dropped.
 _KEEP_READ_BYTES = 65536
+# Chunks a chunked body may be split into: this many whatever their size, then one more
+# per CHUNK_AVERAGE_BYTES of body. Each chunk line costs a few microseconds of Python (with
+# the GIL held); Go's server writes a reply in chunks of about 4 KiB, while a server
+# sending millions of 1-byte chunks would cost a Mount seconds of the node's CPU.
+FREE_CHUNKS = 64
+CHUNK_AVERAGE_BYTES = 256
 # Content-Length digits at most: more is past any body limit (and past the 4300 digits
 # Python turns into an int).
 _MAX_LENGTH_DIGITS = 18
@@ -179,13 +185,14 @@ class Connection:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def read_reply(self, method: str, max_body_bytes: int) -> Reply:
+    def read_reply(self, method: str, max_body_bytes: int, count: Callable[[int], None] | None = None) -> Reply:
         """The reply to the request sent; raises Closed, ProtocolError, TooLarge or the
         socket's OSError. All of the reply on the wire (its heads, chunk lines and
-        trailers too) is held to the body limit plus room for its framing."""
+        trailers too) is held to the body limit plus room for its framing. `count` is
+        told the body's size as it grows, before it is read (and may raise to stop it)."""
         self._unread_budget = _HEAD_BUDGET + 2 * max_body_bytes  # the body, and as much for its chunk lines
         head = self.read_head(method)
-        body = self._body(head, max_body_bytes)
+        body = self._body(head, max_body_bytes, count or _uncounted)
         leftover = self._pos < len(self._buffer)
         self._buffer.clear()
         self._pos = 0
@@ -241,23 +248,29 @@ class Connection:
             will_close = True  # read as http.client reads it, but not trusted with another exchange
         return Head(status, fields, first, chunked, length, will_close)
 
-    def _body(self, head: Head, max_bytes: int) -> bytes:
+    def _body(self, head: Head, max_bytes: int, count: Callable[[int], None]) -> bytes:
         if head.length == 0:  # 1xx, 204, 304, HEAD: no body, whatever the headers say
             return b""
         if head.chunked:
-            return self._chunked(max_bytes)
+            return self._chunked(max_bytes, count)
         if head.length is not None:
             if head.length > max_bytes:
                 raise TooLarge()
+            count(head.length)
             return self._take(head.length)
+        counted = 0
         while True:  # to the close
-            if len(self._buffer) - self._pos > max_bytes:
+            held = len(self._buffer) - self._pos
+            if held > max_bytes:
                 raise TooLarge()
+            count(held - counted)
+            counted = held
             if not self._fill():
-                return self._take(len(self._buffer) - self._pos)
+                return self._take(held)
 
-    def _chunked(self, max_bytes: int) -> bytes:
+    def _chunked(self, max_bytes: int, count: Callable[[int], None]) -> bytes:
         body = bytearray()
+        chunks = 0
         while True:
             line = self._line()
             if not line:
@@ -270,6 +283,13 @@ class Connection:
                 break
             if len(body) + left > max_bytes:
                 raise TooLarge()
+            chunks += 1
+            if chunks > FREE_CHUNKS + (len(body) + left) // CHUNK_AVERAGE_BYTES:
+                raise ProtocolError(
+                    f"the reply is split into more than {chunks - 1} chunks for {len(body) + left} bytes "
+                    f"(at most {FREE_CHUNKS}, then one per {CHUNK_AVERAGE_BYTES} bytes)"
+                )
+            count(left)
             body += self._take(left)
             if self._take(2) != b"\r\n":
                 raise ProtocolError("a chunk of the reply does not end in CRLF")
@@ -283,7 +303,8 @@ class Connection:
                 raise ProtocolError("the reply was cut short")
         start = self._pos
         self._pos += count
-        return bytes(self._buffer[start : self._pos])
+        with memoryview(self._buffer) as view:  # one copy, not a bytearray slice and then its bytes
+            return bytes(view[start : self._pos])
 
     def _line(self) -> bytes:
         """The next line with its LF, or what is left when the connection ends; a line
@@ -332,6 +353,10 @@ class Connection:
             self._pos = 0
         self._buffer += data
         return True
+
+
+def _uncounted(size: int) -> None:
+    """A reply read for no one in particular: nobody counts its size."""
 
 
 def _status_line(line: bytes) -> tuple[str, int]:

@@ -20,6 +20,7 @@ is never shared between pods.
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 import threading
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+# A kept lease is looked up in Vault before it is served again, at most this often: one an
+# operator revoked (or Vault revoked with its token) is issued anew on the pod's next Mount.
+LEASE_CHECK_SECONDS = 30.0
 # Renew (or re-issue) once this share of a lease's life has passed: the same 2/3 point
 # Vault Agent uses, leaving a third of the TTL to absorb a slow or failed renewal.
 DEFAULT_RENEW_FRACTION = 2 / 3
@@ -54,6 +58,11 @@ MAX_KEPT_REPLY_BYTES = 64 * 1024
 # What each decoded value (and map key) holds in memory beyond its text: a Python object.
 # Counted, a list of 30,000 zeros (60 KiB of JSON, 2 MiB decoded) weighs what it holds.
 VALUE_BYTES = 64
+# What a number and a map hold beyond that: a number is a gojson.Number and the string of
+# its text (about 110 bytes for `1.5`), a map a dict (about 230 bytes for `{"a":1.5}`).
+# Weighed at 64, a reply of 900 floats held 1.6 times its weight, and maps of one float 2.1.
+NUMBER_BYTES = 64
+MAP_BYTES = 128
 # All kept replies together at most, in bytes of weight (5,000 EC certificates weigh about 20 MiB).
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # A reply is kept at most this long whatever its lease and token say (Vault's default max
@@ -108,6 +117,17 @@ class _Entry:
     token_expires_at: float  # monotonic: Vault revokes the lease with the token that issued it
     issuer: Any = field(repr=False)  # what issued it (the pod's Vault login), for revocation
     size: int = 0  # bytes of the reply's JSON, at least
+    checked_at: float = 0.0  # monotonic: when Vault last said the lease is alive (or when it was issued)
+    uncheckable: bool = False  # the pod's token may not look it up (a policy without sys/leases/lookup)
+
+
+class Liveness(enum.Enum):
+    """What Vault says of a kept lease (LeaseCache.fetch's `check`)."""
+
+    ALIVE = "alive"
+    GONE = "gone"  # revoked or expired: issue new credentials
+    UNCHECKABLE = "uncheckable"  # the pod's token may not look leases up: served as kept
+    UNKNOWN = "unknown"  # no answer now: served as kept, asked again on the next Mount
 
 
 @dataclass(kw_only=True, slots=True)
@@ -201,12 +221,17 @@ class LeaseCache:
         deadline: float,
         not_after: float = float("inf"),
         issuer: Callable[[], Any] = lambda: None,
+        check: Callable[[str, Any], Liveness] = lambda lease_id, issuer: Liveness.UNKNOWN,
     ) -> Secret:
         """The reply for key: kept, renewed, shared with a concurrent call, or issued.
 
         `not_after` is when the token that issues it expires (monotonic): Vault revokes
         a token's leases with it, so nothing issued with it is kept past that. `issuer`
-        tells, after `issue`, which login issued the reply (kept for revocation).
+        tells, after `issue`, which login issued the reply (kept for revocation). `check`
+        asks Vault whether a kept lease (its id, and who issued it) is still alive before
+        it is served again (at most
+        every LEASE_CHECK_SECONDS): one revoked (by an operator, or with its token) is
+        issued anew, never served.
         """
         now = self._clock()
         self.purge_if_due(now)
@@ -221,7 +246,7 @@ class LeaseCache:
             with slot.lock:
                 if slot.dead:
                     continue  # emptied or purged since we looked it up: look again
-                kept = self._usable(key, slot, renew)
+                kept = self._usable(key, slot, renew, check)
                 if kept is not None:
                     return kept
                 if slot.inflight is not None:
@@ -336,7 +361,9 @@ class LeaseCache:
             WARNING_INTERVAL_SECONDS,
         )
 
-    def _usable(self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret]) -> Secret | None:
+    def _usable(
+        self, key: LeaseKey, slot: _Slot, renew: Callable[[str, int], Secret], check: Callable[[str, Any], Liveness]
+    ) -> Secret | None:
         entry = slot.entry
         if entry is None:
             return None
@@ -346,6 +373,20 @@ class LeaseCache:
             self._metrics.leases.labels("reissued").inc()
             return None
         if now < entry.renew_at:
+            if entry.lease_id and not entry.uncheckable and now - entry.checked_at >= LEASE_CHECK_SECONDS:
+                liveness = check(entry.lease_id, entry.issuer)
+                if liveness is Liveness.GONE:
+                    logger.info(
+                        "a kept lease of pod %s/%s was revoked in Vault; new credentials are issued",
+                        key.pod_namespace,
+                        key.pod_name,
+                    )
+                    self._drop(key, slot)
+                    self._metrics.leases.labels("found_revoked").inc()
+                    return None
+                entry.uncheckable = liveness is Liveness.UNCHECKABLE
+                if liveness is not Liveness.UNKNOWN:  # Vault unreachable: asked again next time
+                    entry.checked_at = self._clock()
             self._metrics.leases.labels("reused").inc()
             return entry.secret
         if not (entry.renewable and entry.lease_id):
@@ -379,6 +420,7 @@ class LeaseCache:
         life = min(granted, entry.token_expires_at - now, MAX_KEPT_SECONDS)
         entry.renew_at = now + life * self._renew_fraction
         entry.expires_at = now + life  # sooner than before, if Vault granted less than was left
+        entry.checked_at = now  # renewed: alive
         with self._lock:  # the slot's lock is held: _purge only tries slots' locks, never waits
             self._earliest_expiry = min(self._earliest_expiry, entry.expires_at)
             expiry, use = self._namespace_bounds.get(key.pod_namespace, (float("inf"), float("inf")))
@@ -395,7 +437,7 @@ class LeaseCache:
         life = min(lifetime, not_after - now)
         # Both walks stop once past the cap.
         size = gojson.encoded_size(secret.body, MAX_KEPT_REPLY_BYTES)
-        size += VALUE_BYTES * _values(secret.body, MAX_KEPT_REPLY_BYTES // VALUE_BYTES)
+        size += _values_weight(secret.body, MAX_KEPT_REPLY_BYTES)
         if size <= MAX_KEPT_REPLY_BYTES:  # a larger one is not kept (fetch): nothing to share
             _share_long_strings(secret.body)
         return _Entry(
@@ -408,6 +450,7 @@ class LeaseCache:
             token_expires_at=not_after,
             issuer=issuer,
             size=size,
+            checked_at=now,
         )
 
     def purge_if_due(self, now: float | None = None) -> None:
@@ -571,16 +614,19 @@ def _share_long_strings(value: Any) -> None:
                     pending.append(inner)
 
 
-def _values(value: Any, limit: int) -> int:
-    """How many values (map keys too) a decoded reply holds; counting stops past limit."""
-    count = 0
+def _values_weight(value: Any, limit: int) -> int:
+    """What a decoded reply's values (map keys too) hold beyond their text, in bytes:
+    VALUE_BYTES each, more for numbers and maps; the walk stops past limit."""
+    weight = 0
     pending = [value]
-    while pending and count <= limit:
+    while pending and weight <= limit:
         item = pending.pop()
-        count += 1
+        weight += VALUE_BYTES
         if isinstance(item, dict):
-            count += len(item)
+            weight += MAP_BYTES + VALUE_BYTES * len(item)
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
-    return count
+        elif isinstance(item, gojson.Number):
+            weight += NUMBER_BYTES
+    return weight

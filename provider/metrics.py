@@ -62,7 +62,7 @@ class Metrics:
         )
         self.leases = Counter(
             "vault_csi_provider_leases",
-            "Dynamic-secret lease events: reused, renewed, reissued, revoked.",
+            "Dynamic-secret lease events: reused, renewed, reissued, found_revoked, revoked, not_kept.",
             ["event"],
             registry=r,
         )

@@ -42,7 +42,6 @@ from provider.errors import (
     KubernetesError,
     ObjectError,
     ProviderError,
-    ResponseTooLarge,
     VaultLoginDenied,
     VaultPermissionDenied,
     VaultUnreachable,
@@ -50,7 +49,7 @@ from provider.errors import (
 )
 from provider.flavour import VAULT, Flavour
 from provider.kube import KubeClient
-from provider.leases import LeaseCache, LeaseKey
+from provider.leases import LeaseCache, LeaseKey, Liveness
 from provider.metrics import Metrics
 from provider.transport import Reply
 from provider.vault import AroundToken, Endpoint, Login, Read, Secret, VaultClient, settles
@@ -62,10 +61,6 @@ T = TypeVar("T")
 
 # Kubernetes Secrets hold at most 1 MiB: larger files mount but cannot be synced.
 SECRET_SYNC_LIMIT = 1024 * 1024
-# Files a too-large response's error names, the largest first.
-FILES_NAMED = 10
-# Room for the protobuf framing around the file bytes in a MountResponse.
-RESPONSE_OVERHEAD_PER_FILE = 512
 # Endpoints kept built (a few hundred bytes each): more than a node's Vaults and namespaces.
 ENDPOINTS_KEPT = 256
 # Plain reads of one Mount sent together at most, each on its own connection.
@@ -789,6 +784,7 @@ class Mounter:
                 deadline=deadline,
                 not_after=identity.expires_at,
                 issuer=identity.issuer,
+                check=lambda lease_id, issuer: self._lease_liveness(identity, lease_id, issuer, deadline),
             )
             if secret.lease_id or self._leases.would_keep(secret):
                 identity.plan.unkept.discard(request)
@@ -802,6 +798,35 @@ class Mounter:
                 # A concurrent Mount of this pod kept its own reply meanwhile: the one read
                 # ahead is used by nobody, so it is revoked now rather than left to expire.
                 self._revoke_unused(identity, prefetched.lease_id, deadline)
+
+    def _lease_liveness(self, identity: _Identity, lease_id: str, issuer: Issuer | None, deadline: float) -> Liveness:
+        """Whether a kept lease is still alive in Vault. Refused with the pod's token, it is
+        looked up again after a new login: refused again, the role's policies may not look
+        leases up (they leave out the default one), and it is served as kept; answered, the
+        last token was no longer valid, and a lease it issued is gone (Vault revokes a token's
+        leases in the background: a lookup may still find them for a while)."""
+
+        def look_up(token: str) -> Liveness:
+            alive = self._vault.lease_alive(identity.endpoint, token=token, lease_id=lease_id, deadline=deadline)
+            return Liveness.ALIVE if alive else Liveness.GONE
+
+        token = identity.token()
+        try:
+            try:
+                return look_up(token)
+            except VaultPermissionDenied:
+                fresh = identity.refresh(token)
+                if fresh is None:
+                    return Liveness.UNKNOWN
+                logger.info("vault refused a cached token for %s; logged in again", identity.describe())
+                try:
+                    liveness = look_up(fresh)
+                except VaultPermissionDenied:
+                    return Liveness.UNCHECKABLE
+                return Liveness.GONE if issuer is not None and issuer.login.token == token else liveness
+        except ProviderError as e:  # Vault did not answer: served as kept, asked again next time
+            logger.debug("could not look up a kept lease for %s: %s", identity.describe(), e)
+            return Liveness.UNKNOWN
 
     def _revoke_unused(self, identity: _Identity, lease_id: str, deadline: float) -> None:
         try:
@@ -845,16 +870,9 @@ class Mounter:
         )
 
     def _check_size(self, files: list[MountedFile]) -> None:
-        total = sum(len(f.contents) + len(f.path) + RESPONSE_OVERHEAD_PER_FILE for f in files)
+        total = sum(render.response_size(f.path, f.contents) for f in files)
         if total > self._settings.max_response_bytes:
-            largest = sorted(files, key=lambda f: -len(f.contents))
-            sizes = ", ".join(f"{quote(f.path)} ({len(f.contents)} bytes)" for f in largest[:FILES_NAMED])
-            if len(largest) > FILES_NAMED:  # the message goes to the pod's events: kept short
-                sizes += f" and {len(largest) - FILES_NAMED} more"
-            raise ResponseTooLarge(
-                f"the files total {total} bytes, over the {self._settings.max_response_bytes}-byte response "
-                f"limit (-max-response-bytes); objects: {sizes}"
-            )
+            raise render.too_large(files, total, self._settings.max_response_bytes)
         big = [f.path for f in files if len(f.contents) > SECRET_SYNC_LIMIT]
         if big:
             logger.warning("objects over 1 MiB cannot be synced to a Kubernetes Secret: %s", ", ".join(map(repr, big)))

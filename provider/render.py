@@ -17,9 +17,9 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from provider import gojson, gotemplate
+from provider import gojson, gotemplate, replymemory
 from provider.config import SecretObject, check_name_length, check_object_name, json_pointer, key_filter
 from provider.errors import ConfigError, ProviderError, ResponseTooLarge, VaultBadResponse, VaultNotFound, quote
 
@@ -208,6 +208,10 @@ class TemplateBudget:
 # What one file may hold before it is built (the response limit of -max-response-bytes
 # applies to all files together, after).
 MAX_FILE_BYTES = 8 * 1024 * 1024
+# Room for the protobuf framing around the file bytes in a MountResponse.
+RESPONSE_OVERHEAD_PER_FILE = 512
+# Files a too-large response's error names, the largest first.
+FILES_NAMED = 10
 
 
 def object_files(
@@ -344,6 +348,7 @@ def _expanded(obj: SecretObject, data: ObjectData, max_bytes: int) -> list[Rende
     include = key_filter(where, "includeKeys", obj.include_keys) if obj.include_keys else None
     exclude = key_filter(where, "excludeKeys", obj.exclude_keys) if obj.exclude_keys else None
     files: list[RenderedFile] = []
+    size = 0  # what the files would take in the response: refused once past max_bytes, not built on
     for key in sorted(values):
         if (include is not None and not include.search(key)) or (exclude is not None and exclude.search(key)):
             continue
@@ -358,10 +363,42 @@ def _expanded(obj: SecretObject, data: ObjectData, max_bytes: int) -> list[Rende
         files.append(
             RenderedFile(obj=obj, path=path, contents=contents, version_input=path.encode() + b"\0" + contents)
         )
+        size += response_size(path, contents)
+        if size > max_bytes:
+            raise too_large(files, size, max_bytes, built_all=False)
     if not files:
         filtered = " after includeKeys/excludeKeys" if include is not None or exclude is not None else ""
         raise ConfigError(f"expandKeys: no keys left at {data.path}{filtered}; nothing to write")
     return files
+
+
+class FileLike(Protocol):
+    """A file's path and bytes (a RenderedFile, a mount.MountedFile)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def contents(self) -> bytes: ...
+
+
+def response_size(path: str, contents: bytes) -> int:
+    """What a file takes in a MountResponse, its framing counted."""
+    return len(contents) + len(path) + RESPONSE_OVERHEAD_PER_FILE
+
+
+def too_large(files: Sequence[FileLike], size: int, max_bytes: int, *, built_all: bool = True) -> ResponseTooLarge:
+    """The error of a response over max_bytes, naming its largest files (it goes to the
+    pod's events: kept short). Once files are past the limit no more are built:
+    `built_all` False says so."""
+    largest = sorted(files, key=lambda f: -len(f.contents))
+    sizes = ", ".join(f"{quote(f.path)} ({len(f.contents)} bytes)" for f in largest[:FILES_NAMED])
+    if len(largest) > FILES_NAMED:
+        sizes += f" and {len(largest) - FILES_NAMED} more"
+    total = f"{size} bytes" if built_all else f"{size} bytes by the first {len(files)} (the rest were not built)"
+    return ResponseTooLarge(
+        f"the files total {total}, over the {max_bytes}-byte response limit (-max-response-bytes); objects: {sizes}"
+    )
 
 
 def _passed_through(obj: SecretObject, data: ObjectData) -> bytes:
@@ -522,11 +559,19 @@ def mount_files(
     files_max = min(max_bytes, MAX_FILE_BYTES)
     files: list[RenderedFile] = []
     failures: list[tuple[str, ProviderError]] = []
+    size = 0  # what the files would take in the response: no object is built once it is past max_bytes
     for obj in objects:
         try:
-            files += object_files(obj, replies.get(obj), by_name, budget=budget, max_bytes=files_max)
+            made = object_files(obj, replies.get(obj), by_name, budget=budget, max_bytes=files_max)
         except ProviderError as e:
             failures.append((obj.object_name, e))
+            continue
+        files += made
+        made_size = sum(response_size(file.path, file.contents) for file in made)
+        replymemory.count(made_size)  # held by the Mount until it ends, as its replies are
+        size += made_size
+        if size > max_bytes:
+            raise too_large(files, size, max_bytes, built_all=obj is objects[-1])
     paths: dict[str, str] = {}
     for file in files:
         earlier = paths.setdefault(file.path, file.obj.object_name)
@@ -565,6 +610,8 @@ __all__ = [
     "key_value",
     "mount_files",
     "object_files",
+    "response_size",
+    "too_large",
     "whole_response",
     "writes_whole_reply",
 ]

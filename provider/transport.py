@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from provider import http1
+from provider import http1, replymemory
 from provider.address import Target
 from provider.config import TLSConfig
 
@@ -104,6 +104,11 @@ class TimedOut(TransportError):
 
 class TooLarge(TransportError):
     """The reply is larger than the limit; it was not read to its end."""
+
+
+class NoRoom(TransportError):
+    """The Mount the reply was read for has no room left to hold it (replymemory); it was
+    not read to its end."""
 
 
 class _PoolKey(NamedTuple):  # a tuple: made and hashed for every request
@@ -426,7 +431,9 @@ class Transport:
         keep = False
         try:
             try:
-                reply = conn.read_reply(method, self._max_body_bytes)
+                reply = conn.read_reply(method, self._max_body_bytes, _count_body)
+            except replymemory.NoRoom as e:
+                raise NoRoom(str(e)) from None
             except http1.Closed:  # before any byte of the reply; a reset later is a failure
                 if guard.expired:
                     raise TimedOut("the deadline passed") from None
@@ -482,6 +489,13 @@ class _Exchange:
 
 class _Stale(Exception):
     """A kept-alive connection was found closed before any reply."""
+
+
+def _count_body(size: int) -> None:
+    """A reply's body counted against the Mount it is read for, if any: its bytes, their
+    text while it is decoded (json decodes bytes to a str first), and the strings it
+    decodes to."""
+    replymemory.count(3 * size)
 
 
 def _describe(error: BaseException) -> str:

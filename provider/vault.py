@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
-from provider import gojson, http1, loopio
+from provider import gojson, http1, loopio, replymemory
 from provider.address import Target
 from provider.breaker import PROBE_TIMEOUT_SECONDS, Breaker, Breakers, EndpointKey
 from provider.config import TLSConfig
@@ -43,6 +43,7 @@ from provider.errors import (
 )
 from provider.metrics import Metrics
 from provider.transport import (
+    NoRoom,
     NotConnected,
     Reply,
     Request,
@@ -81,6 +82,8 @@ MIN_ATTEMPT_SECONDS = 0.2
 # secret holds, and about 6 MiB once decoded. A reply can hold far more per byte (an
 # 8 MiB "[0,0,...]" is 4 million values, 250 MiB decoded), so it is counted first.
 MAX_REPLY_VALUES = 100_000
+# Revocations a secrets engine failed to carry out are tried this many times in all.
+REVOKE_ATTEMPTS = 3
 # Largest Vault reply read by default: twice the default gRPC reply limit (a whole-response
 # file can be about as large as the reply it comes from).
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -355,16 +358,49 @@ class VaultClient:
             operation="renew",
         )
 
+    def lease_alive(self, endpoint: Endpoint, *, token: str, lease_id: str, deadline: float | None = None) -> bool:
+        """Whether Vault still holds a lease (sys/leases/lookup, which Vault's default
+        policy allows every token): False when it answers that the lease is invalid
+        (revoked, by itself or with the token that issued it, or expired). Raises
+        VaultPermissionDenied when the token may not look it up, or is no longer valid."""
+        try:
+            self.read(
+                endpoint,
+                token=token,
+                method="PUT",
+                path="sys/leases/lookup",
+                json_body={"lease_id": lease_id},
+                deadline=deadline,
+                operation="lookup",
+            )
+        except VaultBadResponse as e:
+            if e.status == 400:  # "invalid lease"
+                return False
+            raise
+        return True
+
     def revoke_lease(self, endpoint: Endpoint, *, token: str, lease_id: str, deadline: float | None = None) -> None:
-        status, body = self._send(
-            endpoint,
-            "PUT",
-            "sys/leases/revoke",
-            token=token,
-            json_body={"lease_id": lease_id},
-            deadline=deadline,
-            operation="revoke",
-        )
+        """Revoke a lease. A revocation the secrets engine failed to carry out (Vault's 400
+        "failed to revoke entry": PostgreSQL refuses concurrent DROP ROLEs with "tuple
+        concurrently updated") is tried again, REVOKE_ATTEMPTS times in all, while time is left."""
+        for attempt in range(1, REVOKE_ATTEMPTS + 1):
+            status, body = self._send(
+                endpoint,
+                "PUT",
+                "sys/leases/revoke",
+                token=token,
+                json_body={"lease_id": lease_id},
+                deadline=deadline,
+                operation="revoke",
+            )
+            failed_to_revoke = status == 400 and "failed to revoke" in _vault_says(status, body)
+            delay = _backoff(attempt, None)
+            if not failed_to_revoke or attempt == REVOKE_ATTEMPTS:
+                break
+            if deadline is not None and time.monotonic() + delay + MIN_ATTEMPT_SECONDS > deadline:
+                break
+            logger.warning("vault PUT sys/leases/revoke: %s; trying again in %.2fs", _vault_says(status, body), delay)
+            time.sleep(delay)
         _raise_for_status("PUT", "sys/leases/revoke", status, body)
 
     def revoke_self(self, endpoint: Endpoint, *, token: str, deadline: float | None = None) -> None:
@@ -555,6 +591,7 @@ class VaultClient:
                 f"{method} {path}: Vault's reply holds more than {MAX_REPLY_VALUES} values; refusing to decode it",
                 status=status,
             )
+        replymemory.count(replymemory.VALUE_BYTES * replymemory.values_at_most(raw))
         try:
             return _Reply(status, gojson.loads(raw), reply.retry_after)
         except (ValueError, RecursionError):
@@ -593,6 +630,8 @@ class VaultClient:
             raise VaultUnreachable(
                 f"{method} {path}: Vault at {target.describe()} did not answer within {timeout:.1f}s"
             ) from None
+        except NoRoom as e:
+            raise replymemory.NoRoom(f"{method} {path}: {e}") from None
         except TLSFailed as e:
             hint = ""
             # A TLS 1.3 server refuses a missing client certificate after the handshake: an
@@ -824,10 +863,14 @@ def _is_zero_number(value: Any) -> bool:
 
 
 def _vault_says(status: int, body: Any) -> str:
-    """Vault's own error text, truncated, for a message."""
+    """Vault's own error text, truncated, for a message; its warnings when it gave no
+    errors (a KV v2 path read without data/ is a 404 whose warning says so)."""
     errors = body.get("errors") if isinstance(body, dict) else None
+    warnings = body.get("warnings") if isinstance(body, dict) else None
     if isinstance(errors, list) and errors:
         text = "; ".join(str(e) for e in errors)
+    elif isinstance(warnings, list) and warnings:
+        text = "; ".join(str(w) for w in warnings)
     elif isinstance(body, str):
         text = body
     else:

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from provider import leases
 from provider.admission import Admission
 from provider.config import VaultSettings
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
@@ -142,6 +143,60 @@ def test_lease_is_renewed_then_reissued_past_max_ttl(
 
 def metric(provider: ProviderClient, event: str) -> float:
     return provider.app.metrics.registry.get_sample_value("vault_csi_provider_leases_total", {"event": event}) or 0.0
+
+
+def test_a_kept_lease_revoked_in_vault_is_never_served_again(
+    provider: ProviderClient,
+    world: VaultWorld,
+    postgres: Postgres,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator revokes leaked credentials (sys/leases/revoke-prefix), or the pod's token
+    and its leases with it: the credentials kept for the pod are looked up before they are
+    served again, and new ones are issued, never the dead ones until 2/3 of their life."""
+    monkeypatch.setattr(leases, "LEASE_CHECK_SECONDS", 0.0)  # looked up on every Mount
+    db = Database(world, postgres, unique, ttl="1h", max_ttl="2h")
+    pod = grant_db(world, db)
+    first = files_of(provider.mount(pod, db.objects(), role=unique))
+    assert files_of(provider.mount(pod, db.objects(), role=unique)) == first  # alive: served as kept
+    world.bao.api("PUT", f"sys/leases/revoke-prefix/{db.path}", {})
+    second = files_of(provider.mount(pod, db.objects(), role=unique))
+    assert second["username"] != first["username"] and logs_in(postgres, second)
+    assert metric(provider, "found_revoked") == 1 and len(db.leases()) == 1
+    # The pod's token revoked, and its leases with it: a new login, new credentials.
+    (token,) = [slot.login.token for slot in provider.app.tokens._slots.values() if slot.login]
+    world.bao.api("PUT", "auth/token/revoke", {"token": token})
+    third = files_of(provider.mount(pod, db.objects(), role=unique))
+    assert third["username"] not in (first["username"], second["username"]) and logs_in(postgres, third)
+    assert metric(provider, "found_revoked") == 2 and len(db.leases()) == 1
+    assert files_of(provider.mount(pod, db.objects(), role=unique)) == third
+
+
+def test_a_lease_the_pods_token_may_not_look_up_is_served_as_kept(
+    provider: ProviderClient, world: VaultWorld, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role whose tokens leave out the default policy may not look leases up: its kept
+    certificate is served as before (one login more to find that out), not issued anew."""
+    monkeypatch.setattr(leases, "LEASE_CHECK_SECONDS", 0.0)
+    issue = world.pki_engine(f"pki-{unique}", generate_lease=True)
+    pod = world.grant(unique, [issue])
+    world.bao.api("PUT", f"auth/kubernetes/role/{unique}", {"token_no_default_policy": True})
+    objects = [
+        {
+            "objectName": "crt",
+            "secretPath": issue,
+            "method": "PUT",
+            "secretArgs": {"common_name": "a.example.com"},
+            "secretKey": "certificate",
+        }
+    ]
+    first = files_of(provider.mount(pod, objects, role=unique))
+    logins = world.kube.calls["tokenreview"]
+    for _ in range(3):
+        assert files_of(provider.mount(pod, objects, role=unique)) == first
+    assert world.kube.calls["tokenreview"] - logins == 1
+    assert metric(provider, "found_revoked") == 0 and metric(provider, "issued") == 1
 
 
 def test_two_pods_get_two_users(provider: ProviderClient, world: VaultWorld, postgres: Postgres, unique: str) -> None:

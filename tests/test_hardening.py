@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from provider.config import TLSConfig, VaultSettings
+from provider import replymemory
+from provider.config import DEFAULT_MAX_RESPONSE_BYTES, TLSConfig, VaultSettings
 from provider.transport import MAX_POOLS, Pools, Target
 from tests.conftest import ProviderClient, VaultWorld, connect, files_of, http_get, spawn_provider, start_provider
 from tests.fault_proxy import FaultProxy, Rule
@@ -235,8 +237,9 @@ def test_hostile_classes_and_replies_stay_within_memory_and_cpu(
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.value.details())
         assert "values (an alias counts as what it repeats)" in error.value.details()
         assert cpu_seconds(pid) - before < 1.0, name
-    # A reply of four million zeros within the 8 MiB body limit.
-    body = b'{"data":[' + b"0," * 4_000_000 + b'0],"lease_duration":0}'
+    # A reply of two million zeros: within the 8 MiB body limit, and a third of what the
+    # namespace may hold (replymemory), so that it is read, then refused by its count.
+    body = b'{"data":[' + b"0," * 2_000_000 + b'0],"lease_duration":0}'
     proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=200, body=body))
     objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
     before = cpu_seconds(pid)
@@ -247,6 +250,54 @@ def test_hostile_classes_and_replies_stay_within_memory_and_cpu(
     proxy.clear()
     assert files_of(client.mount(pod, objects, role=unique)) == {"k": b"v"}
     assert peak_rss_mib(pid) < 100
+
+
+def test_what_a_namespace_mounts_at_once_is_bounded_in_memory(
+    spawned: tuple[ProviderClient, int], proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    """Each reply within its limit (8 MiB) and each Mount's files small, twelve 8 MiB
+    replies took one Mount past 300 MiB, and four such Mounts at once past 1.2 GiB: what a
+    namespace's Mounts hold at once is bounded (replymemory). The Mount past the bound
+    fails at once naming it, another namespace mounts meanwhile, and what was held is
+    given back when the Mounts end."""
+    client, pid = spawned
+    namespace = f"big-{unique}"
+    paths = [f"kv1/{unique}/{i}" for i in range(12)]
+    first = world.grant(unique, [f"kv1/{unique}/*"], namespace=namespace)
+    pods = [first] + [world.kube.add_pod(namespace, f"pod-{i}-{unique}", "app") for i in range(3)]
+    for path in paths:
+        world.bao.api("POST", path, {"k": "v"})
+    objects = [{"objectName": f"o{i}", "secretPath": path, "secretKey": "k"} for i, path in enumerate(paths)]
+    victim, victim_objects = world.kv_pod(f"v{unique}")
+    assert files_of(client.mount(victim, victim_objects, role=f"v{unique}")) == {"k": b"v"}
+    base = peak_rss_mib(pid)
+    body = json.dumps({"data": {"k": "v", "pad": "A" * (3 * 1024 * 1024)}, "lease_duration": 0}).encode()
+    for path in paths:
+        proxy.add(Rule("GET", f"/v1/{path}", status=200, body=body))
+    refusals: list[grpc.RpcError | None] = []
+
+    def mount(pod: Any) -> None:
+        try:
+            client.mount(pod, objects, role=unique, timeout=30)
+            refusals.append(None)  # served: every one of them needs 72 MiB
+        except grpc.RpcError as e:
+            refusals.append(e)
+
+    threads = [threading.Thread(target=mount, args=(pod,)) for pod in pods]
+    for thread in threads:
+        thread.start()
+    assert files_of(client.mount(victim, victim_objects, role=f"v{unique}")) == {"k": b"v"}
+    for thread in threads:
+        thread.join(60)
+    share = replymemory.NAMESPACE_RESPONSES * DEFAULT_MAX_RESPONSE_BYTES
+    assert len(refusals) == len(pods)
+    for refusal in refusals:
+        assert refusal is not None and refusal.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"Mounts of namespace {namespace} (this one included) already hold" in refusal.details()
+        assert f"a namespace may hold {share} at once" in refusal.details()
+    assert peak_rss_mib(pid) - base < 36  # 20 MiB held at most, and what reading it takes
+    proxy.clear()
+    assert files_of(client.mount(first, objects, role=unique)) == {f"o{i}": b"v" for i in range(12)}
 
 
 # 8. A reply without Vault's envelope: the whole map is the data, as in the reference.

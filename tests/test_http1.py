@@ -380,6 +380,28 @@ def test_what_a_reply_takes_from_the_socket_is_bounded_by_its_limit() -> None:
         _connection(continues * (http1.MAX_CONTINUES + 1) + answer).read_reply("GET", max_body_bytes=1000)
 
 
+def test_a_body_in_tiny_chunks_is_refused_before_it_costs_the_cpu() -> None:
+    """Each chunk line costs Python work with the GIL held: a body may take FREE_CHUNKS
+    chunks of any size, then one per CHUNK_AVERAGE_BYTES; a server sending a million
+    1-byte chunks (within twice the body limit on the wire) is refused after a few dozen."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    tiny = head + b"1\r\nx\r\n" * 1_000_000 + b"0\r\n\r\n"
+    peer = _Pieces(tiny)
+    with pytest.raises(http1.ProtocolError, match="more than 64 chunks for 65 bytes"):
+        http1.Connection(peer).read_reply("GET", max_body_bytes=8 << 20)  # type: ignore[arg-type]
+    assert peer._at <= http1._RECV_BYTES  # refused within its first read
+    # As many chunks as the body has CHUNK_AVERAGE_BYTES, and FREE_CHUNKS more, are read.
+    size = http1.CHUNK_AVERAGE_BYTES
+    count = http1.FREE_CHUNKS + 500
+    body = bytes(range(256)) * (size // 256)
+    many = head + (b"%x\r\n%s\r\n" % (size, body)) * count + b"0\r\n\r\n"
+    assert _connection(many).read_reply("GET", max_body_bytes=8 << 20).body == body * count
+    half = size // 2  # refused at chunk 2 * FREE_CHUNKS + 1
+    smaller = head + (b"%x\r\n%s\r\n" % (half, body[:half])) * count + b"0\r\n\r\n"
+    with pytest.raises(http1.ProtocolError, match=f"more than {2 * http1.FREE_CHUNKS} chunks"):
+        _connection(smaller).read_reply("GET", max_body_bytes=8 << 20)
+
+
 def test_bytes_after_a_reply_close_the_connection() -> None:
     """http.client leaves them for the next reply to start with; a second reply that
     nobody asked for must never answer the next pod's request."""

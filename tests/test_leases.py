@@ -6,11 +6,12 @@ import logging
 import sys
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
 
-from provider import gojson
+from provider import gojson, leases
 from provider.errors import VaultUnreachable
 from provider.leases import (
     IDLE_SECONDS,
@@ -244,6 +245,32 @@ def test_a_reply_weighs_its_values_not_only_its_text() -> None:
     assert gojson.encoded_size(zeros.body, MAX_KEPT_REPLY_BYTES) < MAX_KEPT_REPLY_BYTES
     assert fetches(cache, "zeros", zeros) == 2
     assert fetches(cache, "few", padded(1, 100)) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" + ",".join(["1.5"] * 900) + "]",
+        "[" + ",".join(['{"a":1.5}'] * 900) + "]",
+        "[" + ",".join(["12345"] * 900) + "]",
+        "{" + ",".join(f'"key{i}":{i}' for i in range(900)) + "}",
+        "[" + ",".join(['{"a":[1,{"b":"c"}]}'] * 300) + "]",
+        '{"certificate":"' + "A" * 3000 + '","serial_number":"1a:2b","expiration":1700000000}',
+    ],
+    ids=["floats", "maps-of-a-float", "ints", "map-of-ints", "nested", "certificate"],
+)
+def test_a_reply_weighs_at_least_what_it_holds_decoded(text: str) -> None:
+    """The weight (its JSON, and its values by kind) is never less than what the decoded
+    reply holds: weighed at 64 bytes a value, 900 floats held 1.6 times their weight."""
+    raw = text.encode()
+    tracemalloc.start()
+    try:
+        decoded = gojson.loads(raw)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    weight = gojson.encoded_size(decoded, 10**9) + leases._values_weight(decoded, 10**9)
+    assert held <= weight < 3 * held + 2048
 
 
 def test_a_tiny_share_still_keeps_a_reply() -> None:

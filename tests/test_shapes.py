@@ -4,6 +4,7 @@ format, raw PEM passthrough, templates and writeFile, through the gRPC socket.""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from provider import render
 from tests.conftest import ProviderClient, VaultWorld, files_of, start_provider, versions_of
 from tests.kube_fake import FakePod
 from tests.postgres import Postgres
@@ -470,16 +472,30 @@ def test_every_shape_on_every_engine_is_cut_from_one_reply_and_stable_on_remount
 
 def test_a_response_too_large_names_its_largest_files_only(tmp_path: Path, world: VaultWorld, unique: str) -> None:
     """The message goes to the pod's events: an expandKeys object of thousands of keys made
-    one of megabytes, which gRPC dropped ("metadata size exceeds hard limit")."""
+    one of megabytes, which gRPC dropped ("metadata size exceeds hard limit"). No key's
+    file is built once the files are past the limit (a reply of 99,000 keys cost a second
+    of CPU and 56 MiB before): the message names the largest of those built."""
     client = start_provider(tmp_path, world, max_response_bytes=20_000)
     try:
         pod = kv2_pod(world, unique, {f"k{i:02d}": "v" * (1000 + i) for i in range(40)})
         error = refused(
             client, pod, [{"objectName": "db", "secretPath": f"secret/data/{unique}", "expandKeys": True}], unique
         )
+        sizes = list(
+            itertools.accumulate(1000 + i + len("db/k00") + render.RESPONSE_OVERHEAD_PER_FILE for i in range(40))
+        )
+        built = next(n for n, size in enumerate(sizes, 1) if size > 20_000)
+        assert built < 40
+        assert (
+            f"the files total {sizes[built - 1]} bytes by the first {built} (the rest were not built)"
+            in error.details()
+        )
         assert "over the 20000-byte response limit" in error.details()
-        assert '"db/k39" (1039 bytes)' in error.details() and '"db/k30" (1030 bytes)' in error.details()
-        assert '"db/k29"' not in error.details() and error.details().endswith(" and 30 more")
+        last, tenth = built - 1, built - render.FILES_NAMED
+        assert f'"db/k{last:02d}" ({1000 + last} bytes)' in error.details()
+        assert f'"db/k{tenth:02d}" ({1000 + tenth} bytes)' in error.details()
+        assert f'"db/k{tenth - 1:02d}"' not in error.details() and f'"db/k{built:02d}"' not in error.details()
+        assert error.details().endswith(f" and {built - render.FILES_NAMED} more")
     finally:
         client.close()
 

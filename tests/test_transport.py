@@ -98,10 +98,12 @@ def test_a_defect_reading_one_reply_fails_that_request_and_the_batch_reads_on(
     read_reply = http1.Connection.read_reply
     calls = iter(range(100))
 
-    def first_fails(self: http1.Connection, method: str, max_body_bytes: int) -> http1.Reply:
+    def first_fails(
+        self: http1.Connection, method: str, max_body_bytes: int, count: Callable[[int], None] | None = None
+    ) -> http1.Reply:
         if next(calls) == 0:
             raise RuntimeError("a defect")
-        return read_reply(self, method, max_body_bytes)
+        return read_reply(self, method, max_body_bytes, count)
 
     monkeypatch.setattr(http1.Connection, "read_reply", first_fails)
     requests = [

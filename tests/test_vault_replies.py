@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import socket
 import threading
@@ -111,6 +112,81 @@ def test_unusable_read_replies(
     assert 'object "k"' in error.value.details() and message in error.value.details()
     proxy.clear()
     assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
+
+
+# Credentials as a gateway in front of Vault might echo them: tokens of each kind, a JWT.
+ECHOED = (
+    "s.PAiwIeHIv1GBInFPvyF5qPKo",
+    "hvs.CAESIJ9aZmQyNjU3YjctN2Q4Ni0wNmFiLWJhZmQtYjQ2YjE0",
+    "hvb.AAAAAQJ-b2tlbi1mb3ItYmF0Y2gtYWJjZGVmZ2hpams",
+    "eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2lnbmF0dXJlLXBhcnQ",
+)
+
+
+def test_credentials_echoed_by_an_upstream_never_reach_events_or_logs(
+    proxied: ProviderClient, proxy: FaultProxy, world: VaultWorld, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway answering 502 "upstream rejected token=…", or 400 with the login's body
+    and its JWT: pod events are readable by whoever may view the namespace, and the log by
+    the operators. What looks like a token or a JWT is redacted before it is quoted."""
+    echo = " ".join(f"token={credential}" for credential in ECHOED).encode()
+    login_echo = b'{"errors":["bad request: {\\"jwt\\":\\"%s\\"}"]}' % ECHOED[3].encode()
+    for i, rule in enumerate(
+        (
+            Rule("GET", f"/v1/kv1/{unique}0", status=502, body=b"upstream rejected " + echo),
+            Rule("POST", LOGIN, status=400, body=login_echo),
+        )
+    ):
+        pod, objects = world.kv_pod(f"{unique}{i}")  # a pod of its own: it logs in
+        proxy.clear()
+        proxy.add(rule)
+        with caplog.at_level(logging.DEBUG), pytest.raises(grpc.RpcError) as error:
+            proxied.mount(pod, objects, role=f"{unique}{i}", timeout=10)
+        assert "(redacted)" in error.value.details()
+        for credential in ECHOED:
+            assert credential not in error.value.details()
+            assert credential[:24] not in caplog.text
+        proxy.clear()
+        assert files_of(proxied.mount(pod, objects, role=f"{unique}{i}")) == {"k": b"v"}
+
+
+def test_a_kv_v2_path_without_data_says_what_vault_warns(
+    provider: ProviderClient, world: VaultWorld, unique: str
+) -> None:
+    """OpenBao answers a KV v2 read without data/ 404 with no errors and a warning that
+    says what to fix: the Mount's error carries it, not "no error text"."""
+    world.bao.api("POST", f"secret/data/{unique}", {"data": {"k": "v"}})
+    pod = world.grant(unique, [f"secret/{unique}", f"secret/data/{unique}"])
+    with pytest.raises(grpc.RpcError) as error:
+        provider.mount(pod, [{"objectName": "k", "secretPath": f"secret/{unique}", "secretKey": "k"}], role=unique)
+    assert "Invalid path for a versioned K/V secrets engine" in error.value.details()
+    assert "no error text" not in error.value.details()
+
+
+def test_a_revocation_the_secrets_engine_failed_is_tried_again(
+    proxy: FaultProxy, world: VaultWorld, unique: str
+) -> None:
+    """PostgreSQL refuses concurrent DROP ROLEs ("tuple concurrently updated"), and Vault
+    answers the revocation 400 "failed to revoke entry": a lease read ahead by racing Mounts
+    of one pod was left alive. It is tried again; other refusals are not."""
+    issue = world.pki_engine(f"pki-{unique}", generate_lease=True)
+    lease_id = world.bao.api("PUT", issue, {"common_name": "a.example.com"})["lease_id"]
+    failed = b'{"errors":["failed to revoke entry: resp: (*logical.Response)(nil) err: tuple concurrently updated"]}'
+    proxy.add(Rule("PUT", "/v1/sys/leases/revoke", status=400, body=failed, times=2))
+    client = VaultClient()
+    try:
+        endpoint = Endpoint(address=proxy.url, tls=TLSConfig())
+        client.revoke_lease(endpoint, token=ROOT_TOKEN, lease_id=lease_id, deadline=time.monotonic() + 10)
+        assert proxy.rules[0].hits == 2
+        with pytest.raises(Exception, match="invalid lease"):
+            world.bao.api("PUT", "sys/leases/lookup", {"lease_id": lease_id})
+        proxy.clear()
+        proxy.add(Rule("PUT", "/v1/sys/leases/revoke", status=400, body=b'{"errors":["invalid lease"]}'))
+        with pytest.raises(VaultBadResponse, match="invalid lease"):
+            client.revoke_lease(endpoint, token=ROOT_TOKEN, lease_id=lease_id, deadline=time.monotonic() + 10)
+        assert proxy.rules[0].hits == 1
+    finally:
+        client.close()
 
 
 def test_a_lone_surrogate_in_a_reply_is_written_as_the_reference_writes_it(
