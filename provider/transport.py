@@ -259,7 +259,7 @@ class Pools:
         try:
             made = Pool(target, key.tls)  # outside the lock: loading a CA store takes a while
         except (ssl.SSLError, OSError, ValueError) as e:
-            raise TLSFailed(f"cannot load the TLS files: {_describe(e)}") from None
+            raise TLSFailed(f"cannot load the TLS files{_named_files(key.tls)}: {_describe(e)}") from None
         closing: list[Pool] = []
         with self._lock:
             pool = self._pools.setdefault(key, made)
@@ -496,6 +496,22 @@ def _count_body(size: int) -> None:
     text while it is decoded (json decodes bytes to a str first), and the strings it
     decodes to."""
     replymemory.count(3 * size)
+
+
+def _named_files(tls: TLSConfig) -> str:
+    """Which files the TLS settings name (ssl does not say which one failed): the message
+    says what to fix, never what a file holds."""
+    named = [
+        f"{parameter} {path}"
+        for parameter, path in (
+            ("vaultCACertPath", tls.ca_cert),
+            ("vaultCADirectory", tls.ca_directory),
+            ("vaultTLSClientCertPath", tls.client_cert),
+            ("vaultTLSClientKeyPath", tls.client_key),
+        )
+        if path
+    ]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _describe(error: BaseException) -> str:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -249,3 +251,20 @@ def test_a_silent_server_is_cut_at_the_deadline_and_when_the_transport_closes(sc
         server.join(2)
         for conn in held:
             conn.close()
+
+
+def test_tls_files_that_cannot_be_loaded_are_named(tmp_path: Path) -> None:
+    """`cannot load the TLS files: No such file or directory` left the user to guess which:
+    the message names the file the system names, else the parameters that name files."""
+    pools = transport.Pools()
+    target = Target.parse("https://127.0.0.1:8200")
+    missing = str(tmp_path / "nonexistent" / "ca.pem")
+    with pytest.raises(
+        transport.TLSFailed, match=f"cannot load the TLS files \\(vaultCACertPath {re.escape(missing)}\\)"
+    ):
+        pools.get(target, TLSConfig(ca_cert=missing))
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(transport.TLSFailed) as error:
+        pools.get(target, TLSConfig(ca_cert=str(garbage), client_cert=str(garbage), client_key=str(garbage)))
+    assert f"vaultCACertPath {garbage}" in str(error.value) and "not a certificate" not in str(error.value)
