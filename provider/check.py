@@ -43,7 +43,7 @@ from provider.errors import ConfigError, ProviderError, quote
 from provider.flavour import FLAVOURS, OPENBAO, VAULT, Flavour
 from provider.metrics import Metrics
 from provider.mount import MountedFile, Mounter, MountRequest
-from provider.vault import VaultClient
+from provider.vault import Endpoint, Login, VaultClient
 
 # A Kubernetes Secret's data may total at most 1 MiB.
 SECRET_SIZE_LIMIT = 1024 * 1024
@@ -446,6 +446,31 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
     return 1 if failed else 0
 
 
+class _DryRunVault(VaultClient):
+    """The dry run's Vault client: it remembers the tokens it logs in with, and revokes
+    them when the run ends, and with them the leases they issued (a database user, a
+    certificate's lease): a dry run leaves nothing alive behind it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._logins: list[tuple[Endpoint, str]] = []
+
+    def login(self, endpoint: Endpoint, **kwargs: Any) -> Login:
+        login = super().login(endpoint, **kwargs)
+        self._logins.append((endpoint, login.token))
+        return login
+
+    def revoke_logins(self, out: TextIO) -> None:
+        for endpoint, token in self._logins:
+            try:
+                self.revoke_self(endpoint, token=token, deadline=time.monotonic() + 10)
+            except ProviderError as e:
+                print(f"warning: could not revoke the dry run's Vault token (it expires on its own): {e}", file=out)
+            else:
+                print("revoked the dry run's Vault token, and the leases it issued", file=out)
+        self._logins.clear()
+
+
 def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSettings, out: TextIO) -> bool:
     if not args.jwt_file:
         print("error: --mount needs --jwt-file (e.g. kubectl create token SA --audience vault)", file=out)
@@ -462,7 +487,7 @@ def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSetti
         "csi.storage.k8s.io/serviceAccount.tokens": json.dumps({audience: {"token": jwt}}),
     }
     metrics = Metrics()
-    vault = VaultClient(metrics=metrics)
+    vault = _DryRunVault(metrics=metrics)
     # Versions use a throwaway key: the cluster's key stays in its Secret, untouched.
     key = secrets.token_bytes(kube_module.HMAC_KEY_BYTES)
     mounter = Mounter(
@@ -483,6 +508,7 @@ def _dry_run(report: ClassReport, args: argparse.Namespace, defaults: VaultSetti
         print(f"error: {report.name}: mount failed: {e}", file=out)
         return False
     finally:
+        vault.revoke_logins(out)
         vault.close()
     print(f"files of {report.name} (versions use a throwaway HMAC key):", file=out)
     for mounted in result.files:

@@ -156,6 +156,60 @@ def test_dry_run_mount_prints_files_and_the_synced_secrets(world: VaultWorld, tm
     assert b"PRIVATE KEY" in base64.b64decode(tls["data"]["tls.key"])
 
 
+def test_dry_run_leaves_no_token_or_lease_behind(world: VaultWorld, tmp_path: Path, unique: str) -> None:
+    """Three dry runs of a class issuing a leased certificate left three tokens and three
+    leases alive (database users, with a database class): the run revokes its token, and
+    with it what the token issued."""
+    bao = world.bao
+    issue = world.pki_engine(f"pki-{unique}", generate_lease=True)
+    pod = world.grant(unique, [issue], namespace="app", service_account="app")
+    spc = tmp_path / "spc.yaml"
+    spc.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "secrets-store.csi.x-k8s.io/v1",
+                "kind": "SecretProviderClass",
+                "metadata": {"name": "pki", "namespace": "app"},
+                "spec": {
+                    "provider": "vault",
+                    "parameters": {
+                        "roleName": unique,
+                        "objects": yaml.safe_dump(
+                            [
+                                {
+                                    "objectName": "crt",
+                                    "secretPath": issue,
+                                    "method": "PUT",
+                                    "secretArgs": {"common_name": "a.example.com"},
+                                    "secretKey": "certificate",
+                                }
+                            ]
+                        ),
+                    },
+                },
+            }
+        )
+    )
+    jwt = tmp_path / "token"
+    jwt.write_text(world.kube.pod_token(pod))
+
+    def alive(prefix: str) -> int:
+        reply = bao.api("LIST", f"sys/leases/lookup/{prefix}", expect=(200, 404))
+        return len(reply["data"]["keys"]) if reply and "data" in reply else 0
+
+    tokens = alive("auth/kubernetes/login")
+    for _ in range(3):
+        argv = [str(spc), "--mount", f"--vault-addr={bao.url}", f"--jwt-file={jwt}", "--namespace=app"]
+        status, output = run(*argv, "--service-account=app")
+        assert status == 0, output
+        assert "revoked the dry run's Vault token, and the leases it issued" in output
+    deadline = time.monotonic() + 10  # Vault revokes a revoked token's leases in the background
+    while alive(issue) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(issue) == 0
+    assert alive("auth/kubernetes/login") == tokens
+
+
 def test_dry_run_reports_a_refused_login(world: VaultWorld, tmp_path: Path, unique: str) -> None:
     world.grant(unique, [f"secret/data/{unique}"], namespace="app", service_account="app")
     intruder = world.kube.add_pod("app", f"intruder-{unique}", "intruder")
