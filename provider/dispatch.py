@@ -26,7 +26,7 @@ from typing import Any
 from provider import replymemory
 from provider.admission import Admission, Lane, ParseGate, Ticket
 from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
-from provider.config import DEFAULT_MAX_RESPONSE_BYTES, Route, VaultSettings, peek_route, template_weight
+from provider.config import Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
 from provider.metrics import Metrics
@@ -140,14 +140,12 @@ class MountDispatcher:
         metrics: Metrics,
         defaults: VaultSettings,
         parse_gate: ParseGate | None = None,
-        reply_memory: ReplyMemory | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        reply_memory: ReplyMemory,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`reply_memory` is the node's, shared by its dispatchers (one is made from
-        `max_response_bytes` when none is given)."""
+        """`reply_memory` is the node's, shared by its dispatchers."""
         self._parse_gate = parse_gate or ParseGate()
-        self._reply_memory = reply_memory or ReplyMemory.for_responses(max_response_bytes)
+        self._reply_memory = reply_memory
         self.parsed = ParsedMounts()
         self._answers: set[asyncio.Future[Any]] = set()  # what stop_answering ends
         self._stopping = False
