@@ -91,6 +91,11 @@ class LineTooLong(ProtocolError):
     """A status, header or chunk-size line longer than MAX_LINE."""
 
 
+class NotHTTP(ProtocolError):
+    """The reply does not begin as an HTTP/1.x reply does: the server speaks another
+    protocol (or another HTTP), so asking it again would get the same."""
+
+
 class Closed(Exception):
     """The server closed the connection before any byte of the reply: a kept-alive
     connection it closed while idle."""
@@ -227,7 +232,7 @@ class Connection:
             elif version_text.startswith("HTTP/1."):
                 version = 11
             else:
-                raise ProtocolError("the reply's HTTP version is not 1.x")
+                raise NotHTTP("the reply's HTTP version is not 1.x")
             fields = _header_fields(self._header_lines())
         first = {name.lower(): value for name, value in reversed(fields)}  # the first of a name wins
         chunked = first.get("transfer-encoding", "").lower() == "chunked"
@@ -366,7 +371,7 @@ def _status_line(line: bytes) -> tuple[str, int]:
     text = line.decode("iso-8859-1")
     parts = text.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-        raise ProtocolError("the reply does not start with an HTTP status line")
+        raise NotHTTP("the reply does not start with an HTTP status line")
     code = parts[1].encode("iso-8859-1")
     if len(code) != 3 or _DIGITS.fullmatch(code) is None or code.startswith(b"0"):
         raise ProtocolError("the reply's status is not a number from 100 to 999")

@@ -98,6 +98,10 @@ class TLSFailed(TransportError):
     """The TLS layer failed: certificates, names, handshakes, alerts."""
 
 
+class NotHTTP(TransportError):
+    """The server answered, but not in HTTP/1.x: another protocol listens there."""
+
+
 class TimedOut(TransportError):
     """Connected, but the reply was not complete at the deadline."""
 
@@ -440,6 +444,10 @@ class Transport:
                 raise _Stale() from None
             except http1.TooLarge:
                 raise TooLarge(f"the reply is larger than {self._max_body_bytes} bytes") from None
+            except http1.NotHTTP as e:
+                if guard.expired:
+                    raise TimedOut("the deadline passed") from None
+                raise NotHTTP(str(e)) from None
             except (http1.ProtocolError, OSError) as e:
                 raise self._failure(e, guard) from None
             head = reply.head

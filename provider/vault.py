@@ -45,6 +45,7 @@ from provider.metrics import Metrics
 from provider.transport import (
     NoRoom,
     NotConnected,
+    NotHTTP,
     Reply,
     Request,
     TimedOut,
@@ -417,8 +418,8 @@ class VaultClient:
             self._attempt(
                 endpoint, "GET", "sys/health", token="", params=None, json_body=None, deadline=deadline, replayable=True
             )
-        except _TLSFailure:
-            self._breaker(endpoint).record_success()  # it answered; TLS is the class's own problem
+        except (_TLSFailure, _NotVault):
+            self._breaker(endpoint).record_success()  # it answered; TLS or the address is the class's problem
         except _NotSent:
             raise  # counted by _attempt
         except VaultUnreachable as e:
@@ -507,8 +508,9 @@ class VaultClient:
                 retry_after = reply.retry_after
                 failure: VaultUnreachable | None = None
             except VaultUnreachable as e:
-                # A certificate Vault's client refused is refused again in a second: say so now.
-                retryable = (idempotent or isinstance(e, _NotSent)) and not isinstance(e, _TLSFailure)
+                # A certificate Vault's client refused, or a server speaking another protocol,
+                # is the same a second later: say so now.
+                retryable = (idempotent or isinstance(e, _NotSent)) and not isinstance(e, _TLSFailure | _NotVault)
                 failure = e
             finally:
                 self._count(operation, label, time.monotonic() - started)
@@ -632,6 +634,12 @@ class VaultClient:
             ) from None
         except NoRoom as e:
             raise replymemory.NoRoom(f"{method} {path}: {e}") from None
+        except NotHTTP as e:
+            raise _NotVault(
+                f"{method} {path}: the server at {target.describe()} does not answer as Vault does ({e}): "
+                "check the Vault address (the class's vaultAddress, else the provider's default): its scheme, "
+                "host and port must be those of Vault's API"
+            ) from None
         except TLSFailed as e:
             hint = ""
             # A TLS 1.3 server refuses a missing client certificate after the handshake: an
@@ -809,6 +817,11 @@ class _RedirectNotSent(_NotSent):
 
 class _TLSFailure(VaultUnreachable):
     """The TLS handshake failed: a matter of the class's TLS settings, not of reachability."""
+
+
+class _NotVault(VaultUnreachable):
+    """The server at the address answered in another protocol: a matter of the address,
+    which asking again will not change."""
 
 
 class _NoBreaker:

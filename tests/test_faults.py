@@ -4,7 +4,9 @@ Reads are retried with backoff; writes only when Vault surely did not act."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -252,3 +254,65 @@ def test_the_server_keeps_serving_other_pods_while_vault_is_slow_for_one(
         assert files_of(proxied.mount(pod, objects, role=unique)) == {"k": b"v"}
     assert time.monotonic() - started < 2
     slow.join(10)
+
+
+class _OtherProtocol:
+    """A TCP server on loopback that answers every request as an SSH server greets: the
+    Vault address a class may name by mistake (another service's port)."""
+
+    GREETING = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port = self._server.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="other-protocol", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    if conn.recv(65536):
+                        self.requests += 1
+                        conn.sendall(self.GREETING)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+
+def test_a_server_speaking_another_protocol_fails_the_mount_at_once_naming_the_address(
+    provider: ProviderClient,
+    world: VaultWorld,
+    kv,
+    unique: str,  # type: ignore[no-untyped-def]
+) -> None:
+    # Not "cannot reach Vault", retried to the deadline: it was reached, it is not Vault,
+    # and asking again gets the same greeting.
+    pod, objects = kv
+    other = _OtherProtocol()
+    try:
+        address = f"http://127.0.0.1:{other.port}"
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            provider.mount(pod, objects, role=unique, vaultAddress=address, timeout=10)
+        assert time.monotonic() - started < 2
+        assert other.requests == 1
+        assert error.value.code() == grpc.StatusCode.UNKNOWN
+        details = error.value.details()
+        assert f"the server at {address} does not answer as Vault does" in details, details
+        assert "does not start with an HTTP status line" in details
+        assert "vaultAddress" in details
+        assert "cannot reach" not in details
+        assert files_of(provider.mount(pod, objects, role=unique)) == {"k": b"v"}  # the provider serves on
+    finally:
+        other.close()
