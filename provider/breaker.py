@@ -228,10 +228,15 @@ class Breakers:
             if breaker is not None:
                 self._breakers.move_to_end(key)
                 return breaker
-            breaker = self._breakers[key] = Breaker(key, clock=self._clock, rng=self._rng, on_change=self._on_change)
+            breaker = self._breakers[key] = Breaker(key, clock=self._clock, rng=self._rng, on_change=self._changed)
             while len(self._breakers) > self._max:
-                # Forget the least recently used, preferring closed ones (they hold nothing).
-                victim = next((k for k, b in self._breakers.items() if b.state is State.CLOSED), None)
+                # Forget the least recently used, preferring closed ones (they hold nothing),
+                # and never the one just made: with the registry full of open breakers (a
+                # class naming a thousand dead addresses), each new one was forgotten before
+                # it could count a second failure, and no other Vault could open a breaker.
+                victim = next(
+                    (k for k, b in self._breakers.items() if b.state is State.CLOSED and b is not breaker), None
+                )
                 if victim is None:
                     victim = next(iter(self._breakers))
                 forgotten.append(self._breakers.pop(victim).key)
@@ -243,3 +248,11 @@ class Breakers:
     def __len__(self) -> int:
         with self._lock:
             return len(self._breakers)
+
+    def _changed(self, key: EndpointKey, state: State) -> None:
+        """A breaker's change, told on while it is still the registry's: one forgotten
+        while a Mount held it would otherwise bring back the series dropped with it."""
+        with self._lock:
+            known = key in self._breakers
+        if known and self._on_change is not None:
+            self._on_change(key, state)

@@ -1,7 +1,11 @@
 """Prometheus metrics, in the provider's own registry.
 
 Labels are low-cardinality by construction: outcomes, gRPC codes, operations and HTTP
-status classes. Never a pod, a path or a value.
+status classes. Never a pod, a path or a value. One exception is bounded instead: the
+breaker's series (breaker_state, and mounts_refused for an open breaker) carry the
+failing endpoint's address and Vault namespace, which a class chooses. They exist only
+for an endpoint that has failed, are removed with its breaker, and number at most
+breaker.MAX_BREAKERS, however many addresses the node's classes name.
 """
 
 from __future__ import annotations

@@ -171,6 +171,29 @@ def test_the_registry_is_bounded_and_forgets_closed_breakers_first() -> None:
     assert EndpointKey(address="http://down") not in forgotten and len(forgotten) >= 2
 
 
+def test_a_registry_full_of_open_breakers_still_keeps_a_new_one() -> None:
+    # A class naming many dead addresses fills the registry with open breakers; another
+    # Vault that fails next still gets a breaker that counts its failures and opens.
+    forgotten: list[EndpointKey] = []
+    changes: list[tuple[EndpointKey, State]] = []
+    breakers = Breakers(max_breakers=3, on_forget=forgotten.append, on_change=lambda k, s: changes.append((k, s)))
+    dead = [breakers.get(EndpointKey(address=f"http://dead{i}")) for i in range(3)]
+    for breaker in dead:
+        fail(breaker, FAILURES_TO_OPEN)
+    new_key = EndpointKey(address="http://new")
+    for _ in range(FAILURES_TO_OPEN):
+        breakers.get(new_key).record_failure("connection refused")  # as vault.py does: a get per failure
+    new = breakers.get(new_key)
+    assert new.state is State.OPEN
+    assert forgotten == [dead[0].key]  # the least recently used, open as it was
+    # The forgotten one, still held by a Mount, changes state: nobody is told (its metric
+    # series went with it).
+    told = len(changes)
+    fail(dead[0], FAILURES_TO_OPEN)
+    dead[0].record_success()
+    assert len(changes) == told
+
+
 @pytest.mark.parametrize(
     "address",
     [

@@ -176,6 +176,35 @@ def test_a_hundred_pods_against_a_dead_vault_fail_fast_once_it_is_known_down(
     assert refused is not None and refused >= 190
 
 
+def test_breaker_series_are_bounded_however_many_addresses_classes_name(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    # The breaker's series carry a class-chosen address: as many breakers as the registry
+    # keeps, and a forgotten breaker's series go with it.
+    client = start_provider(tmp_path, world)
+    try:
+        breakers, registry = client.app.breakers, client.app.metrics.registry
+        breakers._max = 3  # the bound is MAX_BREAKERS (1024); three shows it as well
+        addresses = [f"http://{unique}-{i}.invalid:8200" for i in range(6)]
+        for address in addresses:
+            breaker = breakers.get(EndpointKey(address=address))
+            while breaker.state is State.CLOSED:
+                breaker.record_failure("connection refused")
+
+        def series(metric: str) -> set[str]:
+            return {
+                sample.labels["address"]
+                for family in registry.collect()
+                if family.name == metric
+                for sample in family.samples
+            }
+
+        assert series("vault_csi_provider_breaker_state") == set(addresses[-3:])
+        assert len(breakers) == 3
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("fault", ["dead", "slow", "logins-refused"])
 def test_ten_times_more_mounts_than_threads_all_get_a_final_answer_in_time(
     tmp_path: Path, world: VaultWorld, proxy: FaultProxy, good: Tenant, unique: str, fault: str
