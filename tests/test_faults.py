@@ -292,7 +292,6 @@ class _OtherProtocol:
 
 def test_a_server_speaking_another_protocol_fails_the_mount_at_once_naming_the_address(
     provider: ProviderClient,
-    world: VaultWorld,
     kv,
     unique: str,  # type: ignore[no-untyped-def]
 ) -> None:
