@@ -222,8 +222,9 @@ class App:
     def _breaker_forgotten(self, key: EndpointKey) -> None:
         with contextlib.suppress(KeyError):
             self.metrics.breaker_state.remove(key.address, key.namespace)
-        with contextlib.suppress(KeyError):
-            self.metrics.mounts_refused.remove(key.address, "vault_unreachable")
+        if not self.breakers.has_address(key.address):  # the count is by address; another namespace's may be open
+            with contextlib.suppress(KeyError):
+                self.metrics.mounts_refused.remove(key.address, "vault_unreachable")
 
     @property
     def health_address(self) -> str:

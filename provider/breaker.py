@@ -20,18 +20,22 @@ bulkheads in admission.py contain slowness instead.
 
 Breakers are keyed by endpoint (address and namespace), kept in a bounded registry,
 and thread-safe: Vault requests report from worker threads, admission reads them on
-the event loop.
+the event loop. A class chooses its address, so the registry is shared fairly: each
+breaker counts against the pod namespace whose Mount made it (TENANT), one namespace
+keeps at most MAX_BREAKERS_PER_NAMESPACE, and past that its own least recently used
+breaker is forgotten, not another namespace's.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from provider.address import Target
@@ -57,6 +61,12 @@ JITTER = (0.5, 1.5)
 PROBE_TIMEOUT_SECONDS = 2.0
 # Endpoints remembered at most; the least recently used closed one is forgotten first.
 MAX_BREAKERS = 1024
+# Breakers one pod namespace's Mounts may make: a class naming a thousand dead addresses
+# fills its own share, not the node's registry.
+MAX_BREAKERS_PER_NAMESPACE = 64
+# The pod namespace of the Mount this thread (or task) works for: what a new breaker counts
+# against. Set by the dispatcher; "" for work outside a Mount (the check tool).
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("breaker_tenant", default="")
 
 
 class State(enum.IntEnum):
@@ -106,6 +116,7 @@ class Breaker:
         on_change: StateListener | None = None,
     ) -> None:
         self.key = key
+        self.tenant = TENANT.get()  # whose Mount made it: its registry share counts it
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng or random.Random()
@@ -207,19 +218,27 @@ class Breakers:
         on_change: StateListener | None = None,
         on_forget: Callable[[EndpointKey], None] | None = None,
         max_breakers: int = MAX_BREAKERS,
+        max_per_namespace: int = MAX_BREAKERS_PER_NAMESPACE,
     ) -> None:
         self._clock = clock
         self._rng = rng or random.Random()
         self._on_change = on_change
         self._on_forget = on_forget
         self._max = max_breakers
-        self._breakers: OrderedDict[Hashable, Breaker] = OrderedDict()
+        self._max_per_namespace = max_per_namespace
+        self._breakers: OrderedDict[EndpointKey, Breaker] = OrderedDict()
+        self._made: dict[str, int] = {}  # breakers kept, by the namespace that made them
         self._lock = threading.Lock()
 
     def peek(self, key: EndpointKey) -> Breaker | None:
-        """The endpoint's breaker if it ever saw a failure; none is made for looking."""
+        """The endpoint's breaker if it ever saw a failure; none is made for looking. A
+        breaker looked at is in use (an open one refusing Mounts most of all): it is
+        the last to be forgotten."""
         with self._lock:
-            return self._breakers.get(key)
+            breaker = self._breakers.get(key)
+            if breaker is not None:
+                self._breakers.move_to_end(key)
+            return breaker
 
     def get(self, key: EndpointKey) -> Breaker:
         forgotten: list[EndpointKey] = []
@@ -229,25 +248,39 @@ class Breakers:
                 self._breakers.move_to_end(key)
                 return breaker
             breaker = self._breakers[key] = Breaker(key, clock=self._clock, rng=self._rng, on_change=self._changed)
+            made = self._made[breaker.tenant] = self._made.get(breaker.tenant, 0) + 1
+            # Forget the least recently used, preferring closed ones (they hold nothing), and
+            # never the one just made (with the registry full of open breakers, each new one
+            # was forgotten before it could count a second failure): first within the
+            # namespace that made it, past its share; then within the whole registry.
+            if made > self._max_per_namespace:
+                forgotten.append(self._forget(breaker, lambda b: b.tenant == breaker.tenant))
             while len(self._breakers) > self._max:
-                # Forget the least recently used, preferring closed ones (they hold nothing),
-                # and never the one just made: with the registry full of open breakers (a
-                # class naming a thousand dead addresses), each new one was forgotten before
-                # it could count a second failure, and no other Vault could open a breaker.
-                victim = next(
-                    (k for k, b in self._breakers.items() if b.state is State.CLOSED and b is not breaker), None
-                )
-                if victim is None:
-                    victim = next(iter(self._breakers))
-                forgotten.append(self._breakers.pop(victim).key)
+                forgotten.append(self._forget(breaker, lambda b: True))
         for old in forgotten:
             if self._on_forget is not None:
                 self._on_forget(old)
         return breaker
 
+    def _forget(self, new: Breaker, among: Callable[[Breaker], bool]) -> EndpointKey:
+        """Drop the least recently used breaker `among` allows, a closed one if any, never
+        `new`; with the lock held. Its key, for on_forget."""
+        candidates = [b for b in self._breakers.values() if b is not new and among(b)]
+        victim = next((b for b in candidates if b.state is State.CLOSED), candidates[0])
+        del self._breakers[victim.key]
+        self._made[victim.tenant] -= 1
+        if not self._made[victim.tenant]:
+            del self._made[victim.tenant]
+        return victim.key
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._breakers)
+
+    def has_address(self, address: str) -> bool:
+        """Whether a breaker is kept for the address, in any Vault namespace."""
+        with self._lock:
+            return any(key.address == address for key in self._breakers)
 
     def _changed(self, key: EndpointKey, state: State) -> None:
         """A breaker's change, told on while it is still the registry's: one forgotten

@@ -25,7 +25,7 @@ from typing import Any
 
 from provider import replymemory
 from provider.admission import Admission, Lane, ParseGate, Ticket
-from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
+from provider.breaker import TENANT, Breaker, Breakers, EndpointKey, Verdict
 from provider.config import Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
@@ -247,7 +247,11 @@ class MountDispatcher:
         try:
             if self._stopping:  # stop_answering ran while this Mount was being admitted
                 raise MountRejected(STOPPING)
-            on_loop = await self._mounter.mount_on_loop(plan, deadline=deadline, done=done)
+            tenant = TENANT.set(plan.config.pod.namespace)  # this task's: whose share a new breaker takes
+            try:
+                on_loop = await self._mounter.mount_on_loop(plan, deadline=deadline, done=done)
+            finally:
+                TENANT.reset(tenant)
         except MountRejected:  # shutting down
             ticket.release()
             raise
@@ -293,6 +297,7 @@ class MountDispatcher:
     ) -> MountResult:
         memory = self._reply_memory.mount(dispatched.route.tenant[0])
         counting = replymemory.CURRENT.set(memory)
+        tenant = TENANT.set(dispatched.route.tenant[0])  # whose share a new breaker takes
         try:
             plan = dispatched.plan
             if plan is None:
@@ -306,6 +311,7 @@ class MountDispatcher:
                 self._probe(plan, probe, deadline)
             return self._mounter.mount_plan(plan, deadline=deadline, lanes=ticket, read_ahead=read_ahead)
         finally:
+            TENANT.reset(tenant)
             replymemory.CURRENT.reset(counting)
             memory.close()
             ticket.release()

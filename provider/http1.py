@@ -368,6 +368,8 @@ def _status_line(line: bytes) -> tuple[str, int]:
     """The version and status of a status line, as http.client reads them."""
     if not line:
         raise ProtocolError("the connection was closed before the status line")
+    if not line.endswith(b"\n"):  # closed within it: cut short, whatever came of it
+        raise ProtocolError("the reply was cut short in its status line")
     text = line.decode("iso-8859-1")
     parts = text.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/"):

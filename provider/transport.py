@@ -58,6 +58,11 @@ MAX_POOLS = 64
 # How late the watchdog may cut an exchange past its deadline, at most: Mount deadlines
 # keep a 0.5 s margin to the caller's, so 50 ms of slack costs nothing.
 WATCHDOG_TICK_SECONDS = 0.05
+# A connect (and TLS handshake) that the deadline cut with less time than this says
+# nothing of the server: it is the caller's timeout, not a connection failure, and a
+# circuit breaker shared by every class of that Vault does not count it. With more, a
+# server that did not accept, or finish its handshake, is down or overloaded.
+CONNECT_EVIDENCE_SECONDS = 1.0
 # Errors of sending on a kept-alive connection the server closed while it sat idle (a
 # close before any byte of the reply is http1.Closed): a request that may be sent twice
 # is sent again on a new one.
@@ -404,6 +409,9 @@ class Transport:
                     conn = pool.connect(remaining, guard.attach)
                 except (OSError, ValueError) as e:  # ValueError: a name TLS cannot carry
                     if guard.expired or isinstance(e, TimeoutError):  # cut, or slow: nothing was sent
+                        if remaining < CONNECT_EVIDENCE_SECONDS:
+                            # The Mount's own deadline ended it: no sign the server is down.
+                            raise TimedOut(f"no connection within the {remaining:.2f}s left") from None
                         raise NotConnected(f"no connection within {remaining:.1f}s") from None
                     if isinstance(e, ssl.SSLError | ValueError):
                         raise TLSFailed(_describe(e)) from None

@@ -566,6 +566,14 @@ class VaultClient:
                 if hop_count:  # the endpoint answered; the node it sent us to did not
                     raise _RedirectNotSent(str(e)) from None
                 raise
+            except _NotVault as e:
+                if hop_count:  # the class's address is Vault's; the node it sent us to is not
+                    raise _NotVault(
+                        f"{method} {path}: Vault at {endpoint.target.describe()} redirected to {target.describe()}, "
+                        f"which does not answer as Vault does ({e.cause}): check the api_addr of Vault's nodes",
+                        cause=e.cause,
+                    ) from None
+                raise
             if not _redirect(reply):
                 break
             # A standby sends writes to the active node; follow, as Vault's own client does,
@@ -638,7 +646,8 @@ class VaultClient:
             raise _NotVault(
                 f"{method} {path}: the server at {target.describe()} does not answer as Vault does ({e}): "
                 "check the Vault address (the class's vaultAddress, else the provider's default): its scheme, "
-                "host and port must be those of Vault's API"
+                "host and port must be those of Vault's API",
+                cause=str(e),
             ) from None
         except TLSFailed as e:
             hint = ""
@@ -821,7 +830,11 @@ class _TLSFailure(VaultUnreachable):
 
 class _NotVault(VaultUnreachable):
     """The server at the address answered in another protocol: a matter of the address,
-    which asking again will not change."""
+    which asking again will not change. `cause`: what was wrong with its reply."""
+
+    def __init__(self, message: str, *, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class _NoBreaker:

@@ -11,6 +11,7 @@ from provider.breaker import (
     JITTER,
     OPEN_BASE_SECONDS,
     OPEN_MAX_SECONDS,
+    TENANT,
     Breaker,
     Breakers,
     EndpointKey,
@@ -192,6 +193,45 @@ def test_a_registry_full_of_open_breakers_still_keeps_a_new_one() -> None:
     fail(dead[0], FAILURES_TO_OPEN)
     dead[0].record_success()
     assert len(changes) == told
+
+
+def _as(namespace: str, breakers: Breakers, key: EndpointKey) -> Breaker:
+    """The breaker a Mount of pod namespace `namespace` gets (the dispatcher sets TENANT)."""
+    token = TENANT.set(namespace)
+    try:
+        return breakers.get(key)
+    finally:
+        TENANT.reset(token)
+
+
+def test_one_namespace_fills_its_own_share_of_the_registry_not_the_node_s() -> None:
+    # The review's ping-pong: with the registry full, an attacker's new breaker between
+    # each of the victim's failures evicted the victim's (its only closed one), so the
+    # victim's dead Vault never got an open breaker.
+    breakers = Breakers(max_breakers=8, max_per_namespace=3)
+    attacker = [_as("attacker", breakers, EndpointKey(address=f"http://dead{i}")) for i in range(20)]
+    for breaker in attacker:
+        fail(breaker, FAILURES_TO_OPEN)
+    assert len(breakers) == 3  # its share, whatever it names
+    victim_key = EndpointKey(address="http://victim")
+    for i in range(FAILURES_TO_OPEN):
+        _as("victim", breakers, victim_key).record_failure("connection refused")
+        fail(_as("attacker", breakers, EndpointKey(address=f"http://more{i}")), FAILURES_TO_OPEN)
+    victim = breakers.peek(victim_key)
+    assert victim is not None and victim.state is State.OPEN
+
+
+def test_an_open_breaker_refusing_mounts_is_not_forgotten_for_newer_ones() -> None:
+    # Many namespaces, each within its share, fill the registry: a breaker whose Mounts are
+    # being refused (looked at) stays; an unused one goes first.
+    breakers = Breakers(max_breakers=4, max_per_namespace=2)
+    victim_key = EndpointKey(address="http://victim")
+    fail(_as("victim", breakers, victim_key), FAILURES_TO_OPEN)
+    for i in range(12):
+        fail(_as(f"team-{i}", breakers, EndpointKey(address=f"http://dead{i}")), FAILURES_TO_OPEN)
+        refusing = breakers.peek(victim_key)  # the victim's next Mount, refused at admission
+        assert refusing is not None and refusing.state is State.OPEN
+    assert len(breakers) == 4
 
 
 @pytest.mark.parametrize(

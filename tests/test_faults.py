@@ -315,3 +315,28 @@ def test_a_server_speaking_another_protocol_fails_the_mount_at_once_naming_the_a
         assert files_of(provider.mount(pod, objects, role=unique)) == {"k": b"v"}  # the provider serves on
     finally:
         other.close()
+
+
+def test_a_redirect_to_a_node_speaking_another_protocol_names_both_and_not_the_class_address(
+    proxied: ProviderClient,
+    proxy: FaultProxy,
+    kv,
+    unique: str,  # type: ignore[no-untyped-def]
+) -> None:
+    # The class's address is Vault's (a standby); the active node it names is not: the
+    # advice is Vault's api_addr, not the class's vaultAddress.
+    pod, objects = kv
+    other = _OtherProtocol()
+    try:
+        node = f"http://127.0.0.1:{other.port}"
+        proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=307, headers={"Location": f"{node}/v1/kv1/{unique}"}))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            proxied.mount(pod, objects, role=unique, timeout=10)
+        assert time.monotonic() - started < 2
+        details = error.value.details()
+        assert f"Vault at {proxy.url} redirected to {node}, which does not answer as Vault does" in details, details
+        assert "check the api_addr of Vault's nodes" in details
+        assert "vaultAddress" not in details
+    finally:
+        other.close()

@@ -164,6 +164,8 @@ def test_a_hundred_pods_against_a_dead_vault_fail_fast_once_it_is_known_down(
     assert max(times) < 0.1, sorted(times)[-5:]
     metrics = provider.app.metrics.registry
     address = bad.params["vaultAddress"]
+    made = provider.app.breakers.peek(EndpointKey.of(address))
+    assert made is not None and made.tenant == "noisy"  # its Mounts' pod namespace's share holds it
     assert metrics.get_sample_value(
         "vault_csi_provider_breaker_state", {"address": address, "vault_namespace": ""}
     ) in (
@@ -201,6 +203,36 @@ def test_breaker_series_are_bounded_however_many_addresses_classes_name(
 
         assert series("vault_csi_provider_breaker_state") == set(addresses[-3:])
         assert len(breakers) == 3
+    finally:
+        client.close()
+
+
+def test_refusals_counted_by_address_outlive_one_vault_namespace_s_breaker(
+    tmp_path: Path, world: VaultWorld, unique: str
+) -> None:
+    # mounts_refused is by address; breakers by address and Vault namespace. Forgetting one
+    # namespace's breaker keeps the count while another's for that address is kept.
+    client = start_provider(tmp_path, world)
+    try:
+        breakers, metrics = client.app.breakers, client.app.metrics
+        breakers._max = 2
+        address = f"http://{unique}.invalid:8200"
+        for key in (EndpointKey(address=address, namespace="team-a"), EndpointKey(address=address, namespace="team-b")):
+            breaker = breakers.get(key)
+            while breaker.state is State.CLOSED:
+                breaker.record_failure("connection refused")
+        metrics.mounts_refused.labels(address, "vault_unreachable").inc(2)  # as the dispatcher counts refusals
+
+        def refused() -> float | None:
+            return metrics.registry.get_sample_value(
+                "vault_csi_provider_mounts_refused_total", {"address": address, "reason": "vault_unreachable"}
+            )
+
+        for i, kept in ((0, 2.0), (1, None)):  # each new breaker forgets the oldest of these
+            other = breakers.get(EndpointKey(address=f"http://{unique}-{i}.invalid:8200"))
+            while other.state is State.CLOSED:
+                other.record_failure("connection refused")
+            assert refused() == kept
     finally:
         client.close()
 

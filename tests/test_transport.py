@@ -18,6 +18,7 @@ import pytest
 
 from provider import http1, transport
 from provider.address import Target
+from provider.breaker import FAILURES_TO_OPEN, Breakers, EndpointKey
 from provider.config import TLSConfig
 from provider.errors import VaultUnreachable
 from provider.vault import Endpoint, VaultClient
@@ -211,14 +212,19 @@ def test_a_silent_server_is_cut_at_the_deadline_and_when_the_transport_closes(sc
     sender = transport.Transport(max_body_bytes=1 << 20)
     target = Target.parse(f"{scheme}://127.0.0.1:{listener.getsockname()[1]}")
     tls = TLSConfig(skip_verify=True)
-    # Over TLS the handshake never ends: nothing was sent, so the request was never made.
-    cut: type[transport.TransportError] = transport.TimedOut if scheme == "http" else transport.NotConnected
+    # Over TLS the handshake never ends: nothing was sent, so the request was never made. Cut
+    # with under CONNECT_EVIDENCE_SECONDS left, that is the caller's timeout, not a failure to
+    # connect (a breaker does not count it); with more, it is.
+    short = 0.3
+    assert short < transport.CONNECT_EVIDENCE_SECONDS
+    cut: type[transport.TransportError] = transport.TimedOut
+    long_cut: type[transport.TransportError] = transport.TimedOut if scheme == "http" else transport.NotConnected
     try:
-        batch = [transport.Request(target, tls, "GET", f"/v1/kv/{i}", None, {}, 0.3, True) for i in range(3)]
+        batch = [transport.Request(target, tls, "GET", f"/v1/kv/{i}", None, {}, short, True) for i in range(3)]
         started = time.monotonic()
         outcomes = _within(5, lambda: sender.send_many(batch))
         assert isinstance(outcomes, list) and isinstance(outcomes[0], cut), outcomes
-        assert time.monotonic() - started < 0.3 + 4 * transport.WATCHDOG_TICK_SECONDS + 0.3
+        assert time.monotonic() - started < short + 4 * transport.WATCHDOG_TICK_SECONDS + 0.3
         if scheme == "http":
             assert all(isinstance(o, cut) for o in outcomes), outcomes
         else:  # a batch connects one at a time: a handshake that never ends takes its time
@@ -239,7 +245,7 @@ def test_a_silent_server_is_cut_at_the_deadline_and_when_the_transport_closes(sc
         sender.close()
         long.join(5)
         assert time.monotonic() - closed < 1.0
-        assert isinstance(outcomes[-1], cut) and "no time left" not in str(outcomes[-1]), outcomes[-1]
+        assert isinstance(outcomes[-1], long_cut) and "no time left" not in str(outcomes[-1]), outcomes[-1]
         after = _within(5, lambda: sender.send(target, tls, "GET", "/after", None, {}, 30.0, replayable=True))
         assert isinstance(after, transport.TimedOut) and "no time left" in str(after)
         time.sleep(0.1)
@@ -268,3 +274,52 @@ def test_tls_files_that_cannot_be_loaded_are_named(tmp_path: Path) -> None:
     with pytest.raises(transport.TLSFailed) as error:
         pools.get(target, TLSConfig(ca_cert=str(garbage), client_cert=str(garbage), client_key=str(garbage)))
     assert f"vaultCACertPath {garbage}" in str(error.value) and "not a certificate" not in str(error.value)
+
+
+class _SilentTLS:
+    """Accepts TCP connections on loopback and never says a word: a TLS handshake with it
+    lasts until the client gives up."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self.port = self._server.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent-tls", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                self._held.append(self._server.accept()[0])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._server.close()
+
+
+def test_a_connect_the_mounts_own_deadline_cuts_short_is_not_the_endpoints_failure() -> None:
+    # A class whose Mounts start with little time left must not open the breaker that every
+    # class of that Vault shares; a connect given a second or more that does not finish does
+    # count.
+    server = _SilentTLS()
+    breakers = Breakers()
+    client = VaultClient(breakers=breakers)
+    endpoint = Endpoint(address=f"https://127.0.0.1:{server.port}", tls=TLSConfig())
+    key = EndpointKey.of(endpoint.address)
+    try:
+        for _ in range(FAILURES_TO_OPEN + 1):
+            with pytest.raises(VaultUnreachable, match="did not answer within"):
+                client.read(endpoint, token="t", method="GET", path="kv/x", deadline=time.monotonic() + 0.2)
+        assert breakers.peek(key) is None  # made only to record a failure: none was
+        with pytest.raises(VaultUnreachable, match="cannot reach Vault"):
+            started = time.monotonic()
+            client.read(endpoint, token="t", method="GET", path="kv/x", deadline=started + 1.2)
+        assert breakers.peek(key) is not None
+    finally:
+        client.close()
+        server.close()
