@@ -146,6 +146,15 @@ class Breaker:
         self._notify(State.HALF_OPEN)
         return Verdict.PROBE
 
+    def give_back_probe(self) -> None:
+        """The probing Mount did not probe (no time left for it): open again, with the
+        probe due at once, for the next Mount."""
+        with self._lock:
+            if self.state is not State.HALF_OPEN:
+                return
+            self.state = State.OPEN
+        self._notify(State.OPEN)
+
     def refusal(self) -> VaultCircuitOpen | None:
         """The error for a Mount waiting to start, if the breaker opened meanwhile."""
         with self._lock:

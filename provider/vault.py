@@ -43,6 +43,7 @@ from provider.errors import (
 )
 from provider.metrics import Metrics
 from provider.transport import (
+    CONNECT_EVIDENCE_SECONDS,
     NoRoom,
     NotConnected,
     NotHTTP,
@@ -412,7 +413,13 @@ class VaultClient:
 
     def probe(self, endpoint: Endpoint, *, deadline: float) -> None:
         """One request, no retry: does Vault at endpoint answer at all? Any HTTP status
-        counts; raises VaultUnreachable when the connection fails."""
+        counts; raises VaultUnreachable when the connection fails. A Mount left with
+        under CONNECT_EVIDENCE_SECONDS (it waited for a bulkhead) gives the probe back
+        untried: its failure would say nothing of Vault, and would keep the breaker every
+        class of that Vault shares open; the next Mount probes."""
+        if deadline - time.monotonic() < CONNECT_EVIDENCE_SECONDS:
+            self._breaker(endpoint).give_back_probe()
+            raise VaultUnreachable(f"no time left to probe Vault at {endpoint.target.describe()}")
         deadline = min(deadline, time.monotonic() + PROBE_TIMEOUT_SECONDS)
         try:
             self._attempt(
@@ -846,6 +853,9 @@ class _NoBreaker:
 
     def refusal(self) -> VaultCircuitOpen | None:
         return None
+
+    def give_back_probe(self) -> None:
+        pass
 
 
 _NO_BREAKER = _NoBreaker()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -18,7 +19,10 @@ from provider.breaker import (
     State,
     Verdict,
 )
-from provider.errors import VaultCircuitOpen
+from provider.config import TLSConfig
+from provider.errors import VaultCircuitOpen, VaultUnreachable
+from provider.vault import Endpoint, VaultClient
+from tests.openbao import free_port
 
 KEY = EndpointKey(address="https://vault.example:8200", namespace="team")
 
@@ -247,3 +251,29 @@ def test_an_open_breaker_refusing_mounts_is_not_forgotten_for_newer_ones() -> No
 def test_addresses_that_could_mean_two_places_have_no_key(address: str) -> None:
     with pytest.raises(ValueError):
         EndpointKey.of(address)
+
+
+def test_a_probe_with_too_little_time_left_is_given_to_the_next_mount() -> None:
+    # A Mount that waited for a bulkhead may be elected the probe with a fraction of a
+    # second left: a probe that short says nothing of Vault, and its failure would keep
+    # the breaker every class of that Vault shares open. It is given back, untried.
+    clock = Clock()
+    breakers = Breakers(clock=clock)
+    client = VaultClient(breakers=breakers)
+    endpoint = Endpoint(address=f"http://127.0.0.1:{free_port()}", tls=TLSConfig())
+    down = breakers.get(EndpointKey.of(endpoint.address))
+    fail(down, FAILURES_TO_OPEN)
+    clock.now += OPEN_MAX_SECONDS * JITTER[1]
+    try:
+        assert down.check() is Verdict.PROBE
+        with pytest.raises(VaultUnreachable, match="no time left to probe"):
+            client.probe(endpoint, deadline=time.monotonic() + 0.3)
+        assert down.state is State.OPEN
+        assert down.check() is Verdict.PROBE  # the next Mount probes, at once
+        with pytest.raises(VaultUnreachable, match="cannot reach Vault"):  # with time: tried, and counted
+            client.probe(endpoint, deadline=time.monotonic() + 5)
+        assert down.state is State.OPEN
+        with pytest.raises(VaultCircuitOpen):  # the failed probe paused it again
+            down.check()
+    finally:
+        client.close()
