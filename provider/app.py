@@ -217,6 +217,9 @@ class App:
 
     def _breaker_changed(self, key: EndpointKey, state: State) -> None:
         self.metrics.breaker_state.labels(key.address, key.namespace).set(int(state))
+        if not self.breakers.has(key):  # forgotten meanwhile: its series is not brought back
+            with contextlib.suppress(KeyError):
+                self.metrics.breaker_state.remove(key.address, key.namespace)
         self.admission.wake()  # Mounts waiting for that endpoint may now be answered at once
 
     def _breaker_forgotten(self, key: EndpointKey) -> None:

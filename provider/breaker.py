@@ -117,6 +117,7 @@ class Breaker:
     ) -> None:
         self.key = key
         self.tenant = TENANT.get()  # whose Mount made it: its registry share counts it
+        self.shared = False  # another namespace's Mounts used it too (Breakers.get and peek)
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng or random.Random()
@@ -130,6 +131,11 @@ class Breaker:
         self._last_error = ""
         self._probe_at = 0.0
         self._probe_started = 0.0
+
+    @property
+    def idle(self) -> bool:
+        """Closed and counting no failure: it holds nothing worth keeping."""
+        return self.state is State.CLOSED and self._failures == 0
 
     def check(self) -> Verdict:
         """Whether a new Mount may go to this endpoint; raises VaultCircuitOpen if not."""
@@ -217,7 +223,8 @@ class Breaker:
 
 
 class Breakers:
-    """A breaker per endpoint, created on first use; bounded, thread-safe."""
+    """A breaker per endpoint, created on first use; bounded, thread-safe, and shared
+    fairly between pod namespaces (module docstring)."""
 
     def __init__(
         self,
@@ -235,61 +242,88 @@ class Breakers:
         self._on_forget = on_forget
         self._max = max_breakers
         self._max_per_namespace = max_per_namespace
-        self._breakers: OrderedDict[EndpointKey, Breaker] = OrderedDict()
-        self._made: dict[str, int] = {}  # breakers kept, by the namespace that made them
+        self._breakers: OrderedDict[EndpointKey, Breaker] = OrderedDict()  # least recently used first
+        self._made: dict[str, int] = {}  # breakers kept, by the namespace charged for them
+        self._addresses: dict[str, int] = {}  # breakers kept, by address (Vault namespaces aside)
         self._lock = threading.Lock()
 
-    def peek(self, key: EndpointKey) -> Breaker | None:
+    def peek(self, key: EndpointKey, *, tenant: str | None = None) -> Breaker | None:
         """The endpoint's breaker if it ever saw a failure; none is made for looking. A
-        breaker looked at is in use (an open one refusing Mounts most of all): it is
-        the last to be forgotten."""
+        breaker looked at is in use (an open one refusing Mounts most of all): it is the
+        last to be forgotten. `tenant`: the pod namespace of the Mount that looks."""
         with self._lock:
             breaker = self._breakers.get(key)
             if breaker is not None:
                 self._breakers.move_to_end(key)
+                if tenant is not None and tenant != breaker.tenant:
+                    breaker.shared = True
             return breaker
 
     def get(self, key: EndpointKey) -> Breaker:
+        """The endpoint's breaker, made (and charged to TENANT) if there is none."""
+        tenant = TENANT.get()
         forgotten: list[EndpointKey] = []
         with self._lock:
             breaker = self._breakers.get(key)
             if breaker is not None:
                 self._breakers.move_to_end(key)
+                if tenant != breaker.tenant:
+                    breaker.shared = True
                 return breaker
             breaker = self._breakers[key] = Breaker(key, clock=self._clock, rng=self._rng, on_change=self._changed)
-            made = self._made[breaker.tenant] = self._made.get(breaker.tenant, 0) + 1
-            # Forget the least recently used, preferring closed ones (they hold nothing), and
-            # never the one just made (with the registry full of open breakers, each new one
-            # was forgotten before it could count a second failure): first within the
-            # namespace that made it, past its share; then within the whole registry.
-            if made > self._max_per_namespace:
-                forgotten.append(self._forget(breaker, lambda b: b.tenant == breaker.tenant))
+            self._made[tenant] = self._made.get(tenant, 0) + 1
+            self._addresses[key.address] = self._addresses.get(key.address, 0) + 1
+            # Never the one just made: with the registry full of open breakers, each new one
+            # was forgotten before it could count a second failure. Past its namespace's
+            # share, one of that namespace's own goes, never one another namespace uses too;
+            # past the node's, one of the namespace holding the most.
+            if self._made[tenant] > self._max_per_namespace:
+                victim = self._victim(breaker, tenant, shared_too=False)
+                if victim is not None:
+                    forgotten.append(self._drop(victim))
             while len(self._breakers) > self._max:
-                forgotten.append(self._forget(breaker, lambda b: True))
+                forgotten.append(self._drop(self._biggest_holders_victim(breaker)))
         for old in forgotten:
             if self._on_forget is not None:
                 self._on_forget(old)
         return breaker
 
-    def _forget(self, new: Breaker, among: Callable[[Breaker], bool]) -> EndpointKey:
-        """Drop the least recently used breaker `among` allows, a closed one if any, never
-        `new`; with the lock held. Its key, for on_forget."""
-        candidates = [b for b in self._breakers.values() if b is not new and among(b)]
-        victim = next((b for b in candidates if b.state is State.CLOSED), candidates[0])
-        del self._breakers[victim.key]
-        self._made[victim.tenant] -= 1
-        if not self._made[victim.tenant]:
-            del self._made[victim.tenant]
-        return victim.key
+    def _victim(self, new: Breaker, tenant: str, *, shared_too: bool) -> Breaker | None:
+        """The namespace's breaker to forget: least recently used, of those first that
+        hold nothing, then that no other namespace uses, then (shared_too) any; never `new`."""
+        return _pick([b for b in self._breakers.values() if b.tenant == tenant and b is not new], shared_too)
+
+    def _biggest_holders_victim(self, new: Breaker) -> Breaker:
+        """A breaker of the namespaces charged with the most (a flood of dead addresses costs
+        its makers, not the namespace counting its first failures), as _victim picks."""
+        most = max(self._made.values())
+        theirs = [b for b in self._breakers.values() if self._made[b.tenant] == most and b is not new]
+        victim = _pick(theirs or [b for b in self._breakers.values() if b is not new], True)
+        assert victim is not None  # over the bound, the registry holds more than the new one
+        return victim
+
+    def _drop(self, victim: Breaker) -> EndpointKey:
+        """Forget `victim`, with the lock held; its key, for on_forget."""
+        key = victim.key
+        del self._breakers[key]
+        for counts, name in ((self._made, victim.tenant), (self._addresses, key.address)):
+            counts[name] -= 1
+            if not counts[name]:
+                del counts[name]
+        return key
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._breakers)
 
+    def has(self, key: EndpointKey) -> bool:
+        with self._lock:
+            return key in self._breakers
+
     def has_address(self, address: str) -> bool:
         """Whether a breaker is kept for the address, in any Vault namespace."""
         with self._lock:
-            return any(key.address == address for key in self._breakers)
+            return address in self._addresses
 
     def _changed(self, key: EndpointKey, state: State) -> None:
         """A breaker's change, told on while it is still the registry's: one forgotten
@@ -298,3 +332,22 @@ class Breakers:
             known = key in self._breakers
         if known and self._on_change is not None:
             self._on_change(key, state)
+
+
+# Which breakers a namespace's share gives up first, in order: holding nothing and used by
+# no other namespace; holding nothing; used by no other namespace.
+_FORGET_FIRST: tuple[Callable[[Breaker], bool], ...] = (
+    lambda b: b.idle and not b.shared,
+    lambda b: b.idle,
+    lambda b: not b.shared,
+)
+
+
+def _pick(candidates: list[Breaker], shared_too: bool) -> Breaker | None:
+    """The first of `candidates` (least recently used first) that _FORGET_FIRST allows, in
+    its order; else the first of them if shared_too."""
+    for allowed in _FORGET_FIRST:
+        victim = next((b for b in candidates if allowed(b)), None)
+        if victim is not None:
+            return victim
+    return candidates[0] if shared_too and candidates else None

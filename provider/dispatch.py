@@ -181,11 +181,11 @@ class MountDispatcher:
         if self._stopping:
             raise MountRejected(STOPPING)
         endpoint = dispatched.endpoint
-        breaker = self._breakers.peek(endpoint)  # none until the endpoint has failed
+        breaker = self._breakers.peek(endpoint, tenant=dispatched.route.tenant[0])  # none until it has failed
         try:
             verdict = breaker.check() if breaker is not None else Verdict.ALLOW
         except VaultCircuitOpen:
-            self._metrics.mounts_refused.labels(endpoint.address, "vault_unreachable").inc()
+            self._count_refusal(endpoint)
             raise
         probe = verdict is Verdict.PROBE
         try:
@@ -196,7 +196,7 @@ class MountDispatcher:
             )
         except (MountRejected, VaultCircuitOpen) as e:
             if isinstance(e, VaultCircuitOpen):
-                self._metrics.mounts_refused.labels(endpoint.address, "vault_unreachable").inc()
+                self._count_refusal(endpoint)
             else:  # not by address: any class can make a bulkhead full, and labels must stay few
                 self._metrics.mounts_refused.labels("", "busy").inc()
             raise
@@ -276,6 +276,15 @@ class MountDispatcher:
         for answer in list(self._answers):
             if not answer.done():
                 answer.set_exception(stopping)
+
+    def _count_refusal(self, endpoint: EndpointKey) -> None:
+        """A Mount refused by its endpoint's open breaker, in the metrics: by address, and
+        only while a breaker for it is kept (one forgotten meanwhile took its series along,
+        and a class chooses addresses without end)."""
+        self._metrics.mounts_refused.labels(endpoint.address, "vault_unreachable").inc()
+        if not self._breakers.has_address(endpoint.address):
+            with contextlib.suppress(KeyError):
+                self._metrics.mounts_refused.remove(endpoint.address, "vault_unreachable")
 
     def _refusal(self, endpoint: EndpointKey) -> Callable[[], VaultCircuitOpen | None]:
         """For a waiting Mount: the breaker's refusal, should its endpoint go down meanwhile."""

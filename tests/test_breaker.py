@@ -225,6 +225,42 @@ def test_one_namespace_fills_its_own_share_of_the_registry_not_the_node_s() -> N
     assert victim is not None and victim.state is State.OPEN
 
 
+def test_many_namespaces_flooding_the_registry_pay_for_it_not_a_namespace_counting_failures() -> None:
+    # The second review's R1: namespaces each within their share fill the registry; more,
+    # each failing once on a new endpoint, forgot the victim's breaker while it counted
+    # its failures (a closed one, forgotten first). The namespaces holding the most pay.
+    breakers = Breakers(max_breakers=16, max_per_namespace=4)
+    for team in range(5):
+        for i in range(4):
+            fail(_as(f"flood-{team}", breakers, EndpointKey(address=f"http://dead-{team}-{i}")), FAILURES_TO_OPEN)
+    assert len(breakers) == 16
+    victim_key = EndpointKey(address="http://victim")
+    for i in range(FAILURES_TO_OPEN):
+        _as("victim", breakers, victim_key).record_failure("connection refused")
+        _as(f"more-{i}", breakers, EndpointKey(address=f"http://new-{i}")).record_failure("connection refused")
+    victim = breakers.peek(victim_key)
+    assert victim is not None and victim.state is State.OPEN
+    assert len(breakers) == 16
+
+
+def test_a_shared_vault_s_breaker_is_not_forgotten_for_the_namespace_charged_with_it() -> None:
+    # The second review's R2: the attacker fails first on a Vault another team uses too, so
+    # its breaker is charged to the attacker; churning its own share then forgot it before
+    # the victim's failures opened it. Once another namespace uses it, its share keeps it.
+    breakers = Breakers(max_breakers=1024, max_per_namespace=4)
+    for i in range(3):
+        fail(_as("attacker", breakers, EndpointKey(address=f"http://own-{i}")), FAILURES_TO_OPEN)
+    shared_key = EndpointKey(address="http://shared-vault")
+    for i in range(FAILURES_TO_OPEN):
+        _as("attacker", breakers, shared_key).record_failure("connection refused")  # first, so charged to it
+        _as("victim", breakers, shared_key).record_failure("connection refused")
+        for own in [k for k in list(breakers._breakers) if k != shared_key]:
+            breakers.peek(own, tenant="attacker")  # its own used since: the shared one is its least recent
+        fail(_as("attacker", breakers, EndpointKey(address=f"http://churn-{i}")), FAILURES_TO_OPEN)
+    shared = breakers.peek(shared_key)
+    assert shared is not None and shared.tenant == "attacker" and shared.state is State.OPEN
+
+
 def test_an_open_breaker_refusing_mounts_is_not_forgotten_for_newer_ones() -> None:
     # Many namespaces, each within its share, fill the registry: a breaker whose Mounts are
     # being refused (looked at) stays; an unused one goes first.

@@ -203,6 +203,14 @@ def test_breaker_series_are_bounded_however_many_addresses_classes_name(
 
         assert series("vault_csi_provider_breaker_state") == set(addresses[-3:])
         assert len(breakers) == 3
+        # A Mount refused (or a breaker changing) just as another thread forgot its breaker
+        # does not bring its series back.
+        dispatcher = client.app.dispatchers["vault"]
+        for address in (addresses[0], addresses[-1]):
+            dispatcher._count_refusal(EndpointKey(address=address))
+        client.app._breaker_changed(EndpointKey(address=addresses[1]), State.OPEN)
+        assert series("vault_csi_provider_mounts_refused") == {addresses[-1]}
+        assert series("vault_csi_provider_breaker_state") == set(addresses[-3:])
     finally:
         client.close()
 
