@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -323,3 +324,51 @@ def test_a_connect_the_mounts_own_deadline_cuts_short_is_not_the_endpoints_failu
     finally:
         client.close()
         server.close()
+
+
+def _syn_dropping_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback listener whose accept queue is full: the kernel drops further SYNs, so a
+    connect to it waits out its timeout (a blackholed Vault)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    with socket.socket() as probe, pytest.raises(TimeoutError):  # the premise: it does drop them
+        probe.settimeout(0.5)
+        probe.connect(listener.getsockname())
+    return listener, fillers
+
+
+def test_a_name_with_several_dead_addresses_is_tried_within_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # socket.create_connection gave each address the whole timeout: three addresses that
+    # drop SYNs held a Mount's thread three times its deadline (the watchdog cuts a plain
+    # connect only through the socket's timeout).
+    listener, fillers = _syn_dropping_listener()
+    port = listener.getsockname()[1]
+    lookup = socket.getaddrinfo
+
+    def three_addresses(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "vault.several.example":
+            return lookup("127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM) * 3
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", three_addresses)
+    client = VaultClient()
+    endpoint = Endpoint(address=f"http://vault.several.example:{port}", tls=TLSConfig())
+    try:
+        started = time.monotonic()
+        with pytest.raises(VaultUnreachable, match="no connection within"):
+            client.read(endpoint, token="t", method="GET", path="kv/x", deadline=started + 1.5)
+        assert time.monotonic() - started < 1.5 + 0.5
+    finally:
+        client.close()
+        for filler in fillers:
+            filler.close()
+        listener.close()
