@@ -10,25 +10,38 @@ hold its service-account token and the files its last Mount answered).
 
 RBAC: this needs ``get`` on ``pods`` in every namespace that mounts Vault secrets (a
 ClusterRole); see deploy/overlays/revocation/.
+
+One sweep serves every namespace, and a namespace's Vault may hang: each revocation has
+REVOKE_SECONDS, each namespace NAMESPACE_SECONDS per sweep, and a Vault endpoint that did
+not answer one is not asked again in that sweep. What is left is forgotten unrevoked, as
+a failed revocation is (the credentials' TTL ends them), and said in a warning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from provider.breaker import TENANT, EndpointKey
 from provider.cache import TokenCache
 from provider.dispatch import ParsedMounts
-from provider.errors import ProviderError
+from provider.errors import ProviderError, VaultUnreachable
 from provider.kube import KubeClient
 from provider.leases import LeaseCache
 from provider.metrics import Metrics
 from provider.mount import IdentityKey, Issuer
-from provider.vault import VaultClient
+from provider.vault import Endpoint, VaultClient
 
 logger = logging.getLogger(__name__)
+
+# One revocation's time, and one namespace's in a sweep: a hung Vault of one namespace
+# delays the sweep of the others by at most that (it was 30 s per call, serially: hours
+# for a thousand pods' tokens).
+REVOKE_SECONDS = 5.0
+NAMESPACE_SECONDS = 15.0
 
 
 class PodSweeper:
@@ -62,20 +75,27 @@ class PodSweeper:
 
     def sweep(self) -> int:
         """Revoke for every known pod that is gone; return how many pods were revoked."""
-        revoked = 0
+        gone: dict[str, list[tuple[str, str]]] = {}
         for uid, namespace, name in sorted(self.known_pods()):
             try:
                 current = self._kube.pod_uid(namespace=namespace, name=name)
             except ProviderError as e:
                 logger.warning("revocation sweep: cannot check pod %s/%s, keeping its leases: %s", namespace, name, e)
                 continue
-            if current == uid:
-                continue
-            self._revoke(uid, namespace, name)
-            revoked += 1
-        return revoked
+            if current != uid:
+                gone.setdefault(namespace, []).append((uid, name))
+        silent: set[EndpointKey] = set()  # endpoints that did not answer in this sweep
+        for namespace, pods in gone.items():
+            ends = time.monotonic() + NAMESPACE_SECONDS
+            tenant = TENANT.set(namespace)  # a breaker its Vault makes is its namespace's
+            try:
+                for uid, name in pods:
+                    self._revoke(uid, namespace, name, _Budget(ends, silent))
+            finally:
+                TENANT.reset(tenant)
+        return sum(len(pods) for pods in gone.values())
 
-    def _revoke(self, uid: str, namespace: str, name: str) -> None:
+    def _revoke(self, uid: str, namespace: str, name: str, budget: _Budget) -> None:
         parses = sum(parsed.forget_pod(uid) for parsed in self._parsed)
         kept = self._leases.drop_pod(uid)
         logins = self._tokens.pop_where(lambda key: isinstance(key, IdentityKey) and key.pod_uid == uid)
@@ -92,15 +112,38 @@ class PodSweeper:
         for lease in kept:
             if not isinstance(lease.issuer, Issuer):
                 continue
+            endpoint = lease.issuer.endpoint
+            deadline = budget.deadline(endpoint)
+            if deadline is None:
+                continue
             # Default policies may refuse this; revoking the token below takes its leases anyway.
-            with contextlib.suppress(ProviderError):
-                self._vault.revoke_lease(lease.issuer.endpoint, token=lease.issuer.login.token, lease_id=lease.lease_id)
+            try:
+                self._vault.revoke_lease(
+                    endpoint, token=lease.issuer.login.token, lease_id=lease.lease_id, deadline=deadline
+                )
                 revoked.add(lease.lease_id)
+            except VaultUnreachable:
+                budget.silent.add(endpoint.key)
+            except ProviderError:
+                pass
         tokens_revoked = 0
         for token, issuer in tokens.items():
+            deadline = budget.deadline(issuer.endpoint)
+            if deadline is None:
+                logger.warning(
+                    "revocation sweep: a token of deleted pod %s/%s is left to its TTL: %s",
+                    namespace,
+                    name,
+                    f"Vault at {issuer.endpoint.key.describe()} did not answer in this sweep"
+                    if issuer.endpoint.key in budget.silent
+                    else f"the sweep's {NAMESPACE_SECONDS:.0f}s for namespace {namespace} ran out",
+                )
+                continue
             try:
-                self._vault.revoke_self(issuer.endpoint, token=token)
+                self._vault.revoke_self(issuer.endpoint, token=token, deadline=deadline)
             except ProviderError as e:
+                if isinstance(e, VaultUnreachable):
+                    budget.silent.add(issuer.endpoint.key)
                 logger.warning("revocation sweep: revoking a token of deleted pod %s/%s failed: %s", namespace, name, e)
                 continue
             tokens_revoked += 1
@@ -134,3 +177,23 @@ class PodSweeper:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """A namespace's time in a sweep, and the endpoints that did not answer in it."""
+
+    ends: float
+    silent: set[EndpointKey]
+
+    def deadline(self, endpoint: Endpoint) -> float | None:
+        """The deadline for one revocation at endpoint; None when it is not to be tried:
+        the endpoint did not answer in this sweep, or the namespace's time ran out."""
+        deadline = min(time.monotonic() + REVOKE_SECONDS, self.ends)
+        if endpoint.key in self.silent or deadline - time.monotonic() < MIN_REVOKE_SECONDS:
+            return None
+        return deadline
+
+
+# A revocation with less time than this is not started.
+MIN_REVOKE_SECONDS = 0.5

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from provider import revocation
 from provider._proto import service_pb2
 from provider.admission import PER_CLASS, Admission
 from provider.breaker import EndpointKey, State
@@ -242,6 +243,39 @@ def test_refusals_counted_by_address_outlive_one_vault_namespace_s_breaker(
                 other.record_failure("connection refused")
             assert refused() == kept
     finally:
+        client.close()
+
+
+def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_another(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sweep revoked one token after another, 30 s each against a Vault that accepts and
+    # never answers: hours for a thousand pods, while other namespaces' deleted pods kept
+    # live credentials. Now a revocation has REVOKE_SECONDS, a silent endpoint is not asked
+    # again in that sweep, and a namespace has NAMESPACE_SECONDS.
+    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
+    client = start_provider(tmp_path, world)
+    try:
+        world.bao.api("POST", f"kv1/{unique}-n", {"k": "v"})
+        first = world.grant(f"{unique}n", [f"kv1/{unique}-n"], namespace="noisy-team", service_account="noisy")
+        noisy_pods = [first] + [world.kube.add_pod("noisy-team", f"n-{unique}-{i}", "noisy") for i in range(5)]
+        noisy_objects = [{"objectName": "k", "secretPath": f"kv1/{unique}-n", "secretKey": "k"}]
+        for pod in noisy_pods:  # its Vault is the same OpenBao, through a proxy that will hang
+            client.mount(pod, noisy_objects, role=f"{unique}n", vaultAddress=proxy.url)
+        victim, objects = world.kv_pod(unique)
+        client.mount(victim, objects, role=unique)
+        victim_token = next(
+            client.app.tokens.peek(key) for key in client.app.tokens.identities() if key.pod_uid == victim.uid
+        )
+        proxy.add(Rule("*", "/", delay_seconds=30))  # the noisy team's Vault accepts and never answers
+        for pod in [*noisy_pods, victim]:
+            world.kube.delete_pod(pod)
+        started = time.monotonic()
+        assert client.app.sweeper.sweep() == len(noisy_pods) + 1
+        assert time.monotonic() - started < 1.0 + 3  # one revocation's time for the hung Vault, not 6 x 30 s
+        world.bao.api("GET", "auth/token/lookup-self", token=victim_token, expect=(403,))  # revoked
+    finally:
+        proxy.clear()
         client.close()
 
 
