@@ -11,10 +11,12 @@ hold its service-account token and the files its last Mount answered).
 RBAC: this needs ``get`` on ``pods`` in every namespace that mounts Vault secrets (a
 ClusterRole); see deploy/overlays/revocation/.
 
-One sweep serves every namespace, and a namespace's Vault may hang: each revocation has
-REVOKE_SECONDS, each namespace NAMESPACE_SECONDS per sweep, and a Vault endpoint that did
-not answer one is not asked again in that sweep. What is left is forgotten unrevoked, as
-a failed revocation is (the credentials' TTL ends them), and said in a warning.
+One sweep serves every namespace, and a namespace's Vault may hang: namespaces take turns,
+one pod each per round; each revocation has REVOKE_SECONDS, each namespace NAMESPACE_SECONDS
+of its own turns per sweep, and a Vault endpoint that did not answer one is not asked again
+in that sweep. What is left is forgotten unrevoked, as a failed revocation is (the
+credentials' TTL ends them), and said in a warning. A failure nobody foresaw is logged for
+its pod, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from provider.breaker import TENANT, EndpointKey
 from provider.cache import TokenCache
@@ -75,7 +77,7 @@ class PodSweeper:
 
     def sweep(self) -> int:
         """Revoke for every known pod that is gone; return how many pods were revoked."""
-        gone: dict[str, list[tuple[str, str]]] = {}
+        gone: dict[str, list[tuple[str, str]]] = {}  # pod uid and name, by namespace
         for uid, namespace, name in sorted(self.known_pods()):
             try:
                 current = self._kube.pod_uid(namespace=namespace, name=name)
@@ -84,15 +86,24 @@ class PodSweeper:
                 continue
             if current != uid:
                 gone.setdefault(namespace, []).append((uid, name))
+        # One pod of each namespace per round: a namespace whose Vault is slow delays another's
+        # revocations by one of its own per round, not by its whole time.
         silent: set[EndpointKey] = set()  # endpoints that did not answer in this sweep
-        for namespace, pods in gone.items():
-            ends = time.monotonic() + NAMESPACE_SECONDS
+        turns = deque((_Budget(silent), namespace, deque(pods)) for namespace, pods in gone.items())
+        while turns:
+            budget, namespace, pods = turns.popleft()
+            uid, name = pods.popleft()
             tenant = TENANT.set(namespace)  # a breaker its Vault makes is its namespace's
+            budget.start()
             try:
-                for uid, name in pods:
-                    self._revoke(uid, namespace, name, _Budget(ends, silent))
+                self._revoke(uid, namespace, name, budget)
+            except Exception:  # a defect of ours, or a reply nobody foresaw: the others go on
+                logger.exception("revocation sweep: revoking for deleted pod %s/%s failed", namespace, name)
             finally:
+                budget.stop()
                 TENANT.reset(tenant)
+            if pods:
+                turns.append((budget, namespace, pods))
         return sum(len(pods) for pods in gone.values())
 
     def _revoke(self, uid: str, namespace: str, name: str, budget: _Budget) -> None:
@@ -179,18 +190,27 @@ class PodSweeper:
         self._stop.set()
 
 
-@dataclass(frozen=True)
 class _Budget:
-    """A namespace's time in a sweep, and the endpoints that did not answer in it."""
+    """A namespace's time in a sweep (NAMESPACE_SECONDS, spent only on its own turns), and
+    the endpoints that did not answer in the sweep (shared by every namespace's budget)."""
 
-    ends: float
-    silent: set[EndpointKey]
+    def __init__(self, silent: set[EndpointKey]) -> None:
+        self.silent = silent
+        self._left = NAMESPACE_SECONDS
+        self._turn_started = 0.0
+
+    def start(self) -> None:
+        self._turn_started = time.monotonic()
+
+    def stop(self) -> None:
+        self._left -= time.monotonic() - self._turn_started
 
     def deadline(self, endpoint: Endpoint) -> float | None:
-        """The deadline for one revocation at endpoint; None when it is not to be tried:
-        the endpoint did not answer in this sweep, or the namespace's time ran out."""
-        deadline = min(time.monotonic() + REVOKE_SECONDS, self.ends)
-        if endpoint.key in self.silent or deadline - time.monotonic() < MIN_REVOKE_SECONDS:
+        """The deadline for one revocation at endpoint, in a turn; None when it is not to
+        be tried: the endpoint did not answer in this sweep, or the namespace's time ran out."""
+        now = time.monotonic()
+        deadline = now + min(REVOKE_SECONDS, self._left - (now - self._turn_started))
+        if endpoint.key in self.silent or deadline - now < MIN_REVOKE_SECONDS:
             return None
         return deadline
 

@@ -585,10 +585,10 @@ class VaultClient:
                 break
             # A standby sends writes to the active node; follow, as Vault's own client does,
             # but only on the same scheme (never from https to http) and without credentials.
-            hop = urlsplit(reply.location)
-            if hop.scheme != target.scheme or not hop.hostname:
-                break
-            try:
+            try:  # a Location urlsplit cannot read (http://[::zz/) is not followed
+                hop = urlsplit(reply.location)
+                if hop.scheme != target.scheme or not hop.hostname:
+                    break
                 target = Target.parse(f"{hop.scheme}://{hop.netloc.rpartition('@')[2]}")
             except ValueError:
                 break

@@ -115,9 +115,9 @@ class FakeKubernetes:
         with self.lock:
             return self.service_accounts.setdefault((namespace, name), str(uuid.uuid4()))
 
-    def add_pod(self, namespace: str, name: str, service_account: str = "default") -> FakePod:
+    def add_pod(self, namespace: str, name: str, service_account: str = "default", *, uid: str = "") -> FakePod:
         sa_uid = self.add_service_account(namespace, service_account)
-        pod = FakePod(namespace, name, str(uuid.uuid4()), service_account, sa_uid)
+        pod = FakePod(namespace, name, uid or str(uuid.uuid4()), service_account, sa_uid)
         with self.lock:
             self.pods[(namespace, name)] = pod
         return pod

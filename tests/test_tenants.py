@@ -279,6 +279,62 @@ def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_
         client.close()
 
 
+def test_slow_vaults_of_several_namespaces_delay_another_s_revocation_by_one_turn_each(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The third review's F3: namespaces were swept one after another, each within its 15 s,
+    # so N namespaces whose Vault answers just within a revocation's time delayed another's
+    # by N x 15 s. They now take turns, one pod each per round.
+    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
+    client = start_provider(tmp_path, world)
+    try:
+        world.bao.api("POST", f"kv1/{unique}-n", {"k": "v"})
+        noisy: list[FakePod] = []
+        for team in range(3):
+            namespace = f"slow-{team}"
+            world.grant(f"{unique}{team}", [f"kv1/{unique}-n"], namespace=namespace, service_account="slow")
+            pods = [world.kube.add_pod(namespace, f"s-{unique}-{i}", "slow") for i in range(3)]
+            for pod in pods:
+                objects = [{"objectName": "k", "secretPath": f"kv1/{unique}-n", "secretKey": "k"}]
+                client.mount(pod, objects, role=f"{unique}{team}", vaultAddress=proxy.url)
+            noisy += pods
+        world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
+        world.grant(unique, [f"kv1/{unique}"], namespace="victim-team")
+        # Its uid sorts after theirs: a sweep that takes namespaces one after another takes it last.
+        victim = world.kube.add_pod("victim-team", f"v-{unique}", "app", uid="ffffffff-ffff-4fff-bfff-ffffffffffff")
+        assert all(pod.uid < victim.uid for pod in noisy)
+        objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
+        client.mount(victim, objects, role=unique)
+        victim_token = next(
+            client.app.tokens.peek(key) for key in client.app.tokens.identities() if key.pod_uid == victim.uid
+        )
+        proxy.add(Rule("*", "/", delay_seconds=0.7))  # answers, just within a revocation's time
+        for pod in [*noisy, victim]:
+            world.kube.delete_pod(pod)
+        revoked_after: list[float] = []
+        started = time.monotonic()
+
+        def watch() -> None:  # when the victim's token stops working
+            while time.monotonic() - started < 20:
+                try:
+                    world.bao.api("GET", "auth/token/lookup-self", token=victim_token)
+                except Exception:
+                    revoked_after.append(time.monotonic() - started)
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert client.app.sweeper.sweep() == len(noisy) + 1
+        watcher.join(25)
+        # At most one turn of each slow namespace before the victim's (3 x 0.7 s), not all of
+        # their pods (9 x 0.7 s).
+        assert revoked_after and revoked_after[0] < 3 * 0.7 + 1.5, revoked_after
+    finally:
+        proxy.clear()
+        client.close()
+
+
 @pytest.mark.parametrize("fault", ["dead", "slow", "logins-refused"])
 def test_ten_times_more_mounts_than_threads_all_get_a_final_answer_in_time(
     tmp_path: Path, world: VaultWorld, proxy: FaultProxy, good: Tenant, unique: str, fault: str

@@ -21,7 +21,7 @@ from provider import http1, transport
 from provider.address import Target
 from provider.breaker import FAILURES_TO_OPEN, Breakers, EndpointKey
 from provider.config import TLSConfig
-from provider.errors import VaultUnreachable
+from provider.errors import ProviderError, VaultUnreachable
 from provider.vault import Endpoint, VaultClient
 from tests.test_vault_replies import _RawServer
 
@@ -369,6 +369,53 @@ def test_a_name_with_several_dead_addresses_is_tried_within_one_deadline(monkeyp
         assert time.monotonic() - started < 1.5 + 0.5
     finally:
         client.close()
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("location", ["http://[::zz/v1/kv/x", "http://[::1/v1/kv/x", "http://vault:99999/v1/kv/x"])
+def test_a_redirect_to_a_location_that_cannot_be_read_is_a_vault_error_not_a_crash(location: str) -> None:
+    # urlsplit raised ValueError for "http://[::zz/": it escaped every `except ProviderError`
+    # (a Mount's INTERNAL error; the revocation sweep stopped for every namespace after it).
+    redirect = _reply("307 Temporary Redirect", [b"Location: " + location.encode(), b"Content-Length: 0"], b"")
+    server = _RawServer(lambda path, token: redirect)
+    client = VaultClient()
+    endpoint = Endpoint(address=f"http://127.0.0.1:{server.port}", tls=TLSConfig())
+    try:
+        with pytest.raises(ProviderError, match="307"):
+            client.read(endpoint, token="t", method="GET", path="kv/x", deadline=time.monotonic() + 2)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_dead_address_before_a_healthy_one_leaves_it_time_to_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One SYN-dropping address took the whole deadline, and the healthy one after it was
+    # never tried: each address now gets an equal share, at least ADDRESS_MIN_SECONDS.
+    listener, fillers = _syn_dropping_listener()
+    server = _RawServer(lambda path, token: _reply("200 OK", [b"Content-Length: %d" % len(_BODY)], _BODY))
+    lookup = socket.getaddrinfo
+
+    def dead_then_healthy(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "vault.mixed.example":
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", listener.getsockname()),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port)),
+            ]
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dead_then_healthy)
+    client = VaultClient()
+    endpoint = Endpoint(address=f"http://vault.mixed.example:{server.port}", tls=TLSConfig())
+    try:
+        started = time.monotonic()
+        secret = client.read(endpoint, token="t", method="GET", path="kv/x", deadline=started + 3)
+        assert secret.data == {"k": "v"}
+        assert time.monotonic() - started < transport.ADDRESS_MIN_SECONDS + 0.5
+    finally:
+        client.close()
+        server.close()
         for filler in fillers:
             filler.close()
         listener.close()
