@@ -247,6 +247,26 @@ def test_refusals_counted_by_address_outlive_one_vault_namespace_s_breaker(
         client.close()
 
 
+def _mounted_pods(
+    client: ProviderClient, world: VaultWorld, name: str, namespace: str, count: int, **params: str
+) -> list[FakePod]:
+    """`count` pods of `namespace` that mounted kv1/<name> once each (their Vault tokens
+    cached), with the class `params` (a vaultAddress through a proxy, say)."""
+    world.bao.api("POST", f"kv1/{name}", {"k": "v"})
+    world.grant(name, [f"kv1/{name}"], namespace=namespace, service_account="app")
+    pods = [world.kube.add_pod(namespace, f"p-{name}-{i}", "app") for i in range(count)]
+    for pod in pods:
+        client.mount(pod, [{"objectName": "k", "secretPath": f"kv1/{name}", "secretKey": "k"}], role=name, **params)
+    return pods
+
+
+def _vault_token(client: ProviderClient, pod: FakePod) -> str:
+    """The pod's Vault token, as the provider keeps it."""
+    token = next(client.app.tokens.peek(key) for key in client.app.tokens.identities() if key.pod_uid == pod.uid)
+    assert token
+    return token
+
+
 def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_another(
     tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,17 +277,10 @@ def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_
     monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
     client = start_provider(tmp_path, world)
     try:
-        world.bao.api("POST", f"kv1/{unique}-n", {"k": "v"})
-        first = world.grant(f"{unique}n", [f"kv1/{unique}-n"], namespace="noisy-team", service_account="noisy")
-        noisy_pods = [first] + [world.kube.add_pod("noisy-team", f"n-{unique}-{i}", "noisy") for i in range(5)]
-        noisy_objects = [{"objectName": "k", "secretPath": f"kv1/{unique}-n", "secretKey": "k"}]
-        for pod in noisy_pods:  # its Vault is the same OpenBao, through a proxy that will hang
-            client.mount(pod, noisy_objects, role=f"{unique}n", vaultAddress=proxy.url)
-        victim, objects = world.kv_pod(unique)
-        client.mount(victim, objects, role=unique)
-        victim_token = next(
-            client.app.tokens.peek(key) for key in client.app.tokens.identities() if key.pod_uid == victim.uid
-        )
+        # The noisy team's Vault is the same OpenBao, through a proxy that will hang.
+        noisy_pods = _mounted_pods(client, world, f"{unique}n", "noisy-team", 6, vaultAddress=proxy.url)
+        (victim,) = _mounted_pods(client, world, unique, "team", 1)
+        victim_token = _vault_token(client, victim)
         proxy.add(Rule("*", "/", delay_seconds=30))  # the noisy team's Vault accepts and never answers
         for pod in [*noisy_pods, victim]:
             world.kube.delete_pod(pod)
@@ -287,19 +300,8 @@ def test_a_failure_nobody_foresaw_in_one_pod_s_revocation_does_not_stop_the_swee
     # after it kept its deleted pods' credentials. Whatever escapes is logged for its pod.
     client = start_provider(tmp_path, world)
     try:
-        pods = []
-        for team in ("first-team", "second-team"):
-            world.bao.api("POST", f"kv1/{unique}-{team}", {"k": "v"})
-            world.grant(f"{unique}{team}", [f"kv1/{unique}-{team}"], namespace=team)
-            pod = world.kube.add_pod(team, f"p-{unique}", "app")
-            objects = [{"objectName": "k", "secretPath": f"kv1/{unique}-{team}", "secretKey": "k"}]
-            client.mount(pod, objects, role=f"{unique}{team}")
-            pods.append(pod)
-        tokens = {
-            key.pod_namespace: client.app.tokens.peek(key)
-            for key in client.app.tokens.identities()
-            if key.pod_uid in {pod.uid for pod in pods}
-        }
+        pods = [_mounted_pods(client, world, f"{unique}{team}", team, 1)[0] for team in ("first-team", "second-team")]
+        tokens = {pod.namespace: _vault_token(client, pod) for pod in pods}
         revoke_self = client.app.vault.revoke_self
         calls: list[str] = []
 
@@ -316,7 +318,7 @@ def test_a_failure_nobody_foresaw_in_one_pod_s_revocation_does_not_stop_the_swee
             assert client.app.sweeper.sweep() == 2
         failed, revoked = (next(ns for ns, token in tokens.items() if token == calls[i]) for i in (0, 1))
         world.bao.api("GET", "auth/token/lookup-self", token=tokens[revoked], expect=(403,))
-        assert f"revoking for deleted pod {failed}/p-{unique} failed" in caplog.text
+        assert f"revoking for deleted pod {failed}/p-{unique}{failed}-0 failed" in caplog.text
     finally:
         client.close()
 
@@ -330,26 +332,16 @@ def test_slow_vaults_of_several_namespaces_delay_another_s_revocation_by_one_tur
     monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
     client = start_provider(tmp_path, world)
     try:
-        world.bao.api("POST", f"kv1/{unique}-n", {"k": "v"})
         noisy: list[FakePod] = []
         for team in range(3):
-            namespace = f"slow-{team}"
-            world.grant(f"{unique}{team}", [f"kv1/{unique}-n"], namespace=namespace, service_account="slow")
-            pods = [world.kube.add_pod(namespace, f"s-{unique}-{i}", "slow") for i in range(3)]
-            for pod in pods:
-                objects = [{"objectName": "k", "secretPath": f"kv1/{unique}-n", "secretKey": "k"}]
-                client.mount(pod, objects, role=f"{unique}{team}", vaultAddress=proxy.url)
-            noisy += pods
+            noisy += _mounted_pods(client, world, f"{unique}{team}", f"slow-{team}", 3, vaultAddress=proxy.url)
         world.bao.api("POST", f"kv1/{unique}", {"k": "v"})
         world.grant(unique, [f"kv1/{unique}"], namespace="victim-team")
         # Its uid sorts after theirs: a sweep that takes namespaces one after another takes it last.
         victim = world.kube.add_pod("victim-team", f"v-{unique}", "app", uid="ffffffff-ffff-4fff-bfff-ffffffffffff")
         assert all(pod.uid < victim.uid for pod in noisy)
-        objects = [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}]
-        client.mount(victim, objects, role=unique)
-        victim_token = next(
-            client.app.tokens.peek(key) for key in client.app.tokens.identities() if key.pod_uid == victim.uid
-        )
+        client.mount(victim, [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}], role=unique)
+        victim_token = _vault_token(client, victim)
         proxy.add(Rule("*", "/", delay_seconds=0.7))  # answers, just within a revocation's time
         for pod in [*noisy, victim]:
             world.kube.delete_pod(pod)
