@@ -146,6 +146,11 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
 
+    @property
+    def holds_nothing(self) -> bool:
+        """No idle connection is kept (read without the lock: a hint for eviction)."""
+        return not self._idle
+
     def take(self) -> http1.Connection | None:
         """A connection kept alive from an earlier exchange, or None."""
         while True:
@@ -308,7 +313,12 @@ class Pools:
             pool = self._pools.setdefault(key, made)
             self._pools.move_to_end(key)
             while len(self._pools) > self._max:
-                closing.append(self._pools.popitem(last=False)[1])
+                # The least recently used pool holding no connection goes first (forgetting it
+                # costs nothing), never the one just made: a class naming dead address after dead
+                # address once closed every other class's kept-alive connections, and each of
+                # their next requests paid a new connection (a TLS handshake: milliseconds of CPU).
+                victim = next((k for k, p in self._pools.items() if p is not pool and p.holds_nothing), None)
+                closing.append(self._pools.pop(victim) if victim is not None else self._pools.popitem(last=False)[1])
         for old in closing:
             old.close()  # in-flight requests on it finish; their connections are then closed
         if pool is made and target.scheme == "https" and tls.skip_verify:

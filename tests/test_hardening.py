@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +70,25 @@ def test_pools_are_keyed_by_scheme_host_port_and_tls_not_by_spelling() -> None:
         assert len(pools) == MAX_POOLS
     finally:
         pools.close()
+
+
+def test_a_class_naming_address_after_address_does_not_close_other_classes_kept_connections() -> None:
+    # The node keeps MAX_POOLS pools, least recently used out first: a class naming a new
+    # (dead) address on every Mount closed every other class's kept-alive connections, and
+    # each of their next requests paid a new connection and TLS handshake. A pool holding no
+    # connection now goes first.
+    with socket.create_server(("127.0.0.1", 0)) as vault:
+        pools = Pools(max_pools=4)
+        try:
+            target = Target.parse(f"http://127.0.0.1:{vault.getsockname()[1]}")
+            kept = pools.get(target, TLSConfig())
+            kept.give(kept.connect(2.0, lambda sock: None))
+            for port in range(1000, 1000 + 3 * 4):
+                pools.get(Target.parse(f"http://127.0.0.1:{port}"), TLSConfig())
+            assert len(pools) == 4
+            assert pools.find(target, TLSConfig()) is kept and not kept.holds_nothing
+        finally:
+            pools.close()
 
 
 @pytest.mark.parametrize(
