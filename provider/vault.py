@@ -571,7 +571,10 @@ class VaultClient:
                 reply = self._roundtrip(target, endpoint.tls, method, url, data, headers, timeout, path, replayable)
             except _NotSent as e:
                 if hop_count:  # the endpoint answered; the node it sent us to did not
-                    raise _RedirectNotSent(str(e)) from None
+                    raise _RedirectNotSent(
+                        f"{e} (Vault at {endpoint.target.describe()} redirected there: a standby naming an active "
+                        "node that is down, as during an election)"
+                    ) from None
                 raise
             except _NotVault as e:
                 if hop_count:  # the class's address is Vault's; the node it sent us to is not

@@ -342,3 +342,20 @@ def test_a_redirect_to_a_node_speaking_another_protocol_names_both_and_not_the_c
         assert "vaultAddress" not in details
     finally:
         other.close()
+
+
+def test_a_redirect_to_a_node_that_is_down_says_who_redirected(
+    proxied: ProviderClient,
+    proxy: FaultProxy,
+    kv,
+    unique: str,  # type: ignore[no-untyped-def]
+) -> None:
+    # "cannot reach Vault at <a node the class never named>" sent the operator looking for an
+    # address in the class; it was a standby naming an active node that is down.
+    pod, objects = kv
+    node = f"http://127.0.0.1:{free_port()}"
+    proxy.add(Rule("GET", f"/v1/kv1/{unique}", status=307, headers={"Location": f"{node}/v1/kv1/{unique}"}))
+    error, _ = failing_mount(proxied, pod, objects, unique, timeout=3)
+    details = error.details()
+    assert f"cannot reach Vault at {node}" in details, details
+    assert f"Vault at {proxy.url} redirected there: a standby naming an active node that is down" in details
