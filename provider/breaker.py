@@ -21,9 +21,11 @@ bulkheads in admission.py contain slowness instead.
 Breakers are keyed by endpoint (address and namespace), kept in a bounded registry,
 and thread-safe: Vault requests report from worker threads, admission reads them on
 the event loop. A class chooses its address, so the registry is shared fairly: each
-breaker counts against the pod namespace whose Mount made it (TENANT), one namespace
-keeps at most MAX_BREAKERS_PER_NAMESPACE, and past that its own least recently used
-breaker is forgotten, not another namespace's.
+breaker counts against the pod namespace whose Mount made it (TENANT), and one namespace
+keeps at most MAX_BREAKERS_PER_NAMESPACE. Past that share one of its own is forgotten,
+never one another namespace uses too; past MAX_BREAKERS, one of the namespaces holding
+the most. Least recently used first (looking at a breaker counts as using it), of those
+first that hold nothing; never the breaker just made.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ JITTER = (0.5, 1.5)
 # The probe's own time limit; a probe that never reports back frees the slot after
 # twice this.
 PROBE_TIMEOUT_SECONDS = 2.0
-# Endpoints remembered at most; the least recently used closed one is forgotten first.
+# Endpoints remembered at most (which one is forgotten past that: module docstring).
 MAX_BREAKERS = 1024
 # Breakers one pod namespace's Mounts may make: a class naming a thousand dead addresses
 # fills its own share, not the node's registry.
