@@ -38,7 +38,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from provider.address import Target
 from provider.errors import VaultCircuitOpen, truncate
@@ -90,6 +90,14 @@ class EndpointKey:
 
     address: str
     namespace: str = ""
+    # Computed once: a Mount looks its endpoint up in several maps (breakers, bulkheads).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.address, self.namespace)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(cls, address: str, namespace: str = "") -> EndpointKey:

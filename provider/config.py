@@ -84,6 +84,16 @@ class TLSConfig:
     client_cert: str = ""
     client_key: str = ""
     skip_verify: bool = False
+    # Computed once: a class's settings are shared by its Mounts, which look them up in
+    # several maps (endpoints, pools, TLS contexts).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.ca_cert, self.ca_directory, self.server_name, self.client_cert, self.client_key)
+        object.__setattr__(self, "_hash", hash((*fields, self.skip_verify)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,7 +377,7 @@ def peek_route(attributes: str, defaults: VaultSettings, flavour: Flavour = VAUL
     except (ValueError, RecursionError):
         decoded = None
     params = decoded
-    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+    if not isinstance(params, dict) or not _all_strings(params):
         params = {}
     params = flavour.canonical(params)[0]
     address, namespace = vault_target(params, defaults)
@@ -416,7 +426,7 @@ def _parse_attributes(attributes: str, decoded: Any = None) -> dict[str, str]:
             raise ConfigError(f"attributes are not valid JSON: {truncate(str(e))}") from None
     if not isinstance(params, dict):
         raise ConfigError("attributes must be a JSON object of strings")
-    wrong = sorted(k for k, v in params.items() if not isinstance(v, str))
+    wrong = [] if _all_strings(params) else sorted(k for k, v in params.items() if not isinstance(v, str))
     unencodable = [] if plain else sorted(k for k, v in params.items() if isinstance(v, str) and not _is_utf8(k + v))
     if unencodable:
         raise ConfigError(
@@ -429,6 +439,11 @@ def _parse_attributes(attributes: str, decoded: Any = None) -> dict[str, str]:
             + ", ".join(repr(truncate(k, 80)) for k in wrong[:10])
         )
     return params
+
+
+def _all_strings(params: dict[str, Any]) -> bool:
+    """Whether every value is a str (as json.loads makes them), checked in C."""
+    return set(map(type, params.values())) <= {str}
 
 
 def _is_utf8(text: str) -> bool:

@@ -967,6 +967,15 @@ class IdentityKey:
     audience: str
     endpoint: Endpoint
     flavour: str = "vault"
+    # Computed once: a cold Mount looks its key up six times (token cache, lease keys).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.pod_uid, self.pod_namespace, self.pod_name, self.service_account, self.role)
+        object.__setattr__(self, "_hash", hash((*fields, self.auth_mount, self.audience, self.endpoint, self.flavour)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 class _Identity:

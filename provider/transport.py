@@ -370,7 +370,12 @@ class Transport:
         reply: a `replayable` request is then sent again on a new connection; any other
         (a write that may create credentials) fails rather than risk being sent twice."""
         request = Request(target, tls, method, url_path, body, headers, timeout, replayable)
-        outcome = self.send_many([request])[0]
+        guard = self._watchdog.watch(time.monotonic() + timeout)
+        try:
+            exchange = self._start(request, guard, self.pools.get(target, tls))
+            outcome = exchange if isinstance(exchange, TransportError) else self._outcome(request, exchange)
+        finally:
+            guard.finish()
         if isinstance(outcome, TransportError):
             raise outcome
         return outcome
@@ -402,31 +407,35 @@ class Transport:
     def _finish_all(
         self, requests: list[Request], started: list[_Exchange | TransportError]
     ) -> list[Reply | TransportError]:
-        outcomes: list[Reply | TransportError] = []
-        for request, exchange in zip(requests, started, strict=True):
-            if isinstance(exchange, TransportError):
-                outcomes.append(exchange)
-                continue
-            try:
-                try:
-                    outcomes.append(self._finish(exchange, request.method))
-                    continue
-                except _Stale:
-                    if not (exchange.reused and request.replayable):
-                        raise TransportError("the connection was closed before a reply") from None
-                again = self._start(request, exchange.guard, exchange.pool, fresh=True)
-                if isinstance(again, TransportError):
-                    raise again
-                try:
-                    outcomes.append(self._finish(again, request.method))
-                except _Stale:
-                    raise TransportError("the connection was closed before a reply") from None
-            except TransportError as e:
-                outcomes.append(e)
-            except Exception:  # a defect of ours: this request fails, the batch's others are still read
-                logger.exception("reading a reply from %s failed unexpectedly", request.target.describe())
-                outcomes.append(TransportError("the reply could not be read (an internal error, logged)"))
-        return outcomes
+        return [
+            exchange if isinstance(exchange, TransportError) else self._outcome(request, exchange)
+            for request, exchange in zip(requests, started, strict=True)
+        ]
+
+    def _outcome(self, request: Request, exchange: _Exchange) -> Reply | TransportError:
+        try:
+            return self._finish_one(request, exchange)
+        except TransportError as e:
+            return e
+        except Exception:  # a defect of ours: this request fails, a batch's others are still read
+            logger.exception("reading a reply from %s failed unexpectedly", request.target.describe())
+            return TransportError("the reply could not be read (an internal error, logged)")
+
+    def _finish_one(self, request: Request, exchange: _Exchange) -> Reply:
+        """The reply to a sent request; sent again on a new connection when a kept-alive
+        one turns out closed and the request may be (replayable)."""
+        try:
+            return self._finish(exchange, request.method)
+        except _Stale:
+            if not (exchange.reused and request.replayable):
+                raise TransportError("the connection was closed before a reply") from None
+        again = self._start(request, exchange.guard, exchange.pool, fresh=True)
+        if isinstance(again, TransportError):
+            raise again
+        try:
+            return self._finish(again, request.method)
+        except _Stale:
+            raise TransportError("the connection was closed before a reply") from None
 
     def _pool(self, request: Request) -> Pool | TransportError:
         try:
