@@ -313,6 +313,13 @@ def lean_table(provider: Any, bao: Any, kube: Any, pods: list[Any], token: str, 
         "",
     )
     line(
+        "cold Mount / the floor's three calls together, in loops",
+        m["cold"] / m["floor_together"],
+        "x",
+        "",
+        m["lean_cold"] / m["floor_together"],
+    )
+    line(
         "the same, taken in turn: cold Mount / (raw login + raw read + no-op)",
         m["turn_cold"] / m["turn_floor"],
         "x",
