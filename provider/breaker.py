@@ -30,7 +30,6 @@ first that hold nothing; never the breaker just made.
 
 from __future__ import annotations
 
-import contextvars
 import enum
 import logging
 import random
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 
 from provider.address import Target
 from provider.errors import VaultCircuitOpen, truncate
+from provider.tenant import TENANT
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,6 @@ MAX_BREAKERS = 1024
 # Breakers one pod namespace's Mounts may make: a class naming a thousand dead addresses
 # fills its own share, not the node's registry.
 MAX_BREAKERS_PER_NAMESPACE = 64
-# The pod namespace of the Mount this thread (or task) works for: what a new breaker counts
-# against. Set by the dispatcher; "" for work outside a Mount (the check tool).
-TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("breaker_tenant", default="")
 
 
 class State(enum.IntEnum):

@@ -25,13 +25,14 @@ from typing import Any
 
 from provider import replymemory
 from provider.admission import Admission, Lane, ParseGate, Ticket
-from provider.breaker import TENANT, Breaker, Breakers, EndpointKey, Verdict
+from provider.breaker import Breaker, Breakers, EndpointKey, Verdict
 from provider.config import Route, VaultSettings, peek_route, template_weight
 from provider.errors import MountRejected, VaultCircuitOpen, VaultUnreachable
 from provider.lru import WeightedLRU
 from provider.metrics import Metrics
 from provider.mount import Mounter, MountPlan, MountRequest, MountResult, SecretRequest
 from provider.replymemory import ReplyMemory
+from provider.tenant import TENANT
 from provider.threads import Closed
 from provider.transport import Reply
 from provider.vault import VaultClient
@@ -359,8 +360,8 @@ def _settle(answer: asyncio.Future[MountResult], outcome: MountResult | BaseExce
 
 def _too_late(answer: asyncio.Future[MountResult], endpoint: EndpointKey) -> None:
     """The backstop: a Mount's requests are cut at its deadline, so a Mount still running
-    past it is held by something else (a name lookup no timeout reaches, a starved node, a
-    defect). Said so, not blamed on Vault, and logged for the operator."""
+    past it is held by something else (a starved node, a defect). Said so, not blamed on
+    Vault, and logged for the operator."""
     if not answer.done():
         logger.warning(
             "a Mount for Vault at %s was still running %.2fs past its deadline; answered it with an error",
@@ -370,6 +371,6 @@ def _too_late(answer: asyncio.Future[MountResult], endpoint: EndpointKey) -> Non
         answer.set_exception(
             VaultUnreachable(
                 f"the Mount did not finish before its deadline (its requests to Vault at {endpoint.describe()} are "
-                "cut at the deadline; something else held it, such as a slow name lookup or an overloaded node)"
+                "cut at the deadline; something else held it, such as an overloaded node)"
             )
         )

@@ -14,7 +14,7 @@ import platform
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from provider import __version__
+from provider import __version__, lookup
 
 # Mount latency buckets: a warm Mount is milliseconds, a cold one with a login tens of
 # milliseconds, and a Vault in trouble is seconds up to the driver's deadline.
@@ -92,5 +92,12 @@ class Metrics:
             "Mounts waiting for a thread their class and endpoint may use.",
             registry=r,
         )
+        self.name_lookups = Gauge(
+            "vault_csi_provider_name_lookups_in_flight",
+            "Name lookups of Vault addresses still running, each on a thread of its own: above 0 for long "
+            "while the node's DNS servers do not answer.",
+            registry=r,
+        )
+        self.name_lookups.set_function(lookup.in_flight)
         self.build = Info("vault_csi_provider_build", "Build information.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from provider.breaker import TENANT, EndpointKey
+from provider.breaker import EndpointKey
 from provider.cache import TokenCache
 from provider.dispatch import ParsedMounts
 from provider.errors import ProviderError, VaultUnreachable
@@ -35,6 +35,7 @@ from provider.kube import KubeClient
 from provider.leases import LeaseCache
 from provider.metrics import Metrics
 from provider.mount import IdentityKey, Issuer
+from provider.tenant import TENANT
 from provider.vault import Endpoint, VaultClient
 
 logger = logging.getLogger(__name__)

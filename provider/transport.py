@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from provider import http1, replymemory
+from provider import http1, lookup, replymemory
 from provider.address import Target
 from provider.config import TLSConfig
 
@@ -213,9 +213,9 @@ def _connect_tcp(host: str, port: int, deadline: float) -> socket.socket:
     socket.create_connection gives each address the whole timeout: a name with three
     addresses that drop SYNs held a Mount's thread three times its deadline, and one such
     address before a healthy one took all of it. As Go's dialer does, each address gets an
-    equal share of what is left, at least ADDRESS_MIN_SECONDS of it. The name lookup itself
-    cannot be bounded here."""
-    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    equal share of what is left, at least ADDRESS_MIN_SECONDS of it. The name lookup is held
+    to the deadline too (provider.lookup)."""
+    addresses = lookup.addresses(host, port, deadline - time.monotonic())
     error: OSError | None = None
     for index, (family, kind, proto, _, address) in enumerate(addresses):
         remaining = deadline - time.monotonic()
@@ -460,11 +460,15 @@ class Transport:
             if conn is None:
                 try:
                     conn = pool.connect(remaining, guard.attach)
+                except lookup.TooManyLookups as e:  # the namespace's, not the endpoint's failure
+                    raise TransportError(str(e)) from None
                 except (OSError, ValueError) as e:  # ValueError: a name TLS cannot carry
                     if guard.expired or isinstance(e, TimeoutError):  # cut, or slow: nothing was sent
                         if remaining < CONNECT_EVIDENCE_SECONDS:
                             # The Mount's own deadline ended it: no sign the server is down.
                             raise TimedOut(f"no connection within the {remaining:.2f}s left") from None
+                        if isinstance(e, lookup.LookupTimedOut):
+                            raise NotConnected(str(e)) from None
                         raise NotConnected(f"no connection within {remaining:.1f}s") from None
                     if isinstance(e, ssl.SSLError | ValueError):
                         raise TLSFailed(_describe(e)) from None

@@ -12,7 +12,6 @@ from provider.breaker import (
     JITTER,
     OPEN_BASE_SECONDS,
     OPEN_MAX_SECONDS,
-    TENANT,
     Breaker,
     Breakers,
     EndpointKey,
@@ -21,6 +20,7 @@ from provider.breaker import (
 )
 from provider.config import TLSConfig
 from provider.errors import VaultCircuitOpen, VaultUnreachable
+from provider.tenant import TENANT
 from provider.vault import Endpoint, VaultClient
 from tests.openbao import free_port
 

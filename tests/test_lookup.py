@@ -1,0 +1,157 @@
+"""Name lookups held to the Mount's deadline (provider.lookup).
+
+For a few names the node's resolver is one whose DNS servers do not answer: it holds the
+lookup until the test lets it go, as glibc holds it 5 s per try and server. Every other
+name resolves as the system resolves it; OpenBao, gRPC and the provider are real.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from provider import lookup
+from provider.breaker import EndpointKey
+from tests.conftest import ProviderClient, VaultWorld, http_get
+from tests.test_tenants import Call, assert_all_final_and_in_time, burst
+
+
+class StalledDNS:
+    """socket.getaddrinfo, except for `names`: those wait until `released` (then resolve to
+    127.0.0.1), or fail as a lookup nobody answered does after 30 s."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.released = threading.Event()
+        self.asked: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._system = socket.getaddrinfo
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in self.names:
+            return self._system(host, port, *args, **kwargs)
+        with self._lock:
+            self.asked[host] += 1
+        if not self.released.wait(30):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return self._system("127.0.0.1", port, *args, **kwargs)
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[StalledDNS]:
+    stalled = StalledDNS()
+    monkeypatch.setattr(socket, "getaddrinfo", stalled)
+    try:
+        yield stalled
+    finally:
+        stalled.released.set()
+        give_up = time.monotonic() + 5
+        while lookup.in_flight() and time.monotonic() < give_up:  # the lookup threads end
+            time.sleep(0.01)
+
+
+def _kv_pod(world: VaultWorld, name: str, namespace: str) -> tuple[Any, list[dict[str, str]]]:
+    world.bao.api("POST", f"kv1/{name}", {"k": "v"})
+    pod = world.grant(name, [f"kv1/{name}"], namespace=namespace)
+    return pod, [{"objectName": "k", "secretPath": f"kv1/{name}", "secretKey": "k"}]
+
+
+def _wait_for(condition: Any, seconds: float) -> bool:
+    give_up = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_vault_name_whose_dns_does_not_answer_fails_the_mount_by_its_deadline_and_frees_its_thread(
+    provider: ProviderClient, world: VaultWorld, dns: StalledDNS, unique: str
+) -> None:
+    name = f"vault-{unique}.stalled.test"
+    dns.names.add(name)
+    pod, objects = _kv_pod(world, f"dns-{unique}", "dns-team")
+    good, good_objects = _kv_pod(world, f"calm-{unique}", "calm-team")
+    address = f"http://{name}:{world.bao.port}"
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        provider.mount(pod, objects, role=f"dns-{unique}", vaultAddress=address, timeout=3)
+    elapsed = time.monotonic() - started
+    assert error.value.code() == grpc.StatusCode.UNKNOWN  # final: kubelet retries later
+    assert f"the name {name} was not resolved within" in error.value.details()
+    assert "the node's DNS servers did not answer" in error.value.details()
+    assert elapsed < 3
+    # The Mount's thread came back by the deadline; the lookup still waits on its own.
+    assert _wait_for(lambda: provider.app.admission.running == 0, 1.0)
+    assert lookup.in_flight() == 1
+    assert (
+        "vault_csi_provider_name_lookups_in_flight 1.0" in http_get(f"http://{provider.app.health_address}/metrics")[1]
+    )
+    assert provider.mount(good, good_objects, role=f"calm-{unique}", timeout=5).files
+    # Once the DNS answers, the same class mounts.
+    dns.released.set()
+    assert _wait_for(lambda: lookup.in_flight() == 0, 5.0)
+    assert provider.mount(pod, objects, role=f"dns-{unique}", vaultAddress=address, timeout=10).files
+
+
+def test_one_lookup_of_a_name_however_many_mounts_wait_for_it(
+    provider: ProviderClient, world: VaultWorld, dns: StalledDNS, unique: str
+) -> None:
+    name = f"shared-{unique}.stalled.test"
+    dns.names.add(name)
+    pods = [world.kube.add_pod("wait-team", f"wait-{unique}-{i}", "app") for i in range(6)]
+    objects = [{"objectName": "k", "secretPath": "kv1/x", "secretKey": "k"}]
+    calls = [
+        Call(provider.request(pod, objects, role="r", vaultAddress=f"http://{name}:{world.bao.port}"), 3)
+        for pod in pods
+    ]
+    outcomes = burst(provider, calls)
+    assert_all_final_and_in_time(outcomes)
+    assert all(f"the name {name} was not resolved" in o.details for o in outcomes), outcomes[0].details
+    assert dns.asked[name] == 1
+
+
+def test_a_namespace_naming_stalled_name_after_stalled_name_holds_its_own_lookups_not_the_node_s(
+    provider: ProviderClient, world: VaultWorld, dns: StalledDNS, unique: str
+) -> None:
+    names = [f"n{i}-{unique}.stalled.test" for i in range(2 * lookup.LOOKUPS_PER_NAMESPACE)]
+    dns.names.update(names)
+    objects = [{"objectName": "k", "secretPath": "kv1/x", "secretKey": "k"}]
+    calls = [
+        Call(
+            provider.request(
+                world.kube.add_pod("evil", f"evil-{unique}-{i}", "evil"),
+                objects,
+                role=f"r{i}",
+                vaultAddress=f"http://{name}:{world.bao.port}",
+            ),
+            3,
+        )
+        for i, name in enumerate(names)
+    ]
+    futures = [provider.stub.Mount.future(call.request, timeout=call.timeout) for call in calls]
+    assert _wait_for(lambda: lookup.in_flight() == lookup.LOOKUPS_PER_NAMESPACE, 2.0)
+    # Another namespace still looks names up (localhost, through a lookup thread like any name).
+    pod, good_objects = _kv_pod(world, f"other-{unique}", "other-team")
+    address = f"http://localhost:{world.bao.port}"
+    assert provider.mount(pod, good_objects, role=f"other-{unique}", vaultAddress=address, timeout=5).files
+    details = []
+    for future in futures:
+        with pytest.raises(grpc.RpcError) as error:
+            future.result()
+        assert error.value.code() == grpc.StatusCode.UNKNOWN
+        details.append(error.value.details())
+    assert sum(dns.asked.values()) == lookup.LOOKUPS_PER_NAMESPACE  # no more lookups were started
+    refused = [d for d in details if "name lookups for pods of this namespace are still waiting for DNS" in d]
+    assert len(refused) == len(names) - lookup.LOOKUPS_PER_NAMESPACE, details
+    # A refused lookup is the namespace's limit, not its endpoint's failure: no breaker counts it.
+    refused_names = [name for name in names if dns.asked[name] == 0]
+    for name in refused_names:
+        assert provider.app.breakers.peek(EndpointKey.of(f"http://{name}:{world.bao.port}")) is None
