@@ -12,15 +12,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from provider import lookup
+from provider import lookup, revocation
 from provider.breaker import EndpointKey
-from tests.conftest import ProviderClient, VaultWorld, http_get
-from tests.test_tenants import Call, assert_all_final_and_in_time, burst
+from tests.conftest import ProviderClient, VaultWorld, http_get, start_provider
+from tests.test_tenants import Call, _mounted_pods, _vault_token, assert_all_final_and_in_time, burst
 
 
 class StalledDNS:
@@ -155,3 +156,31 @@ def test_a_namespace_naming_stalled_name_after_stalled_name_holds_its_own_lookup
     refused_names = [name for name in names if dns.asked[name] == 0]
     for name in refused_names:
         assert provider.app.breakers.peek(EndpointKey.of(f"http://{name}:{world.bao.port}")) is None
+
+
+def test_a_name_whose_dns_stops_answering_does_not_hold_up_the_revocation_sweep_of_another_namespace(
+    tmp_path: Path, world: VaultWorld, dns: StalledDNS, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lookup the sweep made waited for the DNS as long as glibc does (30 s here), past the
+    # namespace's budget, while other namespaces' deleted pods kept live credentials.
+    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
+    client = start_provider(tmp_path, world)
+    try:
+        name = f"vault-{unique}.flaky.test"
+        dns.names.add(name)
+        dns.released.set()  # it answers while the pods mount
+        address = f"http://{name}:{world.bao.port}"
+        noisy_pods = _mounted_pods(client, world, f"{unique}n", "noisy-team", 3, vaultAddress=address)
+        (victim,) = _mounted_pods(client, world, unique, "team", 1)
+        victim_token = _vault_token(client, victim)
+        dns.released.clear()  # then it stops answering
+        client.app.vault._transport.pools.close()  # no kept-alive connection: a revocation looks the name up
+        for pod in [*noisy_pods, victim]:
+            world.kube.delete_pod(pod)
+        started = time.monotonic()
+        assert client.app.sweeper.sweep() == len(noisy_pods) + 1
+        assert time.monotonic() - started < 1.0 + 3  # one revocation's time for the stalled name
+        world.bao.api("GET", "auth/token/lookup-self", token=victim_token, expect=(403,))  # revoked
+    finally:
+        dns.released.set()
+        client.close()
