@@ -13,8 +13,10 @@ Vault would have cost a quarter of the DaemonSet's memory.
   prefix, basic auth.
 - Connections are pooled by what a connection is: scheme, host, port or socket, and TLS
   settings. Paths, user info and spelling do not make new pools, and at most MAX_POOLS
-  are kept, the least recently used closed first, so no class can make the provider
-  hold sockets without bound. Each pool has one SSLContext.
+  are kept, MAX_POOLS_PER_NAMESPACE of them a namespace's own (Pools says which goes first),
+  so no class can make the provider hold sockets without bound, nor close other teams'.
+  Each pool has one SSLContext.
+- A name is looked up within the deadline (provider.lookup).
 - A connect (and a TLS handshake) is bounded by a socket timeout; after it the socket
   blocks. A socket timeout bounds each operation, not an exchange (a server dripping one
   byte a second would hold a thread as long as it likes), and costs a poll before every
@@ -38,7 +40,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,6 +48,7 @@ from typing import NamedTuple
 from provider import http1, lookup, replymemory
 from provider.address import Target
 from provider.config import TLSConfig
+from provider.tenant import TENANT
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,11 @@ logger = logging.getLogger(__name__)
 # More may be open at once; those beyond this are closed when done.
 POOL_SIZE = 32
 # Pools kept at most: a node talks to a handful of Vaults; standby redirects add one per
-# cluster node. Beyond this the least recently used pool is closed.
+# cluster node. Beyond this the least recently used pool is closed (Pools says which first).
 MAX_POOLS = 64
+# Pools one pod namespace's Mounts may keep that no other namespace uses: a class naming live
+# server after live server of its own replaces its own pools, not other teams' connections.
+MAX_POOLS_PER_NAMESPACE = 16
 # How late the watchdog may cut an exchange past its deadline, at most: Mount deadlines
 # keep a 0.5 s margin to the caller's, so 50 ms of slack costs nothing.
 WATCHDOG_TICK_SECONDS = 0.05
@@ -145,6 +151,8 @@ class Pool:
         self._size = size
         self._lock = threading.Lock()
         self._closed = False
+        self.maker = TENANT.get()  # the pod namespace whose Mount made it: its share counts it
+        self.shared = False  # another namespace's Mounts used it too
 
     @property
     def holds_nothing(self) -> bool:
@@ -274,10 +282,23 @@ def _context(tls: TLSConfig) -> ssl.SSLContext:
 
 
 class Pools:
-    """Pools by what a connection is; bounded; thread-safe."""
+    """Pools by what a connection is; bounded; thread-safe.
 
-    def __init__(self, *, max_pools: int = MAX_POOLS, service: str = "Vault") -> None:
+    A pool counts against the pod namespace whose Mount made it (tenant.TENANT) until another
+    namespace's Mount uses it too. A namespace keeps at most `per_namespace` pools of its own:
+    past that, its own least recently used one goes, one holding no connection first. Past
+    the node's `max_pools`, the least recently used pool holding no connection goes; failing
+    that, one of those of the namespace keeping the most of its own; failing that, the least
+    recently used. The one just made never goes. So a class naming dead address after dead
+    address, or live server after live server, replaces its own pools, not the kept-alive
+    connections of other teams (each of their next requests would pay a new connection and
+    TLS handshake)."""
+
+    def __init__(
+        self, *, max_pools: int = MAX_POOLS, per_namespace: int = MAX_POOLS_PER_NAMESPACE, service: str = "Vault"
+    ) -> None:
         self._max = max_pools
+        self._per_namespace = per_namespace
         self._service = service
         self._pools: OrderedDict[_PoolKey, Pool] = OrderedDict()
         self._lock = threading.Lock()
@@ -293,7 +314,7 @@ class Pools:
         with self._lock:
             pool = self._pools.get(key)
             if pool is not None:
-                self._pools.move_to_end(key)  # in use: not the least recently used
+                self._used(key, pool)
             return pool
 
     def get(self, target: Target, tls: TLSConfig) -> Pool:
@@ -302,7 +323,7 @@ class Pools:
         with self._lock:
             pool = self._pools.get(key)
             if pool is not None:
-                self._pools.move_to_end(key)
+                self._used(key, pool)
                 return pool
         try:
             made = Pool(target, key.tls)  # outside the lock: loading a CA store takes a while
@@ -311,19 +332,37 @@ class Pools:
         closing: list[Pool] = []
         with self._lock:
             pool = self._pools.setdefault(key, made)
-            self._pools.move_to_end(key)
-            while len(self._pools) > self._max:
-                # The least recently used pool holding no connection goes first (forgetting it
-                # costs nothing), never the one just made: a class naming dead address after dead
-                # address once closed every other class's kept-alive connections, and each of
-                # their next requests paid a new connection (a TLS handshake: milliseconds of CPU).
-                victim = next((k for k, p in self._pools.items() if p is not pool and p.holds_nothing), None)
-                closing.append(self._pools.pop(victim) if victim is not None else self._pools.popitem(last=False)[1])
+            self._used(key, pool)
+            if pool is made:
+                closing = self._make_room(made)
         for old in closing:
             old.close()  # in-flight requests on it finish; their connections are then closed
         if pool is made and target.scheme == "https" and tls.skip_verify:
             logger.warning("TLS verification of %s at %s is disabled", self._service, target.describe())
         return pool
+
+    def _used(self, key: _PoolKey, pool: Pool) -> None:
+        """Under the lock: pool is in use by this context's namespace."""
+        self._pools.move_to_end(key)  # not the least recently used
+        if not pool.shared and pool.maker != TENANT.get():
+            pool.shared = True  # no longer counted against its maker's share
+
+    def _make_room(self, made: Pool) -> list[Pool]:
+        """Under the lock: the pools to close now that `made` is kept (see the class)."""
+        others = [(key, pool) for key, pool in self._pools.items() if pool is not made]
+        own = [(key, pool) for key, pool in others if pool.maker == made.maker and not pool.shared]
+        victims: list[_PoolKey] = []
+        if len(own) >= self._per_namespace:
+            victims.append(next((key for key, pool in own if pool.holds_nothing), own[0][0]))
+        while len(self._pools) - len(victims) > self._max:
+            left = [(key, pool) for key, pool in others if key not in victims]
+            victim = next((key for key, pool in left if pool.holds_nothing), None)
+            if victim is None:
+                kept = Counter(pool.maker for _, pool in left if not pool.shared)
+                most = max(kept.values(), default=0)
+                victim = next((key for key, pool in left if not pool.shared and kept[pool.maker] == most), left[0][0])
+            victims.append(victim)
+        return [self._pools.pop(key) for key in victims]
 
     def close(self) -> None:
         with self._lock:

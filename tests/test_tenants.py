@@ -267,30 +267,52 @@ def _vault_token(client: ProviderClient, pod: FakePod) -> str:
     return token
 
 
+def sweep_past(client: ProviderClient, world: VaultWorld, noisy: list[FakePod], victim: FakePod, token: str) -> None:
+    """Delete the pods and sweep: within one revocation's time (REVOKE_SECONDS, set to 1 s)
+    for the noisy pods' Vault and a few seconds more, the victim's token is revoked."""
+    for pod in [*noisy, victim]:
+        world.kube.delete_pod(pod)
+    started = time.monotonic()
+    assert client.app.sweeper.sweep() == len(noisy) + 1
+    assert time.monotonic() - started < 1.0 + 3
+    world.bao.api("GET", "auth/token/lookup-self", token=token, expect=(403,))  # revoked
+
+
+@contextlib.contextmanager
+def noisy_and_victim(
+    tmp_path: Path, world: VaultWorld, unique: str, monkeypatch: pytest.MonkeyPatch, noisy: int, **params: str
+) -> Iterator[tuple[ProviderClient, list[FakePod], FakePod, str]]:
+    """A provider whose revocations have 1 s each (REVOKE_SECONDS); `noisy` pods of
+    noisy-team mounted with the class `params` and one victim pod of team; the victim's token."""
+    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
+    client = start_provider(tmp_path, world)
+    try:
+        noisy_pods = _mounted_pods(client, world, f"{unique}n", "noisy-team", noisy, **params)
+        (victim,) = _mounted_pods(client, world, unique, "team", 1)
+        yield client, noisy_pods, victim, _vault_token(client, victim)
+    finally:
+        client.close()
+
+
 def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_another(
     tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The sweep revoked one token after another, 30 s each against a Vault that accepts and
     # never answers: hours for a thousand pods, while other namespaces' deleted pods kept
     # live credentials. Now a revocation has REVOKE_SECONDS, a silent endpoint is not asked
-    # again in that sweep, and a namespace has NAMESPACE_SECONDS.
-    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
-    client = start_provider(tmp_path, world)
-    try:
-        # The noisy team's Vault is the same OpenBao, through a proxy that will hang.
-        noisy_pods = _mounted_pods(client, world, f"{unique}n", "noisy-team", 6, vaultAddress=proxy.url)
-        (victim,) = _mounted_pods(client, world, unique, "team", 1)
-        victim_token = _vault_token(client, victim)
+    # again in that sweep, and a namespace has NAMESPACE_SECONDS. The noisy team's Vault is
+    # the same OpenBao, through a proxy that will hang.
+    with noisy_and_victim(tmp_path, world, unique, monkeypatch, 6, vaultAddress=proxy.url) as (
+        client,
+        noisy,
+        victim,
+        token,
+    ):
         proxy.add(Rule("*", "/", delay_seconds=30))  # the noisy team's Vault accepts and never answers
-        for pod in [*noisy_pods, victim]:
-            world.kube.delete_pod(pod)
-        started = time.monotonic()
-        assert client.app.sweeper.sweep() == len(noisy_pods) + 1
-        assert time.monotonic() - started < 1.0 + 3  # one revocation's time for the hung Vault, not 6 x 30 s
-        world.bao.api("GET", "auth/token/lookup-self", token=victim_token, expect=(403,))  # revoked
-    finally:
-        proxy.clear()
-        client.close()
+        try:
+            sweep_past(client, world, noisy, victim, token)  # one revocation's time, not 6 x 30 s
+        finally:
+            proxy.clear()
 
 
 def test_a_failure_nobody_foresaw_in_one_pod_s_revocation_does_not_stop_the_sweep(
