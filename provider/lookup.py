@@ -9,8 +9,10 @@ only until its deadline; the lookup finishes on its own.
 One lookup per name and port runs at a time: every caller of a name whose DNS stalls waits
 on that one. A pod namespace (tenant.TENANT) has at most LOOKUPS_PER_NAMESPACE in flight at
 once, so a class naming one stalled name after another holds a few threads of its own and
-not the node's; its further lookups are refused at once until one ends. An IP address is
-not looked up.
+not the node's; its further lookups are refused at once until one ends. The node has at
+most LOOKUPS_ON_NODE (threads are the process's to run out of). A refusal is the caller's
+limit, not the server's failure: callers count it against no endpoint. An IP address is not
+looked up.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from provider.tenant import TENANT
 # Lookups one pod namespace may have in flight at once (each on a thread of its own): a
 # healthy lookup takes milliseconds, so these are only ever all busy when DNS stalls.
 LOOKUPS_PER_NAMESPACE = 4
+# Lookups in flight on the node at most: 16 namespaces' worth, far more than a node whose DNS
+# answers ever has, and about 1 MiB of thread stacks when every one is stalled.
+LOOKUPS_ON_NODE = 64
 
 # What socket.getaddrinfo gives: (family, type, proto, canonical name, socket address).
 Addresses = Sequence[tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]]
@@ -37,8 +42,9 @@ class LookupTimedOut(TimeoutError):
     """The name was not resolved by the caller's deadline."""
 
 
-class TooManyLookups(Exception):
-    """The namespace already has LOOKUPS_PER_NAMESPACE lookups in flight."""
+class LookupRefused(Exception):
+    """The name was not looked up: the namespace (or the node) has too many lookups in
+    flight, or no thread could be started for it."""
 
 
 _lock = threading.Lock()
@@ -49,7 +55,7 @@ _per_namespace: Counter[str] = Counter()
 def addresses(host: str, port: int, timeout: float) -> Addresses:
     """host's TCP addresses, as socket.getaddrinfo gives them, within `timeout` seconds.
     Raises OSError (socket.gaierror) when the lookup fails, LookupTimedOut when it has not
-    ended in time, TooManyLookups when the namespace has too many in flight."""
+    ended in time, LookupRefused when it is not made."""
     if _is_ip_address(host):
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     key = (host, port)
@@ -58,9 +64,14 @@ def addresses(host: str, port: int, timeout: float) -> Addresses:
         running = _running.get(key)
         if running is None:
             if _per_namespace[namespace] >= LOOKUPS_PER_NAMESPACE:
-                raise TooManyLookups(
+                raise LookupRefused(
                     f"{LOOKUPS_PER_NAMESPACE} name lookups for pods of this namespace are still waiting for DNS "
                     f"(its servers do not answer for them); {host} is not looked up until one ends"
+                )
+            if len(_running) >= LOOKUPS_ON_NODE:
+                raise LookupRefused(
+                    f"{LOOKUPS_ON_NODE} name lookups are still waiting for DNS on this node (its servers do not "
+                    f"answer for them); {host} is not looked up until one ends"
                 )
             running = _running[key] = Future()
             _per_namespace[namespace] += 1
@@ -70,9 +81,9 @@ def addresses(host: str, port: int, timeout: float) -> Addresses:
     if start:
         try:
             threading.Thread(target=_look_up, args=(key, namespace, running), name="lookup", daemon=True).start()
-        except BaseException as e:  # no thread: this caller and any that joined get the error
+        except RuntimeError as e:  # no thread (the process's limit): this caller and any that joined
             _finish(key, namespace)
-            running.set_exception(e)
+            running.set_exception(LookupRefused(f"no thread could be started to look up {host} ({e})"))
     try:
         return running.result(timeout=max(timeout, 0.0))
     except FutureTimeout:

@@ -36,7 +36,7 @@ from provider.leases import LeaseCache
 from provider.metrics import Metrics
 from provider.mount import IdentityKey, Issuer
 from provider.tenant import TENANT
-from provider.vault import Endpoint, VaultClient
+from provider.vault import Endpoint, NameNotLookedUp, VaultClient
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ class PodSweeper:
                     endpoint, token=lease.issuer.login.token, lease_id=lease.lease_id, deadline=deadline
                 )
                 revoked.add(lease.lease_id)
+            except NameNotLookedUp:  # this namespace's lookups stall: not the endpoint's silence
+                pass
             except VaultUnreachable:
                 budget.silent.add(endpoint.key)
             except ProviderError:
@@ -154,7 +156,7 @@ class PodSweeper:
             try:
                 self._vault.revoke_self(issuer.endpoint, token=token, deadline=deadline)
             except ProviderError as e:
-                if isinstance(e, VaultUnreachable):
+                if isinstance(e, VaultUnreachable) and not isinstance(e, NameNotLookedUp):
                     budget.silent.add(issuer.endpoint.key)
                 logger.warning("revocation sweep: revoking a token of deleted pod %s/%s failed: %s", namespace, name, e)
                 continue

@@ -107,6 +107,11 @@ class NotConnected(TransportError):
     """No connection was made (refused, unresolvable, not accepted in time)."""
 
 
+class NotLookedUp(TransportError):
+    """The server's name was not looked up (provider.lookup refused): a limit of the caller's
+    namespace or of the node, not the server's failure."""
+
+
 class TLSFailed(TransportError):
     """The TLS layer failed: certificates, names, handshakes, alerts."""
 
@@ -499,8 +504,8 @@ class Transport:
             if conn is None:
                 try:
                     conn = pool.connect(remaining, guard.attach)
-                except lookup.TooManyLookups as e:  # the namespace's, not the endpoint's failure
-                    raise TransportError(str(e)) from None
+                except lookup.LookupRefused as e:  # the namespace's (or node's) limit, not the server's failure
+                    raise NotLookedUp(str(e)) from None
                 except (OSError, ValueError) as e:  # ValueError: a name TLS cannot carry
                     if guard.expired or isinstance(e, TimeoutError):  # cut, or slow: nothing was sent
                         if remaining < CONNECT_EVIDENCE_SECONDS:

@@ -47,6 +47,7 @@ from provider.transport import (
     NoRoom,
     NotConnected,
     NotHTTP,
+    NotLookedUp,
     Reply,
     Request,
     TimedOut,
@@ -429,6 +430,9 @@ class VaultClient:
             self._breaker(endpoint).record_success()  # it answered; TLS or the address is the class's problem
         except _NotSent:
             raise  # counted by _attempt
+        except NameNotLookedUp:
+            self._breaker(endpoint).give_back_probe()  # this namespace's limit says nothing of Vault
+            raise
         except VaultUnreachable as e:
             self._breaker(endpoint, failed=True).record_failure(str(e))  # connected, but no answer in time
             raise
@@ -515,9 +519,12 @@ class VaultClient:
                 retry_after = reply.retry_after
                 failure: VaultUnreachable | None = None
             except VaultUnreachable as e:
-                # A certificate Vault's client refused, or a server speaking another protocol,
-                # is the same a second later: say so now.
-                retryable = (idempotent or isinstance(e, _NotSent)) and not isinstance(e, _TLSFailure | _NotVault)
+                # A certificate Vault's client refused, a server speaking another protocol, or
+                # a name lookup refused for lookups still stalled, is the same a second later:
+                # say so now.
+                retryable = (idempotent or isinstance(e, _NotSent)) and not isinstance(
+                    e, _TLSFailure | _NotVault | NameNotLookedUp
+                )
                 failure = e
             finally:
                 self._count(operation, label, time.monotonic() - started)
@@ -646,6 +653,8 @@ class VaultClient:
             ) from None
         except NotConnected as e:
             raise _NotSent(_cannot_reach(target, e)) from None
+        except NotLookedUp as e:
+            raise NameNotLookedUp(_cannot_reach(target, e)) from None
         except TimedOut:
             raise VaultUnreachable(
                 f"{method} {path}: Vault at {target.describe()} did not answer within {timeout:.1f}s"
@@ -832,6 +841,12 @@ class _NotSent(VaultUnreachable):
 class _RedirectNotSent(_NotSent):
     """Vault at the endpoint redirected (a standby to its active node), and the node it
     named refused: during an election. Safe to retry; not the endpoint's failure."""
+
+
+class NameNotLookedUp(VaultUnreachable):
+    """Vault's name was not looked up (provider.lookup refused: too many of the namespace's
+    lookups wait for DNS): the namespace's limit, not Vault's failure. Not retried; no
+    breaker counts it, and the revocation sweep does not take the endpoint for silent."""
 
 
 class _TLSFailure(VaultUnreachable):

@@ -3,6 +3,7 @@ provider per test serving on a unix socket in tmp_path."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from provider.admission import Admission
 from provider.app import App
 from provider.config import Settings, VaultSettings
 from provider.kube import KubeConfig
+from provider.tenant import TENANT
 from tests.fault_proxy import FaultProxy
 from tests.kube_fake import FakeKubernetes, FakePod
 from tests.openbao import OpenBao, enable_kubernetes_auth, free_port, pki_engine
@@ -194,6 +196,16 @@ class ProviderClient:
         """Hang up and stop the provider this client started."""
         self.channel.close()
         self.app.stop(grace=1)
+
+
+@contextlib.contextmanager
+def as_namespace(namespace: str) -> Iterator[None]:
+    """Work done for a Mount of a pod of `namespace` (the dispatcher sets TENANT so)."""
+    token = TENANT.set(namespace)
+    try:
+        yield
+    finally:
+        TENANT.reset(token)
 
 
 def http_get(url: str) -> tuple[int, str]:

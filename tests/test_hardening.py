@@ -19,9 +19,17 @@ import pytest
 
 from provider import replymemory
 from provider.config import DEFAULT_MAX_RESPONSE_BYTES, TLSConfig, VaultSettings
-from provider.tenant import TENANT
 from provider.transport import MAX_POOLS, MAX_POOLS_PER_NAMESPACE, Pools, Target
-from tests.conftest import ProviderClient, VaultWorld, connect, files_of, http_get, spawn_provider, start_provider
+from tests.conftest import (
+    ProviderClient,
+    VaultWorld,
+    as_namespace,
+    connect,
+    files_of,
+    http_get,
+    spawn_provider,
+    start_provider,
+)
 from tests.fault_proxy import FaultProxy, Rule
 
 # 3. The deadline holds against a reply that drips in.
@@ -67,14 +75,14 @@ def test_pools_are_keyed_by_scheme_host_port_and_tls_not_by_spelling() -> None:
         pools.get(Target.parse("https://127.0.0.1:8200"), TLSConfig(server_name="vault"))
         assert len(pools) == 3
         for port in range(1000, 1000 + 3 * MAX_POOLS):  # classes of many namespaces: the node's bound
-            with _as_namespace(f"team-{port % 16}"):
+            with as_namespace(f"team-{port % 16}"):
                 pools.get(Target.parse(f"http://127.0.0.1:{port}"), TLSConfig())
         assert len(pools) == MAX_POOLS
-        with _as_namespace("one-team"):  # one namespace: its own share
+        with as_namespace("one-team"):  # one namespace: its own share
             for port in range(2000, 2000 + MAX_POOLS):
                 pools.get(Target.parse(f"http://127.0.0.1:{port}"), TLSConfig())
         assert len(pools) == MAX_POOLS
-        with _as_namespace("one-team"):
+        with as_namespace("one-team"):
             ours = [
                 port
                 for port in range(2000, 2000 + MAX_POOLS)
@@ -105,16 +113,6 @@ def test_a_class_naming_address_after_address_does_not_close_other_classes_kept_
 
 
 @contextlib.contextmanager
-def _as_namespace(namespace: str) -> Iterator[None]:
-    """Work done for a Mount of a pod of `namespace` (the dispatcher sets TENANT so)."""
-    token = TENANT.set(namespace)
-    try:
-        yield
-    finally:
-        TENANT.reset(token)
-
-
-@contextlib.contextmanager
 def _pools_and_servers(servers: int, *, max_pools: int, per_namespace: int) -> Iterator[tuple[Pools, list[Target]]]:
     """Pools with these bounds, and the addresses of `servers` live loopback servers."""
     with contextlib.ExitStack() as stack:
@@ -141,42 +139,42 @@ def test_a_class_naming_live_server_after_live_server_replaces_its_own_pools_not
     # naming live servers of its own (each answering, so each pool holds a connection) closed
     # other teams' kept-alive connections. A namespace now keeps its own share of pools.
     with _pools_and_servers(12, max_pools=6, per_namespace=3) as (pools, targets):
-        with _as_namespace("team"):
+        with as_namespace("team"):
             victim = _kept_pool(pools, targets[0])
-        with _as_namespace("other"):
+        with as_namespace("other"):
             bystander = _kept_pool(pools, targets[1])
-        with _as_namespace("evil"):
+        with as_namespace("evil"):
             evil = [_kept_pool(pools, target) for target in targets[2:]]
         assert len(pools) == 5  # the team's, the other's and evil's 3
-        with _as_namespace("team"):
+        with as_namespace("team"):
             assert _still_kept(pools, targets[:1], [victim]) == [victim] and not victim.holds_nothing
-        with _as_namespace("other"):
+        with as_namespace("other"):
             assert _still_kept(pools, targets[1:2], [bystander]) == [bystander]
-        with _as_namespace("evil"):
+        with as_namespace("evil"):
             assert _still_kept(pools, targets[2:], evil) == evil[-3:]  # its own least recently used went
 
 
 def test_a_pool_another_namespace_uses_is_not_given_up_for_its_maker_s_share() -> None:
     with _pools_and_servers(8, max_pools=20, per_namespace=3) as (pools, targets):
-        with _as_namespace("evil"):
+        with as_namespace("evil"):
             shared = _kept_pool(pools, targets[0])  # the shared Vault, first named by evil's class
-        with _as_namespace("team"):
+        with as_namespace("team"):
             assert pools.get(targets[0], TLSConfig()) is shared  # the team uses it too
-        with _as_namespace("evil"):
+        with as_namespace("evil"):
             for target in targets[1:]:
                 _kept_pool(pools, target)
-        with _as_namespace("team"):
+        with as_namespace("team"):
             assert _still_kept(pools, targets[:1], [shared]) == [shared] and not shared.holds_nothing
         assert len(pools) == 1 + 3
 
 
 def test_past_the_node_s_pools_the_namespace_keeping_the_most_gives_one_up() -> None:
     with _pools_and_servers(5, max_pools=4, per_namespace=3) as (pools, targets):
-        with _as_namespace("team"):
+        with as_namespace("team"):
             victim = _kept_pool(pools, targets[0])  # the least recently used of all
-        with _as_namespace("evil"):
+        with as_namespace("evil"):
             evil = [_kept_pool(pools, target) for target in targets[1:4]]
-        with _as_namespace("other"):
+        with as_namespace("other"):
             newcomer = _kept_pool(pools, targets[4])
         assert len(pools) == 4
         assert _still_kept(pools, [targets[0], targets[4]], [victim, newcomer]) == [victim, newcomer]

@@ -18,10 +18,23 @@ from typing import Any
 import grpc
 import pytest
 
-from provider import lookup
-from provider.breaker import EndpointKey
-from tests.conftest import ProviderClient, VaultWorld, http_get
-from tests.test_tenants import Call, assert_all_final_and_in_time, burst, noisy_and_victim, sweep_past
+from provider import lookup, revocation
+from provider.address import Target
+from provider.breaker import FAILURES_TO_OPEN, Breakers, EndpointKey, State, Verdict
+from provider.config import TLSConfig
+from provider.transport import NotConnected, NotLookedUp, Transport
+from provider.vault import Endpoint, NameNotLookedUp, VaultClient
+from tests.conftest import ProviderClient, VaultWorld, as_namespace, http_get, start_provider
+from tests.openbao import free_port
+from tests.test_tenants import (
+    Call,
+    _mounted_pods,
+    _vault_token,
+    assert_all_final_and_in_time,
+    burst,
+    noisy_and_victim,
+    sweep_past,
+)
 
 
 class StalledDNS:
@@ -30,12 +43,15 @@ class StalledDNS:
 
     def __init__(self) -> None:
         self.names: set[str] = set()
+        self.answered: set[str] = set()  # names it resolves to 127.0.0.1 at once
         self.released = threading.Event()
         self.asked: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._system = socket.getaddrinfo
 
     def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in self.answered:
+            return self._system("127.0.0.1", port, *args, **kwargs)
         if host not in self.names:
             return self._system(host, port, *args, **kwargs)
         with self._lock:
@@ -56,6 +72,11 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[StalledDNS]:
         give_up = time.monotonic() + 5
         while lookup.in_flight() and time.monotonic() < give_up:  # the lookup threads end
             time.sleep(0.01)
+
+
+def _refused(future: Any) -> bool:
+    error = future.exception()
+    return error is not None and "name lookups for pods of this namespace" in error.details()
 
 
 def _kv_pod(world: VaultWorld, name: str, namespace: str) -> tuple[Any, list[dict[str, str]]]:
@@ -137,7 +158,11 @@ def test_a_namespace_naming_stalled_name_after_stalled_name_holds_its_own_lookup
         )
         for i, name in enumerate(names)
     ]
+    started = time.monotonic()
     futures = [provider.stub.Mount.future(call.request, timeout=call.timeout) for call in calls]
+    refused_after: list[float] = []
+    for future in futures:
+        future.add_done_callback(lambda f: refused_after.append(time.monotonic() - started) if _refused(f) else None)
     assert _wait_for(lambda: lookup.in_flight() == lookup.LOOKUPS_PER_NAMESPACE, 2.0)
     # Another namespace still looks names up (localhost, through a lookup thread like any name).
     pod, good_objects = _kv_pod(world, f"other-{unique}", "other-team")
@@ -152,6 +177,7 @@ def test_a_namespace_naming_stalled_name_after_stalled_name_holds_its_own_lookup
     assert sum(dns.asked.values()) == lookup.LOOKUPS_PER_NAMESPACE  # no more lookups were started
     refused = [d for d in details if "name lookups for pods of this namespace are still waiting for DNS" in d]
     assert len(refused) == len(names) - lookup.LOOKUPS_PER_NAMESPACE, details
+    assert all(elapsed < 1.0 for elapsed in refused_after), refused_after  # at once, not retried to the deadline
     # A refused lookup is the namespace's limit, not its endpoint's failure: no breaker counts it.
     refused_names = [name for name in names if dns.asked[name] == 0]
     for name in refused_names:
@@ -179,3 +205,116 @@ def test_a_name_whose_dns_stops_answering_does_not_hold_up_the_revocation_sweep_
             sweep_past(client, world, noisy, victim, token)  # one revocation's time, not 30 s
         finally:
             dns.released.set()
+
+
+def test_a_namespace_whose_lookups_stall_gives_back_the_probe_of_a_shared_vault_s_breaker(
+    world: VaultWorld, dns: StalledDNS, unique: str
+) -> None:
+    # The one probe of a breaker every class of a shared Vault uses goes to the next Mount
+    # to it, whatever its namespace. One whose own lookups were all stalled had its lookup
+    # of the shared Vault's name refused, and the probe counted that as Vault's failure: the
+    # breaker opened again for everyone, Vault never asked.
+    shared = f"vault-{unique}.shared.test"
+    dns.answered.add(shared)
+    evil_names = [f"v{i}-{unique}.evil.test" for i in range(lookup.LOOKUPS_PER_NAMESPACE)]
+    dns.names.update(evil_names)
+    now = [1000.0]
+    breakers = Breakers(clock=lambda: now[0])
+    vault = VaultClient(breakers=breakers)
+    endpoint = Endpoint(address=f"http://{shared}:{world.bao.port}", tls=TLSConfig())
+    try:
+        with as_namespace("team"):  # an outage opened it
+            breaker = breakers.get(endpoint.key)
+            for _ in range(FAILURES_TO_OPEN):
+                breaker.record_failure("cannot reach Vault: connection refused")
+        with as_namespace("evil"):
+            for name in evil_names:
+                with pytest.raises(lookup.LookupTimedOut):
+                    lookup.addresses(name, 8200, 0.05)
+            now[0] += 120  # Vault is back; evil's Mount comes first
+            assert breaker.check() is Verdict.PROBE
+            with pytest.raises(NameNotLookedUp) as error:
+                vault.probe(endpoint, deadline=time.monotonic() + 10)
+            assert "name lookups for pods of this namespace" in str(error.value)
+        # Given back, not failed: due again at once, its last error still the outage's.
+        refusal = breaker.refusal()
+        assert refusal is not None and "name lookups" not in str(refusal)
+        with as_namespace("team"):  # the next Mount probes, and Vault answers
+            assert breaker.check() is Verdict.PROBE
+            vault.probe(endpoint, deadline=time.monotonic() + 10)
+        assert breaker.state is State.CLOSED
+    finally:
+        vault.close()
+
+
+def test_a_lookup_no_thread_can_be_started_for_is_refused_not_an_internal_error(
+    dns: StalledDNS, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    transport = Transport(max_body_bytes=1024)
+    with pytest.raises(NotConnected):  # its watchdog's thread started: only the lookup's is refused
+        transport.send(
+            Target.parse(f"http://127.0.0.1:{free_port()}"), TLSConfig(), "GET", "/", None, {}, 2.0, replayable=True
+        )
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    try:
+        with pytest.raises(NotLookedUp) as error:
+            transport.send(
+                Target.parse(f"http://vault-{unique}.test:8200"),
+                TLSConfig(),
+                "GET",
+                "/",
+                None,
+                {},
+                2.0,
+                replayable=True,
+            )
+        assert "no thread could be started to look up" in str(error.value)
+    finally:
+        monkeypatch.undo()
+        transport.close()
+    assert lookup.in_flight() == 0
+
+
+def test_the_node_has_at_most_lookups_on_node_in_flight(
+    dns: StalledDNS, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lookup, "LOOKUPS_ON_NODE", 3)
+    names = [f"n{i}-{unique}.stalled.test" for i in range(4)]
+    dns.names.update(names)
+    for i, name in enumerate(names[:3]):
+        with as_namespace(f"team-{i}"), pytest.raises(lookup.LookupTimedOut):
+            lookup.addresses(name, 8200, 0.05)
+    with as_namespace("team-3"), pytest.raises(lookup.LookupRefused) as error:
+        lookup.addresses(names[3], 8200, 0.05)
+    assert "3 name lookups are still waiting for DNS on this node" in str(error.value)
+    assert lookup.in_flight() == 3 and dns.asked[names[3]] == 0
+
+
+def test_a_namespace_whose_lookups_stall_does_not_silence_a_shared_vault_for_the_sweep(
+    tmp_path: Path, world: VaultWorld, dns: StalledDNS, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sweep skips, for the rest of a sweep, an endpoint that did not answer. A lookup
+    # refused for the namespace's own stalled lookups is not the endpoint's silence: taken
+    # for it, it left every other namespace's deleted pods of that Vault their credentials.
+    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
+    shared = f"vault-{unique}.shared.test"
+    dns.answered.add(shared)
+    address = f"http://{shared}:{world.bao.port}"
+    client = start_provider(tmp_path, world)
+    try:
+        noisy = _mounted_pods(client, world, f"{unique}n", "noisy-team", 2, vaultAddress=address)
+        (victim,) = _mounted_pods(client, world, unique, "team", 1, vaultAddress=address)
+        token = _vault_token(client, victim)
+        stalled = [f"v{i}-{unique}.noisy.test" for i in range(lookup.LOOKUPS_PER_NAMESPACE)]
+        dns.names.update(stalled)
+        with as_namespace("noisy-team"):  # the noisy team's other classes' names stall
+            for name in stalled:
+                with pytest.raises(lookup.LookupTimedOut):
+                    lookup.addresses(name, 8200, 0.05)
+        client.app.vault._transport.pools.close()  # no kept-alive connection: a revocation looks the name up
+        sweep_past(client, world, noisy, victim, token)
+    finally:
+        client.close()
