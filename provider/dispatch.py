@@ -35,7 +35,7 @@ from provider.replymemory import ReplyMemory
 from provider.tenant import TENANT
 from provider.threads import Closed
 from provider.transport import Reply
-from provider.vault import VaultClient
+from provider.vault import NameNotLookedUp, VaultClient
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +331,8 @@ class MountDispatcher:
             self._vault.probe(plan.endpoint, deadline=deadline)
         except VaultUnreachable as e:
             plan.memory.last = None  # the Mount fails: it forgets, as any failed Mount does
+            if isinstance(e, NameNotLookedUp):  # its namespace's stalled lookups: say so, not the breaker's word
+                raise
             raise breaker.refusal() or e from None
 
 

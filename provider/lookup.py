@@ -81,9 +81,12 @@ def addresses(host: str, port: int, timeout: float) -> Addresses:
     if start:
         try:
             threading.Thread(target=_look_up, args=(key, namespace, running), name="lookup", daemon=True).start()
-        except RuntimeError as e:  # no thread (the process's limit): this caller and any that joined
+        except BaseException as e:  # no thread: this caller and any that joined get the error
             _finish(key, namespace)
-            running.set_exception(LookupRefused(f"no thread could be started to look up {host} ({e})"))
+            refused = isinstance(e, RuntimeError)  # the process's thread limit: a refusal like the others
+            running.set_exception(
+                LookupRefused(f"no thread could be started to look up {host} ({e})") if refused else e
+            )
     try:
         return running.result(timeout=max(timeout, 0.0))
     except FutureTimeout:

@@ -20,7 +20,7 @@ import pytest
 
 from provider import lookup, revocation
 from provider.address import Target
-from provider.breaker import FAILURES_TO_OPEN, Breakers, EndpointKey, State, Verdict
+from provider.breaker import FAILURES_TO_OPEN, JITTER, OPEN_BASE_SECONDS, Breakers, EndpointKey, State, Verdict
 from provider.config import TLSConfig
 from provider.transport import NotConnected, NotLookedUp, Transport
 from provider.vault import Endpoint, NameNotLookedUp, VaultClient
@@ -318,3 +318,46 @@ def test_a_namespace_whose_lookups_stall_does_not_silence_a_shared_vault_for_the
         sweep_past(client, world, noisy, victim, token)
     finally:
         client.close()
+
+
+def test_a_lookup_thread_that_cannot_start_leaves_nothing_in_flight(
+    dns: StalledDNS, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"vault-{unique}.answered.test"
+    dns.answered.add(name)
+    for error, raised in ((RuntimeError("can't start new thread"), lookup.LookupRefused), (MemoryError(), MemoryError)):
+
+        def no_thread(self: threading.Thread, error: BaseException = error) -> None:
+            raise error
+
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(raised):
+                lookup.addresses(name, 8200, 1.0)
+        assert lookup.in_flight() == 0  # nothing left for later lookups of the name to wait on
+    assert lookup.addresses(name, 8200, 1.0)
+
+
+def test_a_mount_whose_namespace_s_lookups_stall_is_told_so_when_it_holds_the_probe(
+    provider: ProviderClient, world: VaultWorld, dns: StalledDNS, unique: str
+) -> None:
+    shared = f"vault-{unique}.shared.test"
+    dns.answered.add(shared)
+    address = f"http://{shared}:{world.bao.port}"
+    with as_namespace("team"):  # an outage opened the shared Vault's breaker
+        breaker = provider.app.breakers.get(EndpointKey.of(address))
+        for _ in range(FAILURES_TO_OPEN):
+            breaker.record_failure("cannot reach Vault: connection refused")
+    stalled = [f"v{i}-{unique}.evil.test" for i in range(lookup.LOOKUPS_PER_NAMESPACE)]
+    dns.names.update(stalled)
+    with as_namespace("evil"):
+        for name in stalled:
+            with pytest.raises(lookup.LookupTimedOut):
+                lookup.addresses(name, 8200, 0.05)
+    time.sleep(OPEN_BASE_SECONDS * JITTER[1] + 0.1)  # the pause is over: the next Mount probes
+    evil = world.kube.add_pod("evil", f"evil-{unique}", "evil")
+    with pytest.raises(grpc.RpcError) as error:
+        provider.mount(evil, [{"objectName": "k", "secretPath": "kv1/x"}], role="x", vaultAddress=address, timeout=5)
+    assert "name lookups for pods of this namespace are still waiting for DNS" in error.value.details()
+    pod, objects = _kv_pod(world, f"team-{unique}", "team")  # the probe was given back: the team's Mount probes
+    assert provider.mount(pod, objects, role=f"team-{unique}", vaultAddress=address, timeout=5).files
