@@ -13,8 +13,10 @@ ClusterRole); see deploy/overlays/revocation/.
 
 One sweep serves every namespace, and a namespace's Vault may hang: namespaces take turns,
 one pod each per round; each revocation has REVOKE_SECONDS, each namespace NAMESPACE_SECONDS
-of its own turns per sweep, and a Vault endpoint that did not answer one is not asked again
-in that sweep. What is left is forgotten unrevoked, as a failed revocation is (the
+of its own turns per sweep, and a Vault endpoint that did not answer one of a namespace's
+revocations is not asked again for that namespace in that sweep (for that namespace only: a
+revocation one namespace makes slow, a lease whose database hangs behind a shared Vault say,
+is not another's Vault going silent). What is left is forgotten unrevoked, as a failed revocation is (the
 credentials' TTL ends them), and said in a warning. A failure nobody foresaw is logged for
 its pod, and the sweep goes on.
 """
@@ -89,8 +91,7 @@ class PodSweeper:
                 gone.setdefault(namespace, []).append((uid, name))
         # One pod of each namespace per round: a namespace whose Vault is slow delays another's
         # revocations by one of its own per round, not by its whole time.
-        silent: set[EndpointKey] = set()  # endpoints that did not answer in this sweep
-        turns = deque((_Budget(silent), namespace, deque(pods)) for namespace, pods in gone.items())
+        turns = deque((_Budget(), namespace, deque(pods)) for namespace, pods in gone.items())
         while turns:
             budget, namespace, pods = turns.popleft()
             uid, name = pods.popleft()
@@ -195,10 +196,11 @@ class PodSweeper:
 
 class _Budget:
     """A namespace's time in a sweep (NAMESPACE_SECONDS, spent only on its own turns), and
-    the endpoints that did not answer in the sweep (shared by every namespace's budget)."""
+    the endpoints that did not answer its revocations in the sweep: its own, as a shared set
+    let one namespace's slow revocation at a shared Vault skip every other namespace's."""
 
-    def __init__(self, silent: set[EndpointKey]) -> None:
-        self.silent = silent
+    def __init__(self) -> None:
+        self.silent: set[EndpointKey] = set()
         self._left = NAMESPACE_SECONDS
         self._turn_started = 0.0
 
@@ -210,7 +212,8 @@ class _Budget:
 
     def deadline(self, endpoint: Endpoint) -> float | None:
         """The deadline for one revocation at endpoint, in a turn; None when it is not to
-        be tried: the endpoint did not answer in this sweep, or the namespace's time ran out."""
+        be tried: the endpoint did not answer this namespace in this sweep, or the namespace's
+        time ran out."""
         now = time.monotonic()
         deadline = now + min(REVOKE_SECONDS, self._left - (now - self._turn_started))
         if endpoint.key in self.silent or deadline - now < MIN_REVOKE_SECONDS:

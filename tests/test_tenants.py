@@ -315,6 +315,37 @@ def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_
             proxy.clear()
 
 
+def test_a_revocation_one_namespace_makes_slow_at_a_shared_vault_does_not_skip_another_s(
+    tmp_path: Path, world: VaultWorld, proxy: FaultProxy, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An endpoint that did not answer a revocation was skipped for the rest of the sweep, for
+    # every namespace: a lease one team made slow to revoke (its own database hanging behind
+    # a shared Vault, here its lease revocations held) left every other team's deleted pods
+    # of that Vault their credentials. Silence is now a namespace's own.
+    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
+    issue = world.pki_engine(f"pki-{unique}", generate_lease=True)
+    noisy = world.grant(f"{unique}n", [issue, "sys/leases/revoke"], namespace="noisy-team")
+    client = start_provider(tmp_path, world)
+    try:
+        certificate = [
+            {"objectName": "crt", "secretPath": issue, "method": "PUT", "secretArgs": {"common_name": "a.example.com"}}
+        ]
+        client.mount(noisy, certificate, role=f"{unique}n", vaultAddress=proxy.url)
+        victims = _mounted_pods(client, world, unique, "team", 2, vaultAddress=proxy.url)  # a turn after noisy's
+        tokens = [_vault_token(client, victim) for victim in victims]
+        proxy.add(Rule("PUT", "/v1/sys/leases/revoke", delay_seconds=30))  # noisy's lease revocation hangs
+        for pod in [noisy, *victims]:
+            world.kube.delete_pod(pod)
+        started = time.monotonic()
+        assert client.app.sweeper.sweep() == 3
+        assert time.monotonic() - started < 1.0 + 3
+        for token in tokens:
+            world.bao.api("GET", "auth/token/lookup-self", token=token, expect=(403,))  # revoked
+    finally:
+        proxy.clear()
+        client.close()
+
+
 def test_a_failure_nobody_foresaw_in_one_pod_s_revocation_does_not_stop_the_sweep(
     tmp_path: Path, world: VaultWorld, unique: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
