@@ -214,7 +214,7 @@ async def exchange(
             if each.reply is not None and not each.reply.will_close and _blocking(each.sock):
                 pool.give(each.conn)
             else:
-                each.conn.close()
+                pool.drop(each.conn)
 
 
 def _end(done: asyncio.Future[bool]) -> None:

@@ -153,6 +153,7 @@ class Pool:
         self._context = _context(tls) if target.scheme == "https" else None
         self.host = host_of(target)
         self._idle: list[http1.Connection] = []
+        self._lent = 0  # connections taken or made for an exchange, not yet given back or dropped
         self._size = size
         self._lock = threading.Lock()
         self._closed = False
@@ -161,23 +162,35 @@ class Pool:
 
     @property
     def holds_nothing(self) -> bool:
-        """No idle connection is kept (read without the lock: a hint for eviction)."""
-        return not self._idle
+        """No connection kept, none in use (read without the lock: a hint for eviction)."""
+        return not self._idle and self._lent <= 0
 
     def take(self) -> http1.Connection | None:
-        """A connection kept alive from an earlier exchange, or None."""
+        """A connection kept alive from an earlier exchange, or None. It is lent: give it
+        back, or drop it."""
         while True:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None or _usable(conn):
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+                self._lent += 1
+            if _usable(conn):
                 return conn
-            conn.close()  # the server closed it while idle
+            self.drop(conn)  # the server closed it while idle
 
     def give(self, conn: http1.Connection) -> None:
+        """A lent connection back, fit for another exchange."""
         with self._lock:
+            self._lent -= 1
             if not self._closed and len(self._idle) < self._size:
                 self._idle.append(conn)
                 return
+        conn.close()
+
+    def drop(self, conn: http1.Connection) -> None:
+        """A lent connection closed: unfit for another exchange."""
+        with self._lock:
+            self._lent -= 1
         conn.close()
 
     def close(self) -> None:
@@ -189,10 +202,16 @@ class Pool:
             conn.close()
 
     def connect(self, timeout: float, on_socket: Callable[[socket.socket], None]) -> http1.Connection:
-        """A new connection within `timeout` seconds; `on_socket` sees the socket before a
-        TLS handshake, so that the handshake is held to the deadline too. TLS checks the
-        certificate against vaultTLSServerName when set, while the connection and the Host
-        header go to the address, as Go's client does."""
+        """A new connection within `timeout` seconds, lent as take() lends; `on_socket` sees
+        the socket before a TLS handshake, so that the handshake is held to the deadline too.
+        TLS checks the certificate against vaultTLSServerName when set, while the connection
+        and the Host header go to the address, as Go's client does."""
+        conn = self._connect(timeout, on_socket)
+        with self._lock:
+            self._lent += 1
+        return conn
+
+    def _connect(self, timeout: float, on_socket: Callable[[socket.socket], None]) -> http1.Connection:
         target = self._target
         if target.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -292,7 +311,7 @@ class Pools:
     A pool counts against the pod namespace whose Mount made it (tenant.TENANT) until another
     namespace's Mount uses it too. A namespace keeps at most `per_namespace` pools of its own:
     past that, its own least recently used one goes, one holding no connection first. Past
-    the node's `max_pools`, the least recently used pool holding no connection goes; failing
+    the node's `max_pools`, the least recently used pool holding no connection (none idle, none lent) goes; failing
     that, one of those of the namespace keeping the most of its own; failing that, the least
     recently used. The one just made never goes. So a class naming dead address after dead
     address, or live server after live server, replaces its own pools, not the kept-alive
@@ -525,7 +544,7 @@ class Transport:
                     raise TimedOut("the deadline passed") from None
                 if reused and request.replayable and not fresh:
                     guard.release(conn.sock)
-                    conn.close()
+                    pool.drop(conn)
                     return self._start(request, guard, pool, fresh=True)
                 raise TransportError("the connection was closed before a reply") from None
             except OSError as e:
@@ -533,7 +552,7 @@ class Transport:
         except TransportError as e:
             if conn is not None:
                 guard.release(conn.sock)
-                conn.close()
+                pool.drop(conn)
             return e
         return _Exchange(pool=pool, conn=conn, reused=reused, guard=guard)
 
@@ -570,7 +589,7 @@ class Transport:
             if guard.release(conn.sock) and keep:  # no later cut reaches whoever takes the connection next
                 exchange.pool.give(conn)
             else:
-                conn.close()
+                exchange.pool.drop(conn)
 
     @staticmethod
     def _failure(error: Exception, guard: _Guard) -> TransportError:

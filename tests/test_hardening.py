@@ -181,6 +181,29 @@ def test_past_the_node_s_pools_the_namespace_keeping_the_most_gives_one_up() -> 
         assert _still_kept(pools, targets[1:4], evil) == evil[1:]
 
 
+def test_a_pool_whose_connection_is_in_use_is_not_taken_for_one_holding_nothing() -> None:
+    # Past the node's pools, one with no idle connection went first: another team's pool
+    # whose one connection was out on an exchange looked empty, and went before any of the
+    # namespace keeping the most of its own. Lent connections count now.
+    with _pools_and_servers(5, max_pools=4, per_namespace=3) as (pools, targets):
+        with as_namespace("team"):
+            busy = pools.get(targets[0], TLSConfig())
+            conn = busy.connect(2.0, lambda sock: None)  # out on an exchange
+        with as_namespace("other"):
+            others = [_kept_pool(pools, target) for target in targets[1:3]]
+        with as_namespace("evil"):
+            _kept_pool(pools, targets[3])
+        with as_namespace("quiet"):
+            pools.get(targets[4], TLSConfig())
+        assert not busy.holds_nothing
+        assert _still_kept(pools, targets[:1], [busy]) == [busy]
+        assert _still_kept(pools, targets[1:3], others) == others[1:]  # the namespace keeping the most gave one
+        busy.give(conn)  # back from its exchange: kept for the next
+        assert busy.take() is conn
+        busy.drop(conn)
+        assert busy.holds_nothing
+
+
 @pytest.mark.parametrize(
     ("location", "followed"),
     [
