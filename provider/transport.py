@@ -308,15 +308,15 @@ def _context(tls: TLSConfig) -> ssl.SSLContext:
 class Pools:
     """Pools by what a connection is; bounded; thread-safe.
 
-    A pool counts against the pod namespace whose Mount made it (tenant.TENANT) until another
-    namespace's Mount uses it too. A namespace keeps at most `per_namespace` pools of its own:
-    past that, its own least recently used one goes, one holding no connection first. Past
-    the node's `max_pools`, the least recently used pool holding no connection (none idle, none lent) goes; failing
-    that, one of those of the namespace keeping the most of its own; failing that, the least
-    recently used. The one just made never goes. So a class naming dead address after dead
-    address, or live server after live server, replaces its own pools, not the kept-alive
-    connections of other teams (each of their next requests would pay a new connection and
-    TLS handshake)."""
+    A pool counts against the pod namespace whose Mount made it (tenant.TENANT) until
+    another namespace's Mount uses it too. A namespace keeps at most `per_namespace` pools
+    of its own: past that, its own least recently used one goes, one holding no connection
+    first. Past the node's `max_pools`, the least recently used pool holding no connection
+    (none idle, none lent) goes; failing that, one of those of the namespace keeping the
+    most of its own; failing that, the least recently used. The one just made never goes. So
+    a class naming dead address after dead address, or live server after live server,
+    replaces its own pools, not the kept-alive connections of other teams (each of their
+    next requests would pay a new connection and TLS handshake)."""
 
     def __init__(
         self, *, max_pools: int = MAX_POOLS, per_namespace: int = MAX_POOLS_PER_NAMESPACE, service: str = "Vault"
