@@ -169,22 +169,23 @@ class Pool:
         """A connection kept alive from an earlier exchange, or None. It is lent: give it
         back, or drop it."""
         while True:
-            with self._lock:
+            with self._lock:  # lent before it leaves the idle list: holds_nothing is read unlocked
                 if not self._idle:
                     return None
-                conn = self._idle.pop()
                 self._lent += 1
+                conn = self._idle.pop()
             if _usable(conn):
                 return conn
             self.drop(conn)  # the server closed it while idle
 
     def give(self, conn: http1.Connection) -> None:
         """A lent connection back, fit for another exchange."""
-        with self._lock:
-            self._lent -= 1
+        with self._lock:  # idle before it stops being lent: holds_nothing is read unlocked
             if not self._closed and len(self._idle) < self._size:
                 self._idle.append(conn)
+                self._lent -= 1
                 return
+            self._lent -= 1
         conn.close()
 
     def drop(self, conn: http1.Connection) -> None:
@@ -450,18 +451,25 @@ class Transport:
         now = time.monotonic()  # one clock for the batch: its connects never add up past a deadline
         guards: dict[float, _Guard] = {}  # one per deadline: a batch's requests mostly share theirs
         pools: dict[tuple[int, int], Pool | TransportError] = {}  # by target and TLS: mostly one
+        started: list[_Exchange | TransportError] = []
         try:
-            started = []
-            for request in requests:
-                deadline = now + request.timeout
-                guard = guards.get(deadline)
-                if guard is None:
-                    guard = guards[deadline] = self._watchdog.watch(deadline)
-                place = (id(request.target), id(request.tls))  # alive while requests holds them
-                pool = pools.get(place)
-                if pool is None:
-                    pool = pools[place] = self._pool(request)
-                started.append(pool if isinstance(pool, TransportError) else self._start(request, guard, pool))
+            try:
+                for request in requests:
+                    deadline = now + request.timeout
+                    guard = guards.get(deadline)
+                    if guard is None:
+                        guard = guards[deadline] = self._watchdog.watch(deadline)
+                    place = (id(request.target), id(request.tls))  # alive while requests holds them
+                    pool = pools.get(place)
+                    if pool is None:
+                        pool = pools[place] = self._pool(request)
+                    started.append(pool if isinstance(pool, TransportError) else self._start(request, guard, pool))
+            except BaseException:  # a defect, or no memory: the requests already sent are not read
+                for exchange in started:
+                    if isinstance(exchange, _Exchange):
+                        exchange.guard.release(exchange.conn.sock)
+                        exchange.pool.drop(exchange.conn)
+                raise
             return self._finish_all(requests, started)
         finally:
             for guard in guards.values():

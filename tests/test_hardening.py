@@ -19,7 +19,7 @@ import pytest
 
 from provider import replymemory
 from provider.config import DEFAULT_MAX_RESPONSE_BYTES, TLSConfig, VaultSettings
-from provider.transport import MAX_POOLS, MAX_POOLS_PER_NAMESPACE, Pools, Target
+from provider.transport import MAX_POOLS, MAX_POOLS_PER_NAMESPACE, NotConnected, Pools, Request, Target, Transport
 from tests.conftest import (
     ProviderClient,
     VaultWorld,
@@ -31,6 +31,7 @@ from tests.conftest import (
     start_provider,
 )
 from tests.fault_proxy import FaultProxy, Rule
+from tests.openbao import free_port
 
 # 3. The deadline holds against a reply that drips in.
 
@@ -202,6 +203,62 @@ def test_a_pool_whose_connection_is_in_use_is_not_taken_for_one_holding_nothing(
         assert busy.take() is conn
         busy.drop(conn)
         assert busy.holds_nothing
+
+
+def test_a_connection_changing_hands_is_never_seen_as_a_pool_holding_nothing() -> None:
+    # holds_nothing is read without the pool's lock (Pools picks what to close under its
+    # own): between a connection leaving the idle list and being counted as lent, or the
+    # other way round, the pool looked empty while its connection was in use.
+    seen: list[bool] = []
+
+    class Watched(list):  # type: ignore[type-arg]
+        def pop(self, *args: Any) -> Any:
+            seen.append(pool.holds_nothing)
+            return super().pop(*args)
+
+        def append(self, item: Any) -> None:
+            seen.append(pool.holds_nothing)
+            super().append(item)
+
+    with _pools_and_servers(1, max_pools=4, per_namespace=3) as (pools, targets):
+        pool = _kept_pool(pools, targets[0])
+        pool._idle = Watched(pool._idle)
+        for _ in range(3):
+            conn = pool.take()
+            assert conn is not None
+            pool.give(conn)
+        assert seen and not any(seen)
+
+
+def test_a_batch_that_fails_to_start_gives_back_what_it_had_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A batch whose second request raised something no caller foresaw (no memory for the
+    # thread of a name lookup) left its first request's connection lent and open for good.
+    with _pools_and_servers(1, max_pools=4, per_namespace=3) as (_, targets):
+        transport = Transport(max_body_bytes=1024)
+        with pytest.raises(NotConnected):  # its watchdog's thread started: only the lookup's fails
+            transport.send(
+                Target.parse(f"http://127.0.0.1:{free_port()}"), TLSConfig(), "GET", "/", None, {}, 2.0, replayable=True
+            )
+        pool = _kept_pool(transport.pools, targets[0])
+        conn = pool.take()
+        assert conn is not None
+        pool.give(conn)
+
+        def no_memory(self: threading.Thread) -> None:
+            raise MemoryError()
+
+        monkeypatch.setattr(threading.Thread, "start", no_memory)
+        requests = [
+            Request(targets[0], TLSConfig(), "GET", "/v1/a", None, {}, 2.0, True),
+            Request(Target.parse("http://vault.no-memory.test:8200"), TLSConfig(), "GET", "/v1/b", None, {}, 2.0, True),
+        ]
+        try:
+            with pytest.raises(MemoryError):
+                transport.send_many(requests)
+        finally:
+            monkeypatch.undo()
+            transport.close()
+        assert pool.holds_nothing and conn.sock.fileno() == -1  # dropped, not lent for ever
 
 
 @pytest.mark.parametrize(
