@@ -18,18 +18,16 @@ from typing import Any
 import grpc
 import pytest
 
-from provider import lookup, revocation
+from provider import lookup
 from provider.address import Target
 from provider.breaker import FAILURES_TO_OPEN, JITTER, OPEN_BASE_SECONDS, Breakers, EndpointKey, State, Verdict
 from provider.config import TLSConfig
 from provider.transport import NotConnected, NotLookedUp, Transport
 from provider.vault import Endpoint, NameNotLookedUp, VaultClient
-from tests.conftest import ProviderClient, VaultWorld, as_namespace, http_get, start_provider
+from tests.conftest import ProviderClient, VaultWorld, as_namespace, http_get
 from tests.openbao import free_port
 from tests.test_tenants import (
     Call,
-    _mounted_pods,
-    _vault_token,
     assert_all_final_and_in_time,
     burst,
     noisy_and_victim,
@@ -299,15 +297,15 @@ def test_a_namespace_whose_lookups_stall_does_not_silence_a_shared_vault_for_the
     # The sweep skips, for the rest of a sweep, an endpoint that did not answer. A lookup
     # refused for the namespace's own stalled lookups is not the endpoint's silence: taken
     # for it, it left every other namespace's deleted pods of that Vault their credentials.
-    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
     shared = f"vault-{unique}.shared.test"
     dns.answered.add(shared)
-    address = f"http://{shared}:{world.bao.port}"
-    client = start_provider(tmp_path, world)
-    try:
-        noisy = _mounted_pods(client, world, f"{unique}n", "noisy-team", 2, vaultAddress=address)
-        (victim,) = _mounted_pods(client, world, unique, "team", 1, vaultAddress=address)
-        token = _vault_token(client, victim)
+    address = {"vaultAddress": f"http://{shared}:{world.bao.port}"}
+    with noisy_and_victim(tmp_path, world, unique, monkeypatch, 2, address, **address) as (
+        client,
+        noisy,
+        victim,
+        token,
+    ):
         stalled = [f"v{i}-{unique}.noisy.test" for i in range(lookup.LOOKUPS_PER_NAMESPACE)]
         dns.names.update(stalled)
         with as_namespace("noisy-team"):  # the noisy team's other classes' names stall
@@ -316,8 +314,6 @@ def test_a_namespace_whose_lookups_stall_does_not_silence_a_shared_vault_for_the
                     lookup.addresses(name, 8200, 0.05)
         client.app.vault._transport.pools.close()  # no kept-alive connection: a revocation looks the name up
         sweep_past(client, world, noisy, victim, token)
-    finally:
-        client.close()
 
 
 def test_a_lookup_thread_that_cannot_start_leaves_nothing_in_flight(

@@ -279,19 +279,32 @@ def sweep_past(client: ProviderClient, world: VaultWorld, noisy: list[FakePod], 
 
 
 @contextlib.contextmanager
-def noisy_and_victim(
-    tmp_path: Path, world: VaultWorld, unique: str, monkeypatch: pytest.MonkeyPatch, noisy: int, **params: str
-) -> Iterator[tuple[ProviderClient, list[FakePod], FakePod, str]]:
-    """A provider whose revocations have 1 s each (REVOKE_SECONDS); `noisy` pods of
-    noisy-team mounted with the class `params` and one victim pod of team; the victim's token."""
+def sweeping_provider(tmp_path: Path, world: VaultWorld, monkeypatch: pytest.MonkeyPatch) -> Iterator[ProviderClient]:
+    """A provider whose sweep gives each revocation 1 s (REVOKE_SECONDS), closed after."""
     monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
     client = start_provider(tmp_path, world)
     try:
-        noisy_pods = _mounted_pods(client, world, f"{unique}n", "noisy-team", noisy, **params)
-        (victim,) = _mounted_pods(client, world, unique, "team", 1)
-        yield client, noisy_pods, victim, _vault_token(client, victim)
+        yield client
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def noisy_and_victim(
+    tmp_path: Path,
+    world: VaultWorld,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    noisy: int,
+    victim_params: dict[str, str] | None = None,
+    **params: str,
+) -> Iterator[tuple[ProviderClient, list[FakePod], FakePod, str]]:
+    """A sweeping_provider; `noisy` pods of noisy-team mounted with the class `params` and
+    one victim pod of team (with `victim_params`); the victim's token."""
+    with sweeping_provider(tmp_path, world, monkeypatch) as client:
+        noisy_pods = _mounted_pods(client, world, f"{unique}n", "noisy-team", noisy, **params)
+        (victim,) = _mounted_pods(client, world, unique, "team", 1, **(victim_params or {}))
+        yield client, noisy_pods, victim, _vault_token(client, victim)
 
 
 def test_a_hung_vault_of_one_namespace_does_not_hold_up_the_revocation_sweep_of_another(
@@ -322,28 +335,31 @@ def test_a_revocation_one_namespace_makes_slow_at_a_shared_vault_does_not_skip_a
     # every namespace: a lease one team made slow to revoke (its own database hanging behind
     # a shared Vault, here its lease revocations held) left every other team's deleted pods
     # of that Vault their credentials. Silence is now a namespace's own.
-    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
     issue = world.pki_engine(f"pki-{unique}", generate_lease=True)
     noisy = world.grant(f"{unique}n", [issue, "sys/leases/revoke"], namespace="noisy-team")
-    client = start_provider(tmp_path, world)
-    try:
-        certificate = [
-            {"objectName": "crt", "secretPath": issue, "method": "PUT", "secretArgs": {"common_name": "a.example.com"}}
-        ]
-        client.mount(noisy, certificate, role=f"{unique}n", vaultAddress=proxy.url)
-        victims = _mounted_pods(client, world, unique, "team", 2, vaultAddress=proxy.url)  # a turn after noisy's
-        tokens = [_vault_token(client, victim) for victim in victims]
-        proxy.add(Rule("PUT", "/v1/sys/leases/revoke", delay_seconds=30))  # noisy's lease revocation hangs
-        for pod in [noisy, *victims]:
-            world.kube.delete_pod(pod)
-        started = time.monotonic()
-        assert client.app.sweeper.sweep() == 3
-        assert time.monotonic() - started < 1.0 + 3
-        for token in tokens:
-            world.bao.api("GET", "auth/token/lookup-self", token=token, expect=(403,))  # revoked
-    finally:
-        proxy.clear()
-        client.close()
+    with sweeping_provider(tmp_path, world, monkeypatch) as client:
+        try:
+            certificate = [
+                {
+                    "objectName": "crt",
+                    "secretPath": issue,
+                    "method": "PUT",
+                    "secretArgs": {"common_name": "a.example.com"},
+                }
+            ]
+            client.mount(noisy, certificate, role=f"{unique}n", vaultAddress=proxy.url)
+            victims = _mounted_pods(client, world, unique, "team", 2, vaultAddress=proxy.url)  # a turn after noisy's
+            tokens = [_vault_token(client, victim) for victim in victims]
+            proxy.add(Rule("PUT", "/v1/sys/leases/revoke", delay_seconds=30))  # noisy's lease revocation hangs
+            for pod in [noisy, *victims]:
+                world.kube.delete_pod(pod)
+            started = time.monotonic()
+            assert client.app.sweeper.sweep() == 3
+            assert time.monotonic() - started < 1.0 + 3
+            for token in tokens:
+                world.bao.api("GET", "auth/token/lookup-self", token=token, expect=(403,))  # revoked
+        finally:
+            proxy.clear()
 
 
 def test_a_failure_nobody_foresaw_in_one_pod_s_revocation_does_not_stop_the_sweep(
@@ -382,9 +398,7 @@ def test_slow_vaults_of_several_namespaces_delay_another_s_revocation_by_one_tur
     # The third review's F3: namespaces were swept one after another, each within its 15 s,
     # so N namespaces whose Vault answers just within a revocation's time delayed another's
     # by N x 15 s. They now take turns, one pod each per round.
-    monkeypatch.setattr(revocation, "REVOKE_SECONDS", 1.0)
-    client = start_provider(tmp_path, world)
-    try:
+    with sweeping_provider(tmp_path, world, monkeypatch) as client:
         noisy: list[FakePod] = []
         for team in range(3):
             noisy += _mounted_pods(client, world, f"{unique}{team}", f"slow-{team}", 3, vaultAddress=proxy.url)
@@ -396,30 +410,30 @@ def test_slow_vaults_of_several_namespaces_delay_another_s_revocation_by_one_tur
         client.mount(victim, [{"objectName": "k", "secretPath": f"kv1/{unique}", "secretKey": "k"}], role=unique)
         victim_token = _vault_token(client, victim)
         proxy.add(Rule("*", "/", delay_seconds=0.7))  # answers, just within a revocation's time
-        for pod in [*noisy, victim]:
-            world.kube.delete_pod(pod)
-        revoked_after: list[float] = []
-        started = time.monotonic()
+        try:
+            for pod in [*noisy, victim]:
+                world.kube.delete_pod(pod)
+            revoked_after: list[float] = []
+            started = time.monotonic()
 
-        def watch() -> None:  # when the victim's token stops working
-            while time.monotonic() - started < 20:
-                try:
-                    world.bao.api("GET", "auth/token/lookup-self", token=victim_token)
-                except Exception:
-                    revoked_after.append(time.monotonic() - started)
-                    return
-                time.sleep(0.05)
+            def watch() -> None:  # when the victim's token stops working
+                while time.monotonic() - started < 20:
+                    try:
+                        world.bao.api("GET", "auth/token/lookup-self", token=victim_token)
+                    except Exception:
+                        revoked_after.append(time.monotonic() - started)
+                        return
+                    time.sleep(0.05)
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        assert client.app.sweeper.sweep() == len(noisy) + 1
-        watcher.join(25)
-        # At most one turn of each slow namespace before the victim's (3 x 0.7 s), not all of
-        # their pods (9 x 0.7 s).
-        assert revoked_after and revoked_after[0] < 3 * 0.7 + 1.5, revoked_after
-    finally:
-        proxy.clear()
-        client.close()
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            assert client.app.sweeper.sweep() == len(noisy) + 1
+            watcher.join(25)
+            # At most one turn of each slow namespace before the victim's (3 x 0.7 s), not all of
+            # their pods (9 x 0.7 s).
+            assert revoked_after and revoked_after[0] < 3 * 0.7 + 1.5, revoked_after
+        finally:
+            proxy.clear()
 
 
 @pytest.mark.parametrize("fault", ["dead", "slow", "logins-refused"])

@@ -346,20 +346,25 @@ def _syn_dropping_listener() -> tuple[socket.socket, list[socket.socket]]:
     return listener, fillers
 
 
+def _resolving(monkeypatch: pytest.MonkeyPatch, name: str, addresses: list[tuple[str, int]]) -> None:
+    """The node's resolver answers `name` with these IPv4 addresses, in this order."""
+    system = socket.getaddrinfo
+
+    def resolve(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == name:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", address) for address in addresses]
+        return system(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+
+
 def test_a_name_with_several_dead_addresses_is_tried_within_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     # socket.create_connection gave each address the whole timeout: three addresses that
     # drop SYNs held a Mount's thread three times its deadline (the watchdog cuts a plain
     # connect only through the socket's timeout).
     listener, fillers = _syn_dropping_listener()
     port = listener.getsockname()[1]
-    lookup = socket.getaddrinfo
-
-    def three_addresses(host: str, *args: Any, **kwargs: Any) -> Any:
-        if host == "vault.several.example":
-            return lookup("127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM) * 3
-        return lookup(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", three_addresses)
+    _resolving(monkeypatch, "vault.several.example", [listener.getsockname()] * 3)
     client = VaultClient()
     endpoint = Endpoint(address=f"http://vault.several.example:{port}", tls=TLSConfig())
     try:
@@ -395,17 +400,7 @@ def test_a_dead_address_before_a_healthy_one_leaves_it_time_to_connect(monkeypat
     # never tried: each address now gets an equal share, at least ADDRESS_MIN_SECONDS.
     listener, fillers = _syn_dropping_listener()
     server = _RawServer(lambda path, token: _reply("200 OK", [b"Content-Length: %d" % len(_BODY)], _BODY))
-    lookup = socket.getaddrinfo
-
-    def dead_then_healthy(host: str, *args: Any, **kwargs: Any) -> Any:
-        if host == "vault.mixed.example":
-            return [
-                (socket.AF_INET, socket.SOCK_STREAM, 6, "", listener.getsockname()),
-                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port)),
-            ]
-        return lookup(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", dead_then_healthy)
+    _resolving(monkeypatch, "vault.mixed.example", [listener.getsockname(), ("127.0.0.1", server.port)])
     client = VaultClient()
     endpoint = Endpoint(address=f"http://vault.mixed.example:{server.port}", tls=TLSConfig())
     try:
